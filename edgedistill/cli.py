@@ -1,0 +1,117 @@
+"""The `edgedistill` command line (Typer). Thin: each command parses flags and calls a module.
+
+Exit codes: 0 success, 1 a check failed (export parity, gate), 2 bad input (a one-line message
+naming the file and the fix), 3 training diverged (NaN/inf loss; last good checkpoint kept).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from edgedistill.errors import TrainingDiverged, UserError
+
+app = typer.Typer(
+    name="edgedistill",
+    help="Distil a ResNet teacher into a small student (DisCo, MoCo v2, SEED, DoGo), export it to "
+    "ONNX / INT8 / TensorRT, time it, report it, and gate it in CI.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def handle_errors(fn):
+    """Turn user errors into one red line and a meaningful exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from edgedistill.ui import console
+
+        try:
+            return fn(*args, **kwargs)
+        except TrainingDiverged as e:
+            console.print(f"[bold red]error:[/] {e}", highlight=False)
+            raise typer.Exit(3) from None
+        except UserError as e:
+            console.print(f"[bold red]error:[/] {e}", highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+SetOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", help="Override a recipe value, e.g. --set train.epochs=10 (repeatable)."),
+]
+
+
+@app.command()
+@handle_errors
+def train(
+    recipe: Annotated[Optional[Path], typer.Argument(help="YAML recipe (see recipes/). Omit for the defaults.")] = None,
+    set_: SetOption = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run folder (default: <out_dir>/<name> from the recipe).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the run folder's last checkpoint.")] = False,
+):
+    """Train with a recipe: DisCo, MoCo v2, SEED, DoGo or supervised.
+
+    Writes config.yaml, metrics.jsonl, checkpoint.pt and student.safetensors into the run folder.
+    Data goes through DALI on the GPU when CUDA is present, DALI's CPU pipeline otherwise, and
+    torchvision when DALI is missing (force one with --set data.loader=...).
+    """
+    from edgedistill.config import load_config
+    from edgedistill.train import train as run_training
+    from edgedistill.ui import console, setup_logging
+
+    setup_logging()
+    cfg = load_config(recipe, set_ or [])
+    result = run_training(cfg, out, resume)
+    console.print(f"run folder: [bold]{result.run_dir}[/]  ({result.steps} steps, {result.images_per_s:.0f} images/s, loader {result.loader})")
+
+
+@app.command("eval")
+@handle_errors
+def eval_(
+    run: Annotated[Path, typer.Argument(help="Run folder written by `edgedistill train`.")],
+    teacher: Annotated[bool, typer.Option(help="Evaluate the run's teacher the same way, to show the gap.")] = False,
+    set_: SetOption = None,
+):
+    """kNN and linear-probe top-1 of the frozen student on the labelled train/val split.
+
+    Writes eval.json and classifier.safetensors (backbone + classifier = a deployable classifier).
+    """
+    from edgedistill.evaluate import evaluate_run, print_eval
+    from edgedistill.ui import setup_logging
+
+    setup_logging()
+    result = evaluate_run(run, with_teacher=teacher, overrides=set_ or [])
+    print_eval(result)
+
+
+@app.command()
+@handle_errors
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for the demo's runs and report.")] = Path("runs/demo"),
+    steps: Annotated[int, typer.Option(help="Training steps per student (the budget is the same for each).")] = 300,
+):
+    """The whole path on the embedded digits dataset, on the CPU in a few minutes:
+    teacher fit, DisCo student, MoCo v2 student at the same budget, evaluation, comparison."""
+    from edgedistill.demo import run_demo
+    from edgedistill.ui import setup_logging
+
+    setup_logging()
+    run_demo(out, steps)
+
+
+def main() -> None:  # pragma: no cover - console entry for `python -m edgedistill`
+    app(prog_name="edgedistill")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

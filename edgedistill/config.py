@@ -1,0 +1,243 @@
+"""Recipes: YAML files validated into typed dataclasses.
+
+A recipe is strict: an unknown key or a value of the wrong type is an error that names the key
+and the file (with a "did you mean" for typos). `--set a.b=value` overrides are parsed as YAML
+scalars and validated the same way. Method hyper-parameters live in a per-method dataclass that
+each method module registers (see `edgedistill.methods`), so `method:` is validated against the
+chosen method's own fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from edgedistill.errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ModelConfig:
+    """A backbone: any timm model name, or one of the CIFAR ResNets (`resnet20_cifar` ...)."""
+
+    arch: str = "mobilenetv3_large_100"
+    # Local checkpoint (teacher/peer only): MoCo v2, plain/timm/torchvision state dict, legacy
+    # CIFAR .th, or an edgedistill run folder. Never downloaded.
+    checkpoint: str | None = None
+    # Allow missing/unexpected checkpoint keys (they are still listed in the log).
+    allow_mismatch: bool = False
+    # Stride of the first convolution; 1 keeps resolution for 32x32 inputs (parameter count is
+    # unchanged). None keeps the architecture's default.
+    stem_stride: int | None = None
+
+
+@dataclass
+class DataConfig:
+    # ImageFolder-style directory (<root>/<class>/<image>), or "embedded:digits".
+    train: str = "embedded:digits"
+    # Labelled validation folder for `eval`; with "embedded:digits" the embedded val split.
+    val: str | None = None
+    img_size: int = 32
+    # Evaluation: resize the shorter side to img_size / crop_pct, then centre-crop img_size.
+    crop_pct: float = 0.875
+    # auto = DALI on GPU when CUDA is present, DALI CPU pipeline otherwise, torchvision when
+    # DALI is not installed.
+    loader: str = "auto"
+    workers: int = 2
+    # Unreadable or truncated images are skipped and counted; strict makes them an error.
+    strict: bool = False
+    # Use at most this many training images (a quick subset; chosen with the run's seed).
+    max_images: int | None = None
+    # Random-resized-crop lower scale bound (MoCo v2: 0.2).
+    min_scale: float = 0.2
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    # Stop after this many optimizer steps in total (None = epochs * steps per epoch).
+    max_steps: int | None = None
+    batch_size: int = 64
+    optimizer: str = "sgd"  # sgd | adam | adamw
+    # Learning rate for a batch of 256; scaled linearly with batch_size (MoCo v2: 0.03).
+    lr: float = 0.03
+    weight_decay: float = 1e-4
+    sgd_momentum: float = 0.9
+    warmup_steps: int = 0
+    # auto = bf16 autocast on CUDA, fp32 on CPU.
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32
+    channels_last: str = "auto"  # auto (on CUDA) | true | false
+    compile: bool = False
+    log_every: int = 10
+    checkpoint_every: int = 200
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass
+class EvalConfig:
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    linear_epochs: int = 100
+    linear_lr: float = 0.1
+    linear_weight_decay: float = 1e-4
+    batch_size: int = 256
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    seed: int = 0
+    out_dir: str = "runs"
+    student: ModelConfig = field(default_factory=ModelConfig)
+    teacher: ModelConfig | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # {"name": <method>, ...its hyper-parameters}; validated by the method's own dataclass.
+    method: Any = None
+
+
+CHOICES = {
+    "data.loader": ("auto", "dali-gpu", "dali-cpu", "torchvision"),
+    "train.optimizer": ("sgd", "adam", "adamw"),
+    "train.precision": ("auto", "bf16", "fp16", "fp32"),
+    "train.channels_last": ("auto", "true", "false"),
+}
+
+
+def _did_you_mean(key: str, options) -> str:
+    close = difflib.get_close_matches(key, list(options), n=3, cutoff=0.6)
+    return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`, converting only the lossless cases."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except UserError as e:
+                errors.append(str(e))
+        raise UserError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+        return from_dict(tp, value, where)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and isinstance(value, bool):
+        # YAML reads `true` for a str field such as channels_last: keep its spelling.
+        return "true" if value else "false"
+    if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        raise UserError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def from_dict(cls, data: dict, where: str = ""):
+    """Build dataclass `cls` from `data`, rejecting unknown keys and wrong types."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in fields:
+            raise UserError(f"unknown key {path!r}{_did_you_mean(key, fields)}")
+        kwargs[key] = _coerce(value, hints[key], path)
+        if path in CHOICES and kwargs[key] not in CHOICES[path]:
+            raise UserError(f"{path}: {kwargs[key]!r} is not one of {', '.join(CHOICES[path])}")
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected key=value, e.g. --set train.epochs=10")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            if node.get(k) is None:
+                node[k] = {}
+            node = node[k]
+            if not isinstance(node, dict):
+                raise UserError(f"--set {item!r}: {k!r} is not a section")
+        node[keys[-1]] = value
+    return data
+
+
+def build_config(data: dict, source: str = "<recipe>") -> RunConfig:
+    """Validate a recipe dict (after overrides) into a RunConfig; errors name `source`."""
+    from edgedistill.methods import method_config_class
+
+    data = dict(data)
+    method = data.pop("method", None) or {"name": "disco"}
+    if isinstance(method, str):
+        method = {"name": method}
+    try:
+        cfg = from_dict(RunConfig, data)
+        method = dict(method)
+        name = method.pop("name", None)
+        if name is None:
+            raise UserError("method.name is missing (one of mocov2, disco, seed, dogo, supervised)")
+        method_cls = method_config_class(name)
+        cfg.method = from_dict(method_cls, method, "method")
+        cfg.method.name = name
+    except UserError as e:
+        raise UserError(f"{source}: {e}") from None
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a recipe file (or the defaults when path is None) and apply `--set` overrides."""
+    data: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"recipe {path} does not exist: pass a YAML file, e.g. recipes/demo_digits.yaml")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: a recipe is a mapping of sections (name, student, data, ...)")
+        source = str(path)
+    data = apply_overrides(data, overrides or [])
+    return build_config(data, source)
+
+
+def config_to_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

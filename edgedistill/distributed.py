@@ -1,0 +1,93 @@
+"""Distributed helpers (torchrun + DDP): the only place that talks to torch.distributed.
+
+Every helper is a no-op in a single process, so the rest of the code calls them unconditionally.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+@torch.no_grad()
+def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` from every rank along dim 0 (no gradient), e.g. MoCo keys for the queue."""
+    if not is_distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def init_from_env(device_spec: str) -> bool:
+    """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU); False if not launched so."""
+    if is_distributed():
+        return True
+    if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+        return False
+    use_cuda = torch.cuda.is_available() and device_spec != "cpu"
+    if use_cuda:
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return True
+
+
+def device_for_rank(device_spec: str) -> torch.device:
+    if torch.cuda.is_available() and device_spec != "cpu":
+        return torch.device("cuda", local_rank())
+    return torch.device("cpu")
+
+
+def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    # Buffers (queue, BN statistics, momentum encoder) are kept in step by the methods themselves.
+    return DistributedDataParallel(
+        module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+    )
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def gather_shards(feats: torch.Tensor, labels: torch.Tensor, per_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather contiguous per-rank shards in rank order. Shards shorter than `per_rank` (the
+    last ones) are padded for the collective and the padding is cut off again, so every
+    sample appears exactly once."""
+    n = feats.shape[0]
+    pad_f = torch.zeros(per_rank, *feats.shape[1:], dtype=feats.dtype)
+    pad_y = torch.full((per_rank,), -1, dtype=labels.dtype)
+    if n:
+        pad_f[:n], pad_y[:n] = feats, labels
+    counts = all_gather_cat(torch.tensor([n]))
+    all_f, all_y = all_gather_cat(pad_f), all_gather_cat(pad_y)
+    keep = torch.cat([torch.arange(r * per_rank, r * per_rank + int(c)) for r, c in enumerate(counts)])
+    return all_f[keep], all_y[keep]

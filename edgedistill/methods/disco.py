@@ -1,0 +1,84 @@
+"""DisCo (Gao et al., ECCV 2022): MoCo v2 student + the frozen teacher's final embedding.
+
+loss = InfoNCE(q, k, queue) + w * (||s(x_q) - t(x_q)||^2 + ||s(x_k) - t(x_k)||^2)
+
+on L2-normalised embeddings, where s is the student's *query* encoder applied to both views (with
+gradient) and t the teacher's final embedding (after its projection head when it has one). The
+distance is averaged over the batch (see `losses.embedding_distance`): the reference's
+`MSELoss(reduction="sum")` over a per-GPU batch of 32 equals `distill_weight: 32` here.
+
+The student projection MLP's hidden width defaults to 2048 (the paper's fix of the "distilling
+bottleneck"); its output width follows the teacher's embedding. The head is dropped at export.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from edgedistill.errors import UserError
+from edgedistill.losses import embedding_distance
+from edgedistill.methods import register
+from edgedistill.methods.mocov2 import MoCoConfig, MoCoV2
+from edgedistill.models import load_encoder
+
+
+@dataclass
+class DiscoConfig(MoCoConfig):
+    proj_hidden: int | None = 2048
+    # None = the teacher's embedding width (DisCo matches student and teacher embeddings).
+    proj_dim: int | None = None
+    distill_weight: float = 32.0
+    # eval: frozen BN statistics (default, deterministic). train: batch statistics under no_grad,
+    # as the reference code does.
+    teacher_bn: str = "eval"
+
+
+@register("disco")
+class DisCo(MoCoV2):
+    Config = DiscoConfig
+    needs_teacher = True
+
+    def __init__(self, cfg, num_classes):
+        if cfg.teacher is None:
+            raise UserError("method disco needs a teacher: add a `teacher:` section with arch and checkpoint")
+        if cfg.method.teacher_bn not in ("eval", "train"):
+            raise UserError(f"method.teacher_bn must be 'eval' or 'train', got {cfg.method.teacher_bn!r}")
+        teacher = load_encoder(cfg.teacher)
+        teacher.requires_grad_(False)
+        self._teacher_dim = teacher.out_dim
+        if cfg.method.proj_dim not in (None, self._teacher_dim):
+            raise UserError(
+                f"method.proj_dim={cfg.method.proj_dim} but the teacher embedding is {self._teacher_dim}-d: "
+                "leave proj_dim unset (it follows the teacher)"
+            )
+        super().__init__(cfg, num_classes)
+        self.teacher = teacher
+        self.train(True)
+
+    def _embedding_dim(self) -> int:
+        return self._teacher_dim
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if hasattr(self, "teacher"):
+            self.teacher.train(mode and self.hp.teacher_bn == "train")
+        return self
+
+    @torch.no_grad()
+    def teacher_embed(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.teacher(x).float(), dim=1)
+
+    def forward(self, views, labels):
+        x_q, x_k = views
+        q, k, contrastive = self.contrastive(x_q, x_k)
+        s_k = F.normalize(self.encoder_q(x_k), dim=1)
+        distill = embedding_distance(q, self.teacher_embed(x_q)) + embedding_distance(s_k, self.teacher_embed(x_k))
+        self._enqueue(k)
+        loss = contrastive + self.hp.distill_weight * distill
+        return {"loss": loss, "info_nce": contrastive.detach(), "distill": distill.detach()}
+
+    def frozen_prefixes(self):
+        return ("teacher.",)

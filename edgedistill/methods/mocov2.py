@@ -1,0 +1,93 @@
+"""MoCo v2 (Chen et al. 2020): the SSL baseline, and the way to pretrain a teacher.
+
+Query encoder + momentum key encoder, a queue of negatives, InfoNCE. Single-process training
+uses plain BN (no shuffle-BN): with one GPU there is no cross-device leak to hide, and the DisCo
+reference ran its small students with per-GPU batches where the effect is small. Under DDP the
+keys are gathered from every rank before they enter the queue.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from edgedistill.distributed import all_gather_cat
+from edgedistill.losses import info_nce
+from edgedistill.methods import register
+from edgedistill.methods.base import Method, MethodConfig
+from edgedistill.models import Encoder, create_backbone, feature_dim, projection_head
+
+
+@dataclass
+class MoCoConfig(MethodConfig):
+    temperature: float = 0.2
+    momentum: float = 0.999
+    # Negatives in the queue (65,536 on ImageNet); must be a multiple of the global batch.
+    queue_size: int = 4096
+    proj_dim: int | None = 128
+    # Projection MLP hidden width; None = the backbone's feature width (MoCo v2's choice).
+    proj_hidden: int | None = None
+
+
+@register("mocov2")
+class MoCoV2(Method):
+    Config = MoCoConfig
+    num_views = 2
+
+    def __init__(self, cfg, num_classes):
+        super().__init__(cfg, num_classes)
+        backbone = create_backbone(cfg.student)
+        width = feature_dim(backbone)
+        out_dim = self._embedding_dim()
+        self.encoder_q = Encoder(backbone, projection_head(width, self.hp.proj_hidden or width, out_dim))
+        self.encoder_k = copy.deepcopy(self.encoder_q)
+        self.encoder_k.requires_grad_(False)
+        self.register_buffer("queue", F.normalize(torch.randn(self.hp.queue_size, out_dim), dim=1))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    def _embedding_dim(self) -> int:
+        return self.hp.proj_dim or 128
+
+    @torch.no_grad()
+    def _momentum_update(self) -> None:
+        m = self.hp.momentum
+        for pk, pq in zip(self.encoder_k.parameters(), self.encoder_q.parameters()):
+            pk.mul_(m).add_(pq.detach(), alpha=1 - m)
+        for bk, bq in zip(self.encoder_k.buffers(), self.encoder_q.buffers()):
+            bk.copy_(bq)
+
+    @torch.no_grad()
+    def _enqueue(self, keys: torch.Tensor) -> None:
+        keys = all_gather_cat(keys.float())
+        n, size = keys.shape[0], self.queue.shape[0]
+        if size % n:
+            raise ValueError(f"queue_size {size} must be a multiple of the global batch {n}")
+        ptr = int(self.queue_ptr)
+        self.queue[ptr : ptr + n] = keys
+        self.queue_ptr.fill_((ptr + n) % size)
+
+    def contrastive(self, x_q: torch.Tensor, x_k: torch.Tensor):
+        """Returns (q, k, InfoNCE); q keeps its graph, k comes from the momentum encoder."""
+        q = F.normalize(self.encoder_q(x_q), dim=1)
+        with torch.no_grad():
+            self._momentum_update()
+            k = F.normalize(self.encoder_k(x_k), dim=1)
+        loss = info_nce(q, k, self.queue.clone().detach(), self.hp.temperature)
+        return q, k, loss
+
+    def forward(self, views, labels):
+        _, k, loss = self.contrastive(views[0], views[1])
+        self._enqueue(k)
+        return {"loss": loss, "info_nce": loss.detach()}
+
+    def optimizer_groups(self):
+        from edgedistill.methods.base import OptimizerGroup
+
+        return [OptimizerGroup(list(self.encoder_q.parameters()))]
+
+    def deployable(self) -> dict[str, nn.Module]:
+        return {"student": self.encoder_q.backbone, "head": self.encoder_q.head}

@@ -1,0 +1,37 @@
+"""Backbones, projection heads, encoders and checkpoint loading."""
+
+from edgedistill.models.backbones import (
+    Classifier,
+    Encoder,
+    count_params,
+    create_backbone,
+    feature_dim,
+    projection_head,
+)
+from edgedistill.models.checkpoint import (
+    CLASSIFIER_FILE,
+    HEAD_FILE,
+    STUDENT_FILE,
+    load_encoder,
+    load_into,
+    read_run_config,
+    save_safetensors,
+    save_torch,
+)
+
+__all__ = [
+    "CLASSIFIER_FILE",
+    "HEAD_FILE",
+    "STUDENT_FILE",
+    "Classifier",
+    "Encoder",
+    "count_params",
+    "create_backbone",
+    "feature_dim",
+    "load_encoder",
+    "load_into",
+    "projection_head",
+    "read_run_config",
+    "save_safetensors",
+    "save_torch",
+]

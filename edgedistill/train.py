@@ -1,0 +1,282 @@
+"""The training loop shared by every method.
+
+Run folder (the contract `eval`, `export` and `report` build on):
+    config.yaml          the resolved recipe
+    metrics.jsonl        one JSON object per logging interval
+    train.log            the log
+    checkpoint.pt        last training checkpoint (atomic; `--resume` continues from it)
+    student.safetensors  the student backbone only (what is deployed)
+    head.safetensors     its projection head (lets the run serve as a teacher; not deployed)
+    run.json             summary: status, steps, loader, images/s, wall time, versions
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from edgedistill import distributed as dist_utils
+from edgedistill.config import RunConfig, config_to_yaml, to_dict
+from edgedistill.data import build_train_loader, train_folder
+from edgedistill.envinfo import environment, resolve_device, seed_everything
+from edgedistill.errors import TrainingDiverged, UserError
+from edgedistill.methods import create_method, method_class
+from edgedistill.methods.base import Method
+from edgedistill.models import HEAD_FILE, STUDENT_FILE, save_safetensors, save_torch
+from edgedistill.models.checkpoint import load_torch_file
+from edgedistill.ui import console, progress_bar, setup_logging
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    loader: str
+    images_per_s: float
+    wall_s: float
+    final_losses: dict
+
+
+def run_dir_for(cfg: RunConfig, out: str | Path | None) -> Path:
+    return Path(out) if out else Path(cfg.out_dir) / cfg.name
+
+
+def _precision(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
+    p = cfg.train.precision
+    if p == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[p]
+
+
+def _channels_last(cfg: RunConfig, device: torch.device) -> bool:
+    return cfg.train.channels_last == "true" or (cfg.train.channels_last == "auto" and device.type == "cuda")
+
+
+def build_optimizers(method: Method, cfg: RunConfig, world: int) -> list[torch.optim.Optimizer]:
+    """One optimizer per parameter group; lr is given for a batch of 256 and scaled linearly."""
+    scale = cfg.train.batch_size * world / 256
+    optimizers = []
+    for group in method.optimizer_groups():
+        kind = group.optimizer or cfg.train.optimizer
+        lr = (group.lr if group.lr is not None else cfg.train.lr) * scale
+        wd = group.weight_decay if group.weight_decay is not None else cfg.train.weight_decay
+        if kind == "sgd":
+            opt = torch.optim.SGD(group.params, lr=lr, momentum=cfg.train.sgd_momentum, weight_decay=wd, **group.extra)
+        elif kind == "adam":
+            opt = torch.optim.Adam(group.params, lr=lr, weight_decay=wd, **group.extra)
+        elif kind == "adamw":
+            opt = torch.optim.AdamW(group.params, lr=lr, weight_decay=wd, **group.extra)
+        else:
+            raise UserError(f"unknown optimizer {kind!r} (sgd, adam, adamw)")
+        for pg in opt.param_groups:
+            pg["base_lr"] = lr
+        optimizers.append(opt)
+    return optimizers
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to zero."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _trainable_state(method: Method) -> dict:
+    frozen = method.frozen_prefixes()
+    return {k: v for k, v in method.state_dict().items() if not k.startswith(frozen)}
+
+
+def _save_checkpoint(path: Path, method, optimizers, scaler, step, epoch, step_in_epoch, cfg) -> None:
+    save_torch(
+        {
+            "step": step,
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "method": _trainable_state(method),
+            "optimizers": [o.state_dict() for o in optimizers],
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": torch.get_rng_state(),
+            "config": to_dict(cfg),
+        },
+        path,
+    )
+
+
+def _load_checkpoint(path: Path, method, optimizers, scaler) -> tuple[int, int, int]:
+    ckpt = load_torch_file(path)
+    missing, unexpected = method.load_state_dict(ckpt["method"], strict=False)
+    frozen = method.frozen_prefixes()
+    missing = [k for k in missing if not k.startswith(frozen)]
+    if missing or unexpected:
+        raise UserError(f"{path} does not fit this recipe (missing {missing[:5]}, unexpected {unexpected[:5]}): was the recipe changed?")
+    if len(ckpt["optimizers"]) != len(optimizers):
+        raise UserError(f"{path} has {len(ckpt['optimizers'])} optimizer states, this method has {len(optimizers)}")
+    for opt, state in zip(optimizers, ckpt["optimizers"]):
+        opt.load_state_dict(state)
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"])
+    return ckpt["step"], ckpt["epoch"], ckpt["step_in_epoch"]
+
+
+def _save_deployable(method: Method, run_dir: Path, cfg: RunConfig) -> None:
+    meta = {"arch": cfg.student.arch, "method": cfg.method.name, "img_size": str(cfg.data.img_size)}
+    for role, module in method.deployable().items():
+        if role == "head" and not isinstance(module, nn.Sequential):
+            continue  # an identity head has nothing to save
+        path = run_dir / {"student": STUDENT_FILE, "head": HEAD_FILE}.get(role, f"{role}.safetensors")
+        save_safetensors(module.state_dict(), path, meta)
+
+
+def _check_finite(losses: dict, step: int, ckpt: Path) -> None:
+    bad = {k: float(v) for k, v in losses.items() if not torch.isfinite(v).all()}
+    if bad:
+        kept = f"the last good checkpoint {ckpt} is kept" if ckpt.is_file() else "no checkpoint had been written yet"
+        raise TrainingDiverged(
+            f"loss became non-finite at step {step} ({', '.join(f'{k}={v}' for k, v in bad.items())}); "
+            f"{kept}. Lower train.lr or add train.warmup_steps, then --resume or start again."
+        )
+
+
+def train(cfg: RunConfig, out: str | Path | None = None, resume: bool = False) -> TrainResult:
+    """Train `cfg` into its run folder and return a summary."""
+    run_dir = run_dir_for(cfg, out)
+    ckpt_path = run_dir / CHECKPOINT_FILE
+    if not resume and ckpt_path.exists():
+        raise UserError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
+    if resume and not ckpt_path.exists():
+        raise UserError(f"--resume: {ckpt_path} does not exist (nothing to resume); drop --resume to start")
+
+    distributed = dist_utils.init_from_env(cfg.train.device)
+    rank, world = dist_utils.rank(), dist_utils.world_size()
+    device = dist_utils.device_for_rank(cfg.train.device) if distributed else resolve_device(cfg.train.device)
+    main = dist_utils.is_main()
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        setup_logging(run_dir / "train.log")
+        (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    seed_everything(cfg.seed)
+
+    folder = train_folder(cfg.data, cfg.seed)
+    num_views = method_class(cfg.method.name).num_views
+    loader = build_train_loader(cfg.data, folder, num_views, cfg.train.batch_size, cfg.seed, device, rank, world)
+    if loader.steps_per_epoch == 0:
+        raise UserError(f"{folder.root}: not one full batch per epoch; lower train.batch_size")
+    torch.manual_seed(cfg.seed)
+    method = create_method(cfg, num_classes=len(folder.classes)).to(device)
+    channels_last = _channels_last(cfg, device)
+    if channels_last:
+        method = method.to(memory_format=torch.channels_last)
+    optimizers = build_optimizers(method, cfg, world)
+    amp_dtype = _precision(cfg, device)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    total = cfg.train.max_steps or cfg.train.epochs * loader.steps_per_epoch
+    total = min(total, cfg.train.epochs * loader.steps_per_epoch)
+
+    step, start_epoch, skip = 0, 0, 0
+    if resume:
+        step, start_epoch, skip = _load_checkpoint(ckpt_path, method, optimizers, scaler)
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt_path, step, start_epoch, skip)
+
+    model = dist_utils.wrap_ddp(method, device) if distributed else method
+    forward = torch.compile(model) if cfg.train.compile else model
+    if main:
+        log.info(
+            "method=%s student=%s teacher=%s loader=%s device=%s precision=%s channels_last=%s world=%d",
+            cfg.method.name, cfg.student.arch, cfg.teacher.arch if cfg.teacher else None, loader.name, device,
+            amp_dtype or "fp32", channels_last, world,
+        )
+        log.info("%d training images in %d classes (%d skipped as unreadable); %d steps/epoch, %d steps in all",
+                 len(folder), len(folder.classes), len(folder.skipped), loader.steps_per_epoch, total)
+
+    metrics = (run_dir / "metrics.jsonl").open("a") if main else None
+    images_per_step = cfg.train.batch_size * world
+    method.train()
+    t_start = t_log = time.perf_counter()
+    start_step, steps_since_log, last_losses = step, 0, {}
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    with progress_bar(total, f"{cfg.method.name} {cfg.student.arch}", enabled=main) as bar:
+        bar.advance(step)
+        epoch = start_epoch
+        while step < total:
+            step_in_epoch = skip
+            for views, labels in loader.epoch(epoch, skip=skip):
+                if channels_last:
+                    views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+                factor = lr_factor(step, total, cfg.train.warmup_steps)
+                for opt in optimizers:
+                    for pg in opt.param_groups:
+                        pg["lr"] = pg["base_lr"] * factor
+                with autocast:
+                    losses = forward(views, labels)
+                for opt in optimizers:
+                    opt.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(losses["loss"]).backward()
+                    for opt in optimizers:
+                        scaler.step(opt)
+                    scaler.update()
+                else:
+                    losses["loss"].backward()
+                    for opt in optimizers:
+                        opt.step()
+                step += 1
+                step_in_epoch += 1
+                steps_since_log += 1
+                bar.advance(1)
+                # On the GPU every .item() is a host sync: inspect losses only at log/checkpoint steps.
+                log_now = step % cfg.train.log_every == 0 or step == total
+                ckpt_now = step % cfg.train.checkpoint_every == 0 or step == total
+                if device.type == "cpu" or log_now or ckpt_now:
+                    _check_finite(losses, step, ckpt_path)
+                if log_now:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    now = time.perf_counter()
+                    ips = steps_since_log * images_per_step / (now - t_log)
+                    last_losses = {k: round(float(v.detach()), 6) for k, v in losses.items()}
+                    t_log, steps_since_log = now, 0
+                    bar.update_fields(loss=last_losses["loss"], ips=ips)
+                    if main:
+                        record = {"step": step, "epoch": epoch, "lr": optimizers[0].param_groups[0]["lr"],
+                                  **last_losses, "images_per_s": round(ips, 2), "time_s": round(now - t_start, 3)}
+                        metrics.write(json.dumps(record) + "\n")
+                        metrics.flush()
+                if ckpt_now and main:
+                    at_epoch_end = step_in_epoch == loader.steps_per_epoch
+                    _save_checkpoint(ckpt_path, method, optimizers, scaler, step,
+                                     epoch + 1 if at_epoch_end else epoch, 0 if at_epoch_end else step_in_epoch, cfg)
+                if step >= total:
+                    break
+            epoch, skip = epoch + 1, 0
+
+    wall = time.perf_counter() - t_start
+    if metrics:
+        metrics.close()
+    ips = (step - start_step) * images_per_step / max(wall, 1e-9)
+    result = TrainResult(run_dir, step, loader.name, ips, wall, last_losses)
+    if main:
+        _save_deployable(method, run_dir, cfg)
+        summary = {
+            "status": "complete", "steps": step, "epochs": epoch, "loader": loader.name, "device": str(device),
+            "world_size": world, "images_per_s": round(ips, 2), "wall_s": round(wall, 2),
+            "final_losses": last_losses, "skipped_images": folder.skipped, "environment": environment(),
+        }
+        (run_dir / "run.json").write_text(json.dumps(summary, indent=2))
+        log.info("done: %d steps in %.1fs (%.1f images/s, loader %s); student -> %s",
+                 step, wall, ips, loader.name, run_dir / STUDENT_FILE)
+    dist_utils.barrier()
+    return result

@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny real runs on the embedded digits dataset (CPU, seconds).
+
+Every test that needs a trained run or an evaluated run uses these session-scoped fixtures, so
+the (small) training cost is paid once per test session.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED_DATA = SHARED / "data"
+SHARED_TEACHERS = SHARED / "teachers" / "resnet-cifar10"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Keep the embedded dataset and verification cache inside the test session."""
+    if "EDGEDISTILL_CACHE" not in os.environ:
+        os.environ["EDGEDISTILL_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+
+
+def tiny_overrides(**extra) -> list[str]:
+    """A few optimizer steps of a small student on 32x32 digits with the torchvision loader."""
+    base = {
+        "student.arch": "mobilenetv3_small_100",
+        "student.stem_stride": 1,
+        "data.loader": "torchvision",
+        "data.workers": 0,
+        "train.batch_size": 32,
+        "train.max_steps": 4,
+        "train.log_every": 2,
+        "train.checkpoint_every": 2,
+        "method.queue_size": 256,
+        "eval.linear_epochs": 5,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """A finished mocov2 run folder (no eval yet)."""
+    from edgedistill.config import load_config
+    from edgedistill.train import train
+
+    out = tmp_path_factory.mktemp("runs") / "mocov2"
+    cfg = load_config(None, tiny_overrides(**{"method.name": "mocov2"}))
+    train(cfg, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def evaluated_run(trained_run) -> Path:
+    """`trained_run` after `edgedistill eval`: has eval.json and classifier.safetensors."""
+    from edgedistill.evaluate import evaluate_run
+
+    evaluate_run(trained_run)
+    return trained_run
