@@ -109,6 +109,17 @@ def demo(
     run_demo(out, steps)
 
 
+# Commands that live beside the code they drive; each module's register(app) adds them.
+from edgedistill.deploy import commands as _deploy_commands  # noqa: E402
+from edgedistill.bench import commands as _bench_commands  # noqa: E402
+from edgedistill.bench import train_speed as _train_speed  # noqa: E402
+from edgedistill.report import commands as _report_commands  # noqa: E402
+from edgedistill import compare as _compare  # noqa: E402
+
+for _module in (_deploy_commands, _bench_commands, _report_commands, _compare, _train_speed):
+    _module.register(app)
+
+
 def main() -> None:  # pragma: no cover - console entry for `python -m edgedistill`
     app(prog_name="edgedistill")
 

@@ -61,3 +61,17 @@ def evaluated_run(trained_run) -> Path:
 
     evaluate_run(trained_run)
     return trained_run
+
+
+@pytest.fixture(scope="session")
+def cifar10_dir(tmp_path_factory) -> Path:
+    """../shared/data/cifar10-jpg.tgz extracted once per session (skips when absent)."""
+    import tarfile
+
+    tgz = SHARED_DATA / "cifar10-jpg.tgz"
+    if not tgz.is_file():
+        pytest.skip(f"{tgz} is absent (real-data tests need ../shared/data beside the checkout)")
+    dest = tmp_path_factory.mktemp("cifar10")
+    with tarfile.open(tgz) as tar:
+        tar.extractall(dest, filter="data")
+    return dest / "cifar10-jpg"
