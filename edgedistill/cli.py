@@ -36,10 +36,10 @@ def handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except TrainingDiverged as e:
-            console.print(f"[bold red]error:[/] {e}", highlight=False)
+            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(3) from None
         except UserError as e:
-            console.print(f"[bold red]error:[/] {e}", highlight=False)
+            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper

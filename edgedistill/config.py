@@ -150,6 +150,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # PyYAML reads exponents without a dot (`lr: 1e-4`) as strings; accept them as numbers.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is str and isinstance(value, bool):
         # YAML reads `true` for a str field such as channels_last: keep its spelling.
         return "true" if value else "false"
@@ -200,10 +206,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def build_config(data: dict, source: str = "<recipe>") -> RunConfig:
     """Validate a recipe dict (after overrides) into a RunConfig; errors name `source`."""
-    from edgedistill.methods import method_config_class
+    from edgedistill.methods import method_class, method_config_class
 
     data = dict(data)
-    method = data.pop("method", None) or {"name": "disco"}
+    method = data.pop("method", None) or {"name": "mocov2"}
     if isinstance(method, str):
         method = {"name": method}
     try:
@@ -212,9 +218,10 @@ def build_config(data: dict, source: str = "<recipe>") -> RunConfig:
         name = method.pop("name", None)
         if name is None:
             raise UserError("method.name is missing (one of mocov2, disco, seed, dogo, supervised)")
-        method_cls = method_config_class(name)
-        cfg.method = from_dict(method_cls, method, "method")
+        cfg.method = from_dict(method_config_class(name), method, "method")
         cfg.method.name = name
+        if method_class(name).needs_teacher and (cfg.teacher is None or not cfg.teacher.checkpoint):
+            raise UserError(f"method {name} needs a teacher: add `teacher: {{arch: ..., checkpoint: <local file>}}`")
     except UserError as e:
         raise UserError(f"{source}: {e}") from None
     return cfg

@@ -32,6 +32,7 @@ from edgedistill.models import (
     STUDENT_FILE,
     count_params,
     create_backbone,
+    feature_dim,
     load_encoder,
     load_into,
     read_run_config,
@@ -101,7 +102,8 @@ def extract_features(backbone: nn.Module, folder: ImageFolder, cfg: RunConfig, d
             labels.append(target)
             bar.advance(1)
     ips = len(indices) / max(time.perf_counter() - start, 1e-9)
-    feats_t = torch.cat(feats) if feats else torch.empty(0)
+    # An empty shard (fewer images than ranks) still needs the feature width for the gather.
+    feats_t = torch.cat(feats) if feats else torch.empty(0, feature_dim(backbone))
     labels_t = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
     if world > 1:
         feats_t, labels_t = dist_utils.gather_shards(feats_t, labels_t, per)
@@ -175,15 +177,20 @@ def evaluate_run(run: str | Path, with_teacher: bool = False, overrides: list[st
     run = Path(run)
     cfg = load_run_config(run, overrides)
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.train.device)
+    # Under torchrun every rank extracts the features of its shard (see extract_features).
+    owns_group = not dist_utils.is_distributed()
+    distributed = dist_utils.init_from_env(cfg.train.device)
+    device = dist_utils.device_for_rank(cfg.train.device) if distributed else resolve_device(cfg.train.device)
     # The kNN bank and the probe use every labelled training image (no max_images subset).
     cfg.data.max_images = None
-    train, val = train_folder(cfg.data, cfg.seed), val_folder(cfg.data)
+    with dist_utils.main_process_first():
+        train, val = train_folder(cfg.data, cfg.seed), val_folder(cfg.data)
     if train.classes != val.classes:
         raise UserError(f"class folders differ between {train.root} and {val.root}: they must hold the same classes")
     student, fc = score_backbone(load_student_backbone(run, cfg), cfg.student.arch, train, val, cfg, device, "student")
-    save_safetensors({"weight": fc.weight, "bias": fc.bias}, run / CLASSIFIER_FILE,
-                     {"classes": json.dumps(train.classes), "linear_top1": str(student.linear_top1)})
+    if dist_utils.is_main():
+        save_safetensors({"weight": fc.weight, "bias": fc.bias}, run / CLASSIFIER_FILE,
+                         {"classes": json.dumps(train.classes), "linear_top1": str(student.linear_top1)})
     teacher = None
     if with_teacher:
         if cfg.teacher is None:
@@ -192,6 +199,9 @@ def evaluate_run(run: str | Path, with_teacher: bool = False, overrides: list[st
     result = EvalResult(str(run), student, teacher, train.classes, len(train), len(val), cfg.eval.knn_k, environment())
     if dist_utils.is_main():
         (run / EVAL_FILE).write_text(json.dumps(asdict(result), indent=2))
+    dist_utils.barrier()
+    if owns_group:
+        dist_utils.shutdown()
     return result
 
 

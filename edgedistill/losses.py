@@ -35,20 +35,30 @@ def seed_loss(
     teacher_temperature: float = 1e-4,
     student_temperature: float = 0.2,
 ) -> torch.Tensor:
-    """SEED: cross-entropy between the teacher's and the student's similarity distributions
-    over [the teacher embedding itself, the queue of teacher embeddings]."""
-    bank = torch.cat([teacher.unsqueeze(1), queue.unsqueeze(0).expand(teacher.shape[0], -1, -1)], dim=1)
-    t_logits = torch.einsum("nd,nkd->nk", teacher.float(), bank.float()) / teacher_temperature
-    s_logits = torch.einsum("nd,nkd->nk", student.float(), bank.float()) / student_temperature
-    return -(F.softmax(t_logits, dim=1) * F.log_softmax(s_logits, dim=1)).sum(dim=1).mean()
+    """SEED (Fang et al. 2021): cross-entropy between the teacher's and the student's similarity
+    distributions over [the teacher embedding itself, the queue of teacher embeddings].
+
+    target = softmax([t.t, t.Q] / teacher_temperature), prediction = log_softmax([s.t, s.Q] /
+    student_temperature), loss = mean over the batch of -sum(target * prediction). The teacher
+    side carries no gradient. student, teacher: [N, D]; queue: [K, D] (teacher embeddings of
+    earlier batches; the current batch is enqueued after the loss, as in the reference code).
+    """
+    s, t, q = student.float(), teacher.float().detach(), queue.float().detach()
+    t_logits = torch.cat([(t * t).sum(dim=1, keepdim=True), t @ q.t()], dim=1) / teacher_temperature
+    s_logits = torch.cat([(s * t).sum(dim=1, keepdim=True), s @ q.t()], dim=1) / student_temperature
+    target = F.softmax(t_logits, dim=1)
+    return -(target * F.log_softmax(s_logits, dim=1)).sum(dim=1).mean()
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
-    """SimCLR NT-Xent over 2N views: each view's positive is the other view of its image."""
+    """SimCLR NT-Xent over 2N views: each view's positive is the other view of its image, its
+    negatives the other 2N - 2 views; mean over the 2N views (the DoGo/SimCLR reference sums the
+    cross-entropy and divides by 2N)."""
     n = z1.shape[0]
     z = torch.cat([z1, z2], dim=0).float()
     sim = z @ z.t() / temperature
-    sim.fill_diagonal_(float("-inf"))
+    self_mask = torch.eye(2 * n, dtype=torch.bool, device=z.device)
+    sim = sim.masked_fill(self_mask, float("-inf"))
     target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
     return F.cross_entropy(sim, target)
 
@@ -59,5 +69,10 @@ def view_similarity_log_probs(z1: torch.Tensor, z2: torch.Tensor, temperature: f
 
 
 def mutual_kl(log_p_self: torch.Tensor, log_p_peer: torch.Tensor) -> torch.Tensor:
-    """DoGo mutual learning: KL(P_peer || P_self) with the peer detached, mean over N^2 entries."""
-    return F.kl_div(log_p_self, log_p_peer.detach(), reduction="mean", log_target=True)
+    """DoGo mutual learning: KL(P_peer || P_self) with the peer detached, mean over the N^2
+    entries (the reference's `F.kl_div(..., reduction="mean")`, which is why its weight is 100).
+
+    Written as sum / numel: the same value as kl_div's "mean", without its per-call warning.
+    """
+    kl = F.kl_div(log_p_self.float(), log_p_peer.detach().float(), reduction="sum", log_target=True)
+    return kl / log_p_self.numel()

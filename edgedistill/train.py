@@ -110,6 +110,7 @@ def _save_checkpoint(path: Path, method, optimizers, scaler, step, epoch, step_i
             "scaler": scaler.state_dict() if scaler is not None else None,
             "rng": torch.get_rng_state(),
             "config": to_dict(cfg),
+            "world_size": dist_utils.world_size(),
         },
         path,
     )
@@ -129,6 +130,12 @@ def _load_checkpoint(path: Path, method, optimizers, scaler) -> tuple[int, int, 
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     torch.set_rng_state(ckpt["rng"])
+    saved_world = ckpt.get("world_size", 1)
+    if saved_world != dist_utils.world_size():
+        # The epoch's files are sharded by rank: another world size resumes into a different split,
+        # so the rest of the epoch is not the uninterrupted run's (training still proceeds).
+        log.warning("%s was written with %d process(es), resuming with %d: the rest of this epoch's "
+                    "batches differ from an uninterrupted run", path, saved_world, dist_utils.world_size())
     return ckpt["step"], ckpt["epoch"], ckpt["step_in_epoch"]
 
 
@@ -160,6 +167,7 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: bool = False) -
     if resume and not ckpt_path.exists():
         raise UserError(f"--resume: {ckpt_path} does not exist (nothing to resume); drop --resume to start")
 
+    owns_group = not dist_utils.is_distributed()
     distributed = dist_utils.init_from_env(cfg.train.device)
     rank, world = dist_utils.rank(), dist_utils.world_size()
     device = dist_utils.device_for_rank(cfg.train.device) if distributed else resolve_device(cfg.train.device)
@@ -170,7 +178,9 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: bool = False) -
         (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
     seed_everything(cfg.seed)
 
-    folder = train_folder(cfg.data, cfg.seed)
+    with dist_utils.main_process_first():  # rank 0 materialises the dataset / verification cache
+        folder = train_folder(cfg.data, cfg.seed)
+    dist_utils.same_on_all_ranks(len(folder), f"the number of usable images in {folder.root}")
     num_views = method_class(cfg.method.name).num_views
     loader = build_train_loader(cfg.data, folder, num_views, cfg.train.batch_size, cfg.seed, device, rank, world)
     if loader.steps_per_epoch == 0:
@@ -279,4 +289,6 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: bool = False) -
         log.info("done: %d steps in %.1fs (%.1f images/s, loader %s); student -> %s",
                  step, wall, ips, loader.name, run_dir / STUDENT_FILE)
     dist_utils.barrier()
+    if owns_group:
+        dist_utils.shutdown()
     return result

@@ -1,5 +1,381 @@
-"""Placeholder: this module's commands are being written (owned by a parallel work stream)."""
+"""`edgedistill bench-train`: training throughput of DisCo for a teacher -> student pair.
+
+Four data modes, one method and one step function (the trainer's: `create_method`, the
+trainer's optimizers, bf16 autocast + channels_last on CUDA, optional torch.compile):
+
+  synthetic    batches already on the device: the compute ceiling
+  dali-gpu     DALI pipeline, decoding + augmentation on the GPU (needs CUDA and DALI)
+  dali-cpu     DALI's CPU-only pipeline (needs DALI)
+  torchvision  PIL + torchvision.transforms.v2 in a DataLoader with all cores
+
+Per mode: warm-up steps, then timed steps; each step is timed from asking the loader for a
+batch to the end of the optimizer step, synchronised on CUDA, and the median is reported
+(images/s = batch / median step; the mean over the timed window is kept too). The teacher's
+share of the step is its forward on both views (the same autocast / memory format), timed
+separately with CUDA events on GPU (perf_counter on CPU), divided by the median step time of
+the synthetic mode. Peak GPU memory is `torch.cuda.max_memory_allocated` per mode. Absent
+modes are skipped with a one-line reason. Without `--teacher-checkpoint` the teacher is a
+randomly initialised MoCo v2 encoder of `--teacher-arch` (backbone + 2-layer MLP head, 128-d):
+the numbers are then labelled "random teacher weights: throughput only".
+
+Only light imports at module level: the CLI imports this module for every command.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+MODES = ("synthetic", "dali-gpu", "dali-cpu", "torchvision")
+DEFAULT_OUT = Path("bench/results/train_speed.json")
+
+
+def _random_teacher_checkpoint(arch: str, path: Path, stem_stride: int | None) -> None:
+    """A MoCo v2-shaped checkpoint (`module.encoder_q.*`, MLP head) with random weights."""
+    import torch
+
+    from edgedistill.config import ModelConfig
+    from edgedistill.models import create_backbone, feature_dim, projection_head
+
+    torch.manual_seed(0)
+    backbone = create_backbone(ModelConfig(arch=arch, stem_stride=stem_stride))
+    width = feature_dim(backbone)
+    head = projection_head(width, width, 128)
+    state = {f"module.encoder_q.{k}": v for k, v in backbone.state_dict().items()}
+    state.update({f"module.encoder_q.fc.{k}": v for k, v in head.state_dict().items()})
+    torch.save({"state_dict": state}, path)
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _batches(loader, start_epoch: int = 0):
+    """Endless batches, epoch after epoch."""
+    epoch = start_epoch
+    while True:
+        yield from loader.epoch(epoch)
+        epoch += 1
+
+
+class _Stepper:
+    """One training step exactly as `edgedistill.train.train` takes it."""
+
+    def __init__(self, cfg, device, num_classes: int, compile_: bool):
+        import torch
+
+        from edgedistill.methods import create_method
+        from edgedistill.train import _channels_last, _precision, build_optimizers
+
+        torch.manual_seed(cfg.seed)
+        self.device = device
+        self.method = create_method(cfg, num_classes=num_classes).to(device)
+        self.channels_last = _channels_last(cfg, device)
+        if self.channels_last:
+            self.method = self.method.to(memory_format=torch.channels_last)
+        self.optimizers = build_optimizers(self.method, cfg, 1)
+        self.amp_dtype = _precision(cfg, device)
+        self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
+        self.forward = torch.compile(self.method) if compile_ else self.method
+        self.method.train()
+
+    def autocast(self):
+        from contextlib import nullcontext
+
+        import torch
+
+        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+
+    def prepare(self, views):
+        import torch
+
+        if self.channels_last:
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        return views
+
+    def step(self, views, labels) -> None:
+        views = self.prepare(views)
+        with self.autocast():
+            losses = self.forward(views, labels)
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(losses["loss"]).backward()
+            for opt in self.optimizers:
+                self.scaler.step(opt)
+            self.scaler.update()
+        else:
+            losses["loss"].backward()
+            for opt in self.optimizers:
+                opt.step()
+
+    def teacher_ms(self, views, reps: int) -> float:
+        """Median time (ms) of the teacher's forward on all views, as inside the DisCo step."""
+        import statistics
+        import time
+
+        import torch
+
+        views = self.prepare(views)
+        times = []
+        for i in range(reps + 2):
+            if self.device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                with self.autocast():
+                    for v in views:
+                        self.method.teacher_embed(v)
+                end.record()
+                end.synchronize()
+                ms = start.elapsed_time(end)
+            else:
+                t0 = time.perf_counter()
+                with self.autocast():
+                    for v in views:
+                        self.method.teacher_embed(v)
+                ms = (time.perf_counter() - t0) * 1e3
+            if i >= 2:  # two warm-up repetitions
+                times.append(ms)
+        return statistics.median(times)
+
+
+def _time_mode(stepper, batches, batch_size: int, warmup: int, steps: int) -> dict:
+    import statistics
+    import time
+
+    import torch
+
+    device = stepper.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(warmup):
+        stepper.step(*next(batches))
+    _sync(device)
+    times = []
+    t_window = time.perf_counter()
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        views, labels = next(batches)
+        stepper.step(views, labels)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    window = time.perf_counter() - t_window
+    median = statistics.median(times)
+    return {
+        "status": "ok",
+        "images_per_s": round(batch_size / median, 2),
+        "images_per_s_mean": round(batch_size * steps / window, 2),
+        "step_ms_median": round(median * 1e3, 3),
+        "step_ms_p90": round(sorted(times)[min(len(times) - 1, int(0.9 * len(times)))] * 1e3, 3),
+        "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None,
+    }
+
+
+def _ratio(a: dict, b: dict) -> float | None:
+    if a.get("status") == "ok" and b.get("status") == "ok":
+        return round(a["images_per_s"] / b["images_per_s"], 3)
+    return None
+
+
+def run_bench(teacher_arch: str, student_arch: str, teacher_checkpoint: str | None, img_size: int, batch_size: int,
+              data: str, modes: list[str], warmup: int, steps: int, compile_: bool, device_spec: str,
+              workers: int | None, stem_stride: int | None, seed: int = 0, threads: int | None = None,
+              log=print) -> dict:
+    import os
+    import tempfile
+
+    import torch
+
+    from edgedistill.config import load_config, to_dict
+    from edgedistill.data import dali_available, train_folder
+    from edgedistill.envinfo import environment, resolve_device
+    from edgedistill.errors import UserError
+
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise UserError(f"--modes: unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
+    if warmup < 0 or steps < 1:
+        raise UserError("--steps must be at least 1 and --warmup at least 0")
+    device = resolve_device(device_spec)
+    if threads:
+        torch.set_num_threads(threads)  # intra-op threads of the training step (recorded in environment)
+    workers = workers if workers is not None else (os.cpu_count() or 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        random_teacher = teacher_checkpoint is None
+        if random_teacher:
+            teacher_checkpoint = str(Path(tmp) / f"random_{teacher_arch}.pt")
+            _random_teacher_checkpoint(teacher_arch, Path(teacher_checkpoint), stem_stride)
+        overrides = {
+            "name": "bench-train", "seed": seed, "method.name": "disco",
+            "student.arch": student_arch, "teacher.arch": teacher_arch, "teacher.checkpoint": teacher_checkpoint,
+            "data.train": data, "data.img_size": img_size, "data.workers": workers,
+            "train.batch_size": batch_size, "train.compile": compile_, "train.device": device_spec,
+            # The queue must be a multiple of the batch; its size does not change the step's cost much.
+            "method.queue_size": batch_size * max(1, 4096 // batch_size),
+        }
+        if stem_stride is not None:
+            overrides["student.stem_stride"] = stem_stride
+            overrides["teacher.stem_stride"] = stem_stride
+        cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
+        folder = train_folder(cfg.data, cfg.seed)
+        if len(folder) < batch_size:
+            raise UserError(f"{folder.root} has {len(folder)} usable images, fewer than one batch of {batch_size}")
+        stepper = _Stepper(cfg, device, len(folder.classes), compile_)
+
+    results: dict[str, dict] = {}
+    synthetic_views = None
+    for mode in modes:
+        reason = None
+        if mode == "dali-gpu" and device.type != "cuda":
+            reason = "no CUDA device"
+        elif mode.startswith("dali") and not dali_available():
+            reason = "NVIDIA DALI is not installed"
+        if reason:
+            results[mode] = {"status": "skipped", "reason": reason}
+            log(f"{mode}: skipped ({reason})")
+            continue
+        gen = torch.Generator().manual_seed(seed)
+        if mode == "synthetic":
+            views = [torch.randn(batch_size, 3, img_size, img_size, generator=gen).to(device) for _ in range(2)]
+            labels = torch.randint(0, len(folder.classes), (batch_size,), generator=gen).to(device)
+            synthetic_views = views
+
+            def endless(views=views, labels=labels):
+                while True:
+                    yield views, labels
+
+            batches = endless()
+        elif mode == "torchvision":
+            from edgedistill.data.torch_loader import TorchvisionTrainLoader
+
+            batches = _batches(TorchvisionTrainLoader(folder, cfg.data, 2, batch_size, seed, device))
+        else:
+            from edgedistill.data.dali_loader import DaliTrainLoader
+
+            try:
+                loader = DaliTrainLoader(folder, cfg.data, 2, batch_size, seed, device, gpu=mode == "dali-gpu")
+            except UserError as e:
+                results[mode] = {"status": "skipped", "reason": str(e)}
+                log(f"{mode}: skipped ({e})")
+                continue
+            batches = _batches(loader)
+        log(f"{mode}: {warmup} warm-up + {steps} timed steps of batch {batch_size} at {img_size}px ...")
+        results[mode] = _time_mode(stepper, batches, batch_size, warmup, steps)
+        if hasattr(batches, "close"):
+            batches.close()
+
+    teacher = {"status": "skipped", "reason": "the synthetic mode was not run"}
+    if synthetic_views is not None:
+        ms = stepper.teacher_ms(synthetic_views, reps=max(3, min(steps, 10)))
+        step_ms = results["synthetic"]["step_ms_median"]
+        teacher = {"status": "ok", "forward_ms_both_views": round(ms, 3), "share_of_step": round(ms / step_ms, 4),
+                   "timer": "cuda events" if device.type == "cuda" else "perf_counter"}
+
+    b, a, c, d = (results.get(m, {}) for m in ("dali-gpu", "synthetic", "dali-cpu", "torchvision"))
+    return {
+        "benchmark": "train_speed",
+        "method": "disco",
+        "teacher": teacher_arch,
+        "student": student_arch,
+        "teacher_weights": "random teacher weights: throughput only" if random_teacher else teacher_checkpoint,
+        "img_size": img_size,
+        "batch_size": batch_size,
+        "views": 2,
+        "data": str(folder.root),
+        "n_images": len(folder),
+        "device": str(device),
+        "precision": str(stepper.amp_dtype).replace("torch.", "") if stepper.amp_dtype else "fp32",
+        "channels_last": stepper.channels_last,
+        "compile": compile_,
+        "loader_workers": workers,
+        "warmup_steps": warmup,
+        "timed_steps": steps,
+        "modes": results,
+        "teacher_share": teacher,
+        "ratios": {
+            "dali_gpu_over_synthetic": _ratio(b, a),
+            "dali_gpu_over_torchvision": _ratio(b, d),
+            "dali_cpu_over_synthetic": _ratio(c, a),
+            "dali_cpu_over_torchvision": _ratio(c, d),
+        },
+        # Load on this machine while measuring: a shared or busy machine makes CPU numbers low.
+        "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "config": to_dict(cfg) | {"teacher": {**to_dict(cfg)["teacher"], "checkpoint": None if random_teacher else teacher_checkpoint}},
+        "environment": environment(),
+    }
+
+
+def print_table(result: dict) -> None:
+    from rich.table import Table
+
+    from edgedistill.ui import console
+
+    title = (f"DisCo {result['teacher']} -> {result['student']}, batch {result['batch_size']} x 2 views at "
+             f"{result['img_size']}px on {result['device']} ({result['precision']})")
+    table = Table(title=title, caption=result["teacher_weights"] if "random" in result["teacher_weights"] else None)
+    for col in ("mode", "images/s", "step ms (median)", "step ms (p90)", "peak GPU GiB", "note"):
+        table.add_column(col, justify="left" if col in ("mode", "note") else "right")
+    for mode, r in result["modes"].items():
+        if r["status"] == "ok":
+            mem = "-" if r["peak_gpu_mem_gib"] is None else f"{r['peak_gpu_mem_gib']:.2f}"
+            table.add_row(mode, f"{r['images_per_s']:.1f}", f"{r['step_ms_median']:.1f}", f"{r['step_ms_p90']:.1f}", mem, "")
+        else:
+            table.add_row(mode, "-", "-", "-", "-", f"skipped: {r['reason']}")
+    console.print(table)
+    t = result["teacher_share"]
+    if t["status"] == "ok":
+        console.print(f"teacher forward (both views): {t['forward_ms_both_views']:.1f} ms = "
+                      f"{100 * t['share_of_step']:.1f}% of the synthetic step ({t['timer']})")
+    ratios = ", ".join(f"{k.replace('_over_', ' / ')} = {v:.2f}" for k, v in result["ratios"].items() if v is not None)
+    if ratios:
+        console.print(f"ratios: {ratios}")
 
 
 def register(app) -> None:
-    """Add this module's commands to the Typer app."""
+    """Add `bench-train` to the Typer app."""
+
+    @app.command("bench-train")
+    def bench_train(
+        teacher_arch: Annotated[str, typer.Option(help="Teacher architecture (timm name).")] = "resnet50",
+        student_arch: Annotated[str, typer.Option(help="Student architecture (timm name).")] = "efficientnet_b0",
+        teacher_checkpoint: Annotated[Optional[str], typer.Option(
+            help="Teacher checkpoint; omitted = random weights (throughput only).")] = None,
+        img_size: Annotated[int, typer.Option(help="Crop size.")] = 224,
+        batch_size: Annotated[int, typer.Option(help="Images per step (each gives 2 views).")] = 256,
+        data: Annotated[str, typer.Option(help="ImageFolder directory, or embedded:digits.")] = "embedded:digits",
+        modes: Annotated[str, typer.Option(help=f"Comma-separated subset of {','.join(MODES)}.")] = ",".join(MODES),
+        warmup: Annotated[int, typer.Option(help="Untimed warm-up steps per mode.")] = 10,
+        steps: Annotated[int, typer.Option(help="Timed steps per mode.")] = 30,
+        compile_: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the method.")] = False,
+        device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+        workers: Annotated[Optional[int], typer.Option(help="Loader threads/workers (default: all cores).")] = None,
+        threads: Annotated[Optional[int], typer.Option(
+            help="torch intra-op threads for the step (default: torch's choice; 1 is steadier on a busy CPU).")] = None,
+        stem_stride: Annotated[Optional[int], typer.Option(help="First-conv stride of both models (1 for tiny inputs).")] = None,
+        out: Annotated[Path, typer.Option(help="JSON result file.")] = DEFAULT_OUT,
+    ):
+        """Training throughput (images/s), peak GPU memory and the teacher's share of the step for
+        DisCo: synthetic batches vs DALI GPU vs DALI CPU vs torchvision loaders."""
+        import json
+
+        from edgedistill.cli import handle_errors
+        from edgedistill.ui import console, setup_logging
+
+        @handle_errors
+        def _run():
+            setup_logging()
+            result = run_bench(teacher_arch, student_arch, teacher_checkpoint, img_size, batch_size, data,
+                               [m.strip() for m in modes.split(",") if m.strip()], warmup, steps, compile_, device,
+                               workers, stem_stride, threads=threads,
+                               log=lambda msg: console.print(msg, highlight=False))
+            print_table(result)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=2))
+            console.print(f"written: {out}")
+
+        _run()

@@ -1,5 +1,104 @@
-"""Placeholder: this module's commands are being written (owned by a parallel work stream)."""
+"""`edgedistill export`: ONNX fp32/fp16, INT8 QDQ and TensorRT engines of a run, each checked on
+real validation images. Heavy imports happen inside the command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
 
 
 def register(app) -> None:
     """Add this module's commands to the Typer app."""
+    from edgedistill.cli import handle_errors
+
+    @app.command("export")
+    @handle_errors
+    def export(
+        run: Annotated[Path, typer.Argument(help="Run folder (config.yaml, student.safetensors; classifier.safetensors from `edgedistill eval`).")],
+        int8: Annotated[bool, typer.Option("--int8", help="Also write an INT8 QDQ model (ONNX Runtime static PTQ).")] = False,
+        fp16: Annotated[bool, typer.Option("--fp16", help="Also write an fp16 ONNX model (fp32 input/output).")] = False,
+        target: Annotated[str, typer.Option(help="INT8 target: ort-cpu (format measured fastest on this CPU) or tensorrt (signed symmetric QDQ; engines where TensorRT + a GPU exist).")] = "ort-cpu",
+        int8_format: Annotated[str, typer.Option("--int8-format", help="auto (ort-cpu: time both), qdq-s8s8-sym or qdq-u8s8.")] = "auto",
+        calib_data: Annotated[Optional[Path], typer.Option("--calib-data", help="Folder of calibration images (default: the run's training images).")] = None,
+        calib_count: Annotated[Optional[int], typer.Option("--calib-count", help="Calibration images (default 512, capped by what exists; an explicit count larger than the folder is an error).")] = None,
+        calibrator: Annotated[str, typer.Option(help="minmax, entropy or percentile.")] = "minmax",
+        percentile: Annotated[float, typer.Option(help="Percentile calibrator's percentile.")] = 99.999,
+        max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="INT8 top-1 drop budget in points: keep the most sensitive layers in float until it fits.")] = None,
+        sensitivity: Annotated[bool, typer.Option("--sensitivity", help="Write the per-layer INT8 sensitivity report (sensitivity.json) even without --max-drop.")] = False,
+        embedding: Annotated[bool, typer.Option("--embedding", help="Export the bare embedding model (pooled features), not the classifier.")] = False,
+        out: Annotated[Optional[Path], typer.Option(help="Export folder (default: RUN/export).")] = None,
+        opset: Annotated[int, typer.Option(help="ONNX opset (17 parses in ONNX Runtime and TensorRT 8.6+).")] = 17,
+        exporter: Annotated[str, typer.Option(help="legacy (TorchScript, fast) or dynamo (torch.export; opset >= 18).")] = "legacy",
+        val_count: Annotated[int, typer.Option("--val-count", help="Validation images every artifact is scored on (0 = all).")] = 1000,
+        tolerance: Annotated[float, typer.Option(help="fp32 parity: max |ONNX - torch| / max(1, max |torch|).")] = 1e-4,
+        tolerance_fp16: Annotated[float, typer.Option("--tolerance-fp16", help="fp16 parity tolerance (same measure).")] = 2e-2,
+        min_batch: Annotated[int, typer.Option(help="TensorRT profile: smallest batch.")] = 1,
+        opt_batch: Annotated[int, typer.Option(help="TensorRT profile: batch to optimise for.")] = 8,
+        max_batch: Annotated[int, typer.Option(help="TensorRT profile: largest batch.")] = 32,
+    ):
+        """Export a run: ONNX fp32 (+ fp16, + INT8 QDQ), checked against torch on real validation
+        images, with manifest.json, accuracy.json, sample inputs and the device kit.
+
+        Exit codes: 0 ok, 1 a check failed (parity beyond tolerance, --max-drop not reachable),
+        2 bad input.
+        """
+        from edgedistill.deploy.exporter import ExportCheckFailed, export_run
+        from edgedistill.ui import console, setup_logging
+
+        setup_logging()
+        try:
+            folder = export_run(
+                run, int8=int8, fp16=fp16, target=target, int8_format=int8_format, calib_data=calib_data,
+                calib_count=calib_count, calibrator=calibrator, percentile=percentile, max_drop=max_drop,
+                sensitivity=sensitivity, embedding=embedding, out=out, opset=opset, exporter=exporter,
+                val_count=val_count or None, tolerance=tolerance, tolerance_fp16=tolerance_fp16,
+                batches=(min_batch, opt_batch, max_batch),
+            )
+        except ExportCheckFailed as e:
+            if e.export_dir is not None:
+                print_export(e.export_dir)
+            console.print(f"[bold red]check failed:[/] {e}", highlight=False)
+            raise typer.Exit(1) from None
+        print_export(folder)
+
+
+def print_export(folder: Path) -> None:
+    """One table: artifact, file, size, top-1, agreement, max |diff|, notes."""
+    import json
+
+    from rich.table import Table
+
+    from edgedistill.ui import console
+
+    manifest = json.loads((Path(folder) / "manifest.json").read_text())
+    table = Table(title=f"{folder}  ({manifest['arch']}, {manifest['kind']}, {manifest['validation']['images']} val images)")
+    for col in ("artifact", "file", "size (KB)", "top-1", "agreement", "max |diff|", "notes"):
+        table.add_column(col, justify="left" if col in ("artifact", "file", "notes") else "right")
+    for a in manifest["artifacts"]:
+        acc = a.get("accuracy") or {}
+        notes = []
+        if a.get("parity"):
+            notes.append("parity ok" if a["parity"]["passed"] else "[red]parity FAILED[/]")
+        qz = a.get("quantization")
+        if qz:
+            notes.append(f"{qz['name']}, {qz['calibration']['calibrator']}, drop {acc.get('drop_vs_fp32', 0):.2f}")
+            if qz["nodes_kept_in_float"]:
+                notes.append(f"{len(qz['nodes_kept_in_float'])} layer(s) in float")
+        table.add_row(a["name"], a["file"] or "(run folder)", f"{a['bytes'] / 1024:.0f}" if a.get("bytes") else "-",
+                      f"{acc['top1']:.2f}" if "top1" in acc else "-",
+                      f"{acc['agreement']:.2f}" if "agreement" in acc else "-",
+                      f"{acc['max_abs_diff']:.2g}" if a["file"] else "-", "; ".join(notes))
+    console.print(table)
+    int8 = manifest.get("int8") or {}
+    if int8.get("format_choice"):
+        console.print(f"INT8 format: {int8['format_choice']['reason']}", highlight=False)
+    trt = manifest.get("tensorrt") or {}
+    if trt.get("built"):
+        console.print(f"TensorRT engines: {', '.join(e['engine'] for e in trt['engines'] if 'error' not in e)}")
+    elif manifest.get("target") == "tensorrt":
+        console.print(f"TensorRT engines skipped: {trt.get('reason')}", highlight=False)
+        for job in trt.get("commands", []):
+            console.print(f"  on the device: {job['kit_command']}", highlight=False, soft_wrap=True)
+    console.print(f"manifest: {Path(folder) / 'manifest.json'}  status: {manifest['status']}", highlight=False)

@@ -42,8 +42,6 @@ class DisCo(MoCoV2):
     needs_teacher = True
 
     def __init__(self, cfg, num_classes):
-        if cfg.teacher is None:
-            raise UserError("method disco needs a teacher: add a `teacher:` section with arch and checkpoint")
         if cfg.method.teacher_bn not in ("eval", "train"):
             raise UserError(f"method.teacher_bn must be 'eval' or 'train', got {cfg.method.teacher_bn!r}")
         teacher = load_encoder(cfg.teacher)

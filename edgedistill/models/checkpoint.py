@@ -97,7 +97,9 @@ def load_into(module: nn.Module, state: dict, source: str, allow_mismatch: bool,
         log.info("%s: dropped classifier weights %s", source, ", ".join(sorted(ignored)))
     own = module.state_dict()
     shape = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and v.shape != own[k].shape]
-    missing = sorted(set(own) - set(state))
+    # BN's num_batches_tracked postdates old checkpoints (like the legacy CIFAR ones) and does
+    # not affect inference: its absence is not a mismatch.
+    missing = sorted(k for k in set(own) - set(state) if not k.endswith("num_batches_tracked"))
     unexpected = sorted(set(state) - set(own))
     problems = []
     if missing:

@@ -1,0 +1,197 @@
+"""`edgedistill bench`: latency of every artifact of an export on every runtime present here.
+
+ONNX Runtime (CPU, CUDA and TensorRT execution providers) and TensorRT engines are timed by the
+device kit (`export/edgekit.py`, loaded with `load_kit_module`): the same code a user runs on the
+edge device, so a laptop number and a Jetson number come from one loop and one schema
+("edgedistill.bench/1"). The run's torch student (eager, torch.compile; CPU or CUDA) is timed with
+that same loop (`edgekit.time_calls` / `summarize`). Absent runtimes are skipped with a reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from edgedistill.errors import UserError
+
+log = logging.getLogger(__name__)
+
+KIT_RUNTIMES = ("ort-cpu", "ort-cuda", "ort-trt", "tensorrt")
+ALL_RUNTIMES = KIT_RUNTIMES + ("torch-cpu", "torch-compile", "torch-cuda", "torch-compile-cuda")
+# `auto`: every runtime that is present, except torch.compile (compiling takes minutes on a CPU).
+AUTO_RUNTIMES = ("ort-cpu", "ort-cuda", "ort-trt", "tensorrt", "torch-cpu", "torch-cuda")
+BENCH_FILE = "bench.json"
+
+
+def parse_runtimes(spec: str | list[str] | tuple[str, ...] | None) -> tuple[list[str], bool]:
+    """'auto' or a comma list -> (runtimes, explicit). Unknown names are a UserError."""
+    if spec is None or spec == "auto" or spec == ["auto"]:
+        return list(AUTO_RUNTIMES), False
+    items = spec.split(",") if isinstance(spec, str) else [s for part in spec for s in part.split(",")]
+    items = [s.strip() for s in items if s.strip()]
+    aliases = {"ort": "ort-cpu", "onnxruntime": "ort-cpu", "torch": "torch-cpu", "trt": "tensorrt",
+               "ort-tensorrt": "ort-trt", "compile": "torch-compile"}
+    items = [aliases.get(s, s) for s in items]
+    unknown = [s for s in items if s not in ALL_RUNTIMES]
+    if unknown:
+        raise UserError(f"unknown runtime(s) {', '.join(unknown)}: choose from {', '.join(ALL_RUNTIMES)} or auto")
+    return list(dict.fromkeys(items)), True
+
+
+def bench_export(export_dir, runtimes="ort-cpu,torch-cpu", batches=(1,), threads: int | None = None,
+                 runs: int | None = 20, time_s: float | None = None, warmup: int = 3, out=None,
+                 artifacts: list[str] | None = None, engines=(), show: bool = True) -> Path:
+    """Time the export in `export_dir`; write and return the results JSON (default EXPORT_DIR/bench.json).
+
+    Defaults are small (batch 1, 20 runs) so that `demo` finishes in seconds; the CLI's are larger.
+    """
+    from edgedistill.kit import load_kit_module
+    from edgedistill.ui import console, progress_bar
+
+    kit = load_kit_module("edgekit")
+    export_dir = Path(export_dir)
+    try:
+        exp = kit.load_export(export_dir)
+    except kit.KitError as e:
+        raise UserError(str(e)) from None
+    batches = [int(b) for b in batches]
+    if not batches or min(batches) < 1:
+        raise UserError(f"batch sizes must be >= 1, got {batches}")
+    if artifacts:
+        from edgedistill.bench.torch_runtime import TORCH_ARTIFACT
+
+        names = [a["name"] for a in exp["artifacts"]] + [TORCH_ARTIFACT]
+        unknown = sorted(set(artifacts) - set(names))
+        if unknown:
+            raise UserError(f"unknown artifact(s) {', '.join(unknown)}: {export_dir / 'manifest.json'} has "
+                            f"{', '.join(names)}")
+    wanted, explicit = parse_runtimes(runtimes)
+    avail = kit.available_runtimes()
+    from edgedistill.bench.torch_runtime import torch_unavailable
+
+    reasons = {r: (avail.get(r) if r in KIT_RUNTIMES else torch_unavailable(r)) for r in wanted}
+    kit_rts = [r for r in wanted if r in KIT_RUNTIMES and reasons[r] is None]
+    torch_rts = [r for r in wanted if r not in KIT_RUNTIMES and reasons[r] is None]
+    skipped = [{"runtime": r, "reason": why} for r, why in reasons.items() if why]
+    for s in skipped:
+        console.print(f"[dim]skip {s['runtime']}: {s['reason']}[/]", highlight=False)
+
+    if artifacts and "torch-fp32" not in artifacts:
+        torch_rts = []
+    model = run_dir = None
+    if torch_rts:
+        from edgedistill.bench.torch_runtime import find_source_run, load_run_classifier
+
+        run_dir = find_source_run(export_dir, exp["manifest"])
+        if run_dir is None:
+            why = f"source run of {export_dir} not found (manifest source_run={exp['manifest'].get('source_run')!r})"
+            skipped += [{"runtime": r, "reason": why} for r in torch_rts]
+            console.print(f"[dim]skip {', '.join(torch_rts)}: {why}[/]", highlight=False)
+            torch_rts = []
+        else:
+            model = load_run_classifier(run_dir)
+
+    onnx_arts = [a for a in exp["artifacts"] if a["format"] != "tensorrt" and (not artifacts or a["name"] in artifacts)]
+    trt_arts = [a for a in exp["artifacts"] if a["format"] == "tensorrt" and (not artifacts or a["name"] in artifacts)]
+    steps = sum(len(trt_arts if r == "tensorrt" else onnx_arts) for r in kit_rts) * len(batches)
+    steps += len(torch_rts) * len(batches)
+    results = []
+    with progress_bar(max(steps, 1), "bench", show_loss=False) as bar:
+        if kit_rts and (onnx_arts or trt_arts):
+            try:
+                doc = kit.bench_export(export_dir, kit_rts, batches, threads, warmup, runs, time_s,
+                                       [a["name"] for a in onnx_arts + trt_arts] if artifacts else None, engines,
+                                       log=lambda m: console.print(f"[dim]{m}[/]", highlight=False),
+                                       on_step=lambda: bar.advance(1))
+            except kit.KitError as e:
+                raise UserError(str(e)) from None
+            results += doc["results"]
+            skipped += doc["skipped"]
+        if torch_rts:
+            results += _bench_torch(kit, model, run_dir, exp, torch_rts, batches, threads, warmup, runs, time_s,
+                                    skipped, bar)
+    env = kit.environment(threads)
+    env["torch"] = _torch_env()
+    doc = kit.make_results(results, skipped, env, exp,
+                           {"runtimes": wanted, "batches": batches, "threads": threads, "warmup": warmup,
+                            "runs": runs, "time_s": time_s})
+    out = Path(out) if out else export_dir / BENCH_FILE
+    kit.write_results(doc, out)
+    if show:
+        print_results(doc)
+        console.print(f"results: [bold]{out}[/]", highlight=False)
+    if not results:
+        raise UserError(f"nothing could be timed in {export_dir} (see the skip reasons above; results in {out})")
+    return out
+
+
+def _bench_torch(kit, model, run_dir, exp, runtimes, batches, threads, warmup, runs, time_s, skipped, bar):
+    import platform
+
+    from edgedistill.bench.torch_runtime import TorchRunner, torch_artifact
+
+    art = torch_artifact(run_dir, model)
+    rows = []
+    for runtime in runtimes:
+        try:
+            runner = TorchRunner(model, runtime, threads)
+            acc = None
+            if exp["labels"] is not None:
+                acc = kit.top1(runner.predict(exp["samples"]), exp["labels"])
+        except Exception as e:  # e.g. torch.compile without a working C compiler
+            skipped.append({"artifact": art["name"], "runtime": runtime, "reason": f"{type(e).__name__}: {e}"[:300]})
+            log.warning("skip %s: %s", runtime, e)
+            bar.advance(len(batches))
+            continue
+        for batch in batches:
+            stats = runner.bench(kit.tile_batch(exp["samples"], batch), warmup, runs, time_s)
+            row = {"artifact": art["name"], "file": art["file"], "format": "torch", "runtime": runtime,
+                   "provider": runner.provider, "precision": "fp32", "batch": batch, "threads": runner.threads,
+                   "warmup": warmup, **stats, "host": platform.node()}
+            if acc is not None:
+                row["top1"], row["top1_n"] = acc, int(exp["labels"].shape[0])
+            rows.append(row)
+            bar.advance(1)
+    return rows
+
+
+def _torch_env() -> dict:
+    import torch
+
+    from edgedistill.envinfo import gpu_info
+
+    return {"version": torch.__version__, "num_threads": torch.get_num_threads(), "gpu": gpu_info()}
+
+
+def print_results(doc: dict) -> None:
+    """The results as one rich table (artifact x runtime x batch)."""
+    from rich.table import Table
+
+    from edgedistill.ui import console
+
+    env = doc.get("environment", {})
+    cpu = env.get("cpu", {})
+    gpus = env.get("gpu") or []
+    where = f"{cpu.get('model')} ({cpu.get('affinity_cores')} cores)" + (f", {gpus[0]['name']}" if gpus else "")
+    table = Table(title=f"latency on {env.get('host')}: {where}")
+    copies = any(r.get("h2d_ms") is not None for r in doc["results"])
+    cols = ["artifact", "runtime", "prec", "batch", "thr", "p50 ms", "p99 ms", "img/s"]
+    cols += ["H2D/D2H ms"] if copies else []
+    cols += ["top-1*"]
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("artifact", "runtime", "prec") else "right",
+                         no_wrap=col in ("artifact", "runtime"))
+    for r in doc["results"]:
+        lat = r["latency_ms"]
+        row = [r["artifact"], r["runtime"], str(r.get("precision") or "-"), str(r["batch"]),
+               str(r.get("threads") or "-"), f"{lat['p50']:.2f}", f"{lat['p99']:.2f}", f"{r['throughput_ips']:.0f}"]
+        if copies:
+            row.append(f"{r['h2d_ms']:.3f}/{r['d2h_ms']:.3f}" if r.get("h2d_ms") is not None else "-")
+        row.append("-" if r.get("top1") is None else f"{r['top1']:.1f}")
+        table.add_row(*row)
+    table.caption = "* top-1 on the export's sample images (a sanity check; the report has full-val accuracy)"
+    console.print(table, width=max(console.width, 112))  # no truncated numbers in CI logs
+    load = env.get("load_average")
+    if load and cpu.get("affinity_cores") and load[0] > 0.5 * cpu["affinity_cores"]:
+        console.print(f"[yellow]note:[/] load average {load[0]} on {cpu['affinity_cores']} cores while timing: "
+                      "latencies are noisy; re-run on an idle machine for numbers to quote", highlight=False)

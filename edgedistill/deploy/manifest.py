@@ -1,0 +1,63 @@
+"""`manifest.json` of an export folder (schema "edgedistill.export/1").
+
+Top-level keys:
+  schema, created, edgedistill_version, source_run, arch, kind ("classifier" | "embedding"),
+  params, input {name, shape ["batch", 3, H, W], dtype, layout, preprocess...}, output {name, shape},
+  classes, validation {images, total, folder}, files [{path, sha256, bytes}],
+  artifacts [{name, file, format, precision, target, bytes, accuracy{top1, agreement, max_abs_diff,
+  ...}, parity{passed, tolerance, ...}, quantization{...}}],
+  int8 {calibration, format_choice, max_drop, sensitivity_file}, tensorrt {built, reason, engines,
+  commands}, status ("ok" | "parity_failed" | "max_drop_not_reached"), environment.
+Paths are relative to the export folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+SCHEMA = "edgedistill.export/1"
+MANIFEST_FILE = "manifest.json"
+ACCURACY_FILE = "accuracy.json"
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_entries(root: Path) -> list[dict]:
+    """Every file under `root` except the manifest itself, with sha256 and size."""
+    entries = []
+    for dirpath, dirnames, names in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+        for name in sorted(names):
+            path = Path(dirpath) / name
+            rel = path.relative_to(root).as_posix()
+            if rel == MANIFEST_FILE:
+                continue
+            entries.append({"path": rel, "sha256": sha256(path), "bytes": path.stat().st_size})
+    return entries
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def read_manifest(export_dir: Path) -> dict:
+    from edgedistill.errors import UserError
+
+    path = Path(export_dir) / MANIFEST_FILE
+    if not path.is_file():
+        raise UserError(f"{path} is missing: {export_dir} is not an edgedistill export folder (run `edgedistill export RUN`)")
+    data = json.loads(path.read_text())
+    if data.get("schema") != SCHEMA:
+        raise UserError(f"{path}: schema {data.get('schema')!r}, expected {SCHEMA!r}: re-export with this edgedistill")
+    return data

@@ -1,0 +1,80 @@
+"""ONNX Runtime sessions for checking and scoring artifacts, and the short latency probe that picks
+the INT8 format for the CPU at hand."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def cpu_threads() -> int:
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(n, 4))
+
+
+def session(path: Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or cpu_threads()
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def run(sess, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    name = sess.get_inputs()[0].name
+    outs = [sess.run(None, {name: images[i : i + batch_size]})[0] for i in range(0, len(images), batch_size)]
+    return np.concatenate(outs).astype(np.float32)
+
+
+def compare(ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None, kind: str) -> dict:
+    """Numbers of one artifact against the fp32 reference on the same images."""
+    diff = np.abs(out - ref)
+    scale = max(1.0, float(np.abs(ref).max()))
+    res = {
+        "max_abs_diff": float(diff.max()),
+        "mean_abs_diff": float(diff.mean()),
+        "max_rel_diff": float(diff.max() / scale),
+    }
+    if kind == "classifier":
+        pred, ref_pred = out.argmax(1), ref.argmax(1)
+        res["agreement"] = round(100.0 * float((pred == ref_pred).mean()), 3)
+        if labels is not None:
+            res["top1"] = round(100.0 * float((pred == labels).mean()), 3)
+    else:
+        num = (out * ref).sum(1)
+        den = np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1) + 1e-12
+        res["min_cosine"] = float((num / den).min())
+        res["mean_cosine"] = float((num / den).mean())
+    return res
+
+
+def latency_ms(path_or_session, sample: np.ndarray, threads: int | None = None, budget_s: float = 1.0,
+               min_runs: int = 10, max_runs: int = 200, warmup: int = 5) -> dict:
+    """Median / p90 batch-1 latency of an ONNX file (or an open session) on the CPU, within about
+    `budget_s` seconds."""
+    sess = session(path_or_session, threads) if isinstance(path_or_session, (str, Path)) else path_or_session
+    name = sess.get_inputs()[0].name
+    x = sample[:1]
+    for _ in range(warmup):
+        sess.run(None, {name: x})
+    times: list[float] = []
+    deadline = time.perf_counter() + budget_s
+    while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() < deadline):
+        t0 = time.perf_counter()
+        sess.run(None, {name: x})
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return {
+        "median_ms": round(statistics.median(times), 4),
+        "p90_ms": round(times[int(0.9 * (len(times) - 1))], 4),
+        "runs": len(times),
+        "batch": 1,
+        "threads": threads or cpu_threads(),
+    }

@@ -1,0 +1,378 @@
+"""`edgedistill report RUN`: one table that joins every artifact's size, cost, accuracy and latency.
+
+Inputs (all read, none modified):
+    RUN/eval.json                 student (and optional teacher) scores, `edgedistill eval`
+    RUN/export/manifest.json      artifacts: file, format, precision, bytes, params, accuracy
+    RUN/export/bench*.json        latency measured here (`edgedistill bench`)
+    --device-results FILE ...     latency measured on devices (`kit/edgekit.py bench`), same schema
+Outputs in RUN/report/: report.json ("edgedistill.report/1"), report.md, accuracy_vs_size.png,
+accuracy_vs_latency.png.
+
+Accuracy is the export's accuracy on the validation set (manifest `accuracy`), the torch student's
+is eval.json's linear-probe top-1; "drop vs fp32" is taken against the fp32 ONNX artifact when the
+export has one (same images, same preprocessing), else against the torch student.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+from pathlib import Path
+
+from edgedistill.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "edgedistill.report/1"
+REPORT_DIR = "report"
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+PLOT_SIZE = "accuracy_vs_size.png"
+PLOT_LATENCY = "accuracy_vs_latency.png"
+TORCH_ARTIFACT = "torch-fp32"
+
+
+def _read_json(path: Path, what: str, fix: str) -> dict:
+    if not path.is_file():
+        raise UserError(f"{path} is missing: {fix}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}): {fix}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is not a {what} (expected a JSON object): {fix}")
+    return data
+
+
+def _bench_docs(export_dir: Path | None, device_results) -> list[tuple[str, dict]]:
+    from edgedistill.kit import load_kit_module
+
+    kit = load_kit_module("edgekit")
+    paths: list[Path] = []
+    if export_dir is not None and export_dir.is_dir():
+        paths += sorted(export_dir.glob("bench*.json"))
+    paths += [Path(p) for p in device_results]
+    docs, seen = [], set()
+    for p in paths:
+        key = p.resolve()
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            docs.append((str(p), kit.read_results(p)))
+        except kit.KitError as e:
+            raise UserError(str(e)) from None
+    return docs
+
+
+def _latency_rows(docs) -> list[dict]:
+    rows = []
+    for source, doc in docs:
+        env = doc.get("environment", {})
+        cpu = (env.get("cpu") or {}).get("model")
+        gpus = env.get("gpu") or []
+        for r in doc.get("results", []):
+            lat = r.get("latency_ms", {})
+            rows.append({
+                "artifact": r["artifact"], "runtime": r["runtime"], "provider": r.get("provider"),
+                "precision": r.get("precision"), "host": r.get("host") or env.get("host"), "cpu": cpu,
+                "gpu": gpus[0]["name"] if gpus else None, "source": source, "batch": int(r["batch"]),
+                "threads": r.get("threads"), "runs": r.get("runs"),
+                "p50_ms": lat.get("p50"), "p90_ms": lat.get("p90"), "p99_ms": lat.get("p99"),
+                "mean_ms": lat.get("mean"), "std_ms": lat.get("std"), "throughput_ips": r.get("throughput_ips"),
+                "h2d_ms": r.get("h2d_ms"), "d2h_ms": r.get("d2h_ms"), "top1_samples": r.get("top1"),
+            })
+    return rows
+
+
+def _torch_model(run_dir: Path):
+    try:
+        from edgedistill.bench.torch_runtime import load_run_classifier
+
+        return load_run_classifier(run_dir)
+    except UserError as e:
+        log.warning("torch student not loadable (%s): MACs come from the ONNX graph", e)
+        return None
+
+
+def _summary(artifacts: list[dict], latency: list[dict]) -> list[dict]:
+    """One row per artifact x runtime x host: batch-1 (or smallest batch) latency, best throughput."""
+    out = []
+    by_key: dict[tuple, list[dict]] = {}
+    for r in latency:
+        by_key.setdefault((r["artifact"], r["runtime"], r["host"], r["source"]), []).append(r)
+    for a in artifacts:
+        keys = [k for k in by_key if k[0] == a["name"]]
+        base = {"artifact": a["name"], "format": a.get("format"), "precision": a.get("precision"),
+                "size_mb": a.get("size_mb"), "params": a.get("params"), "macs": a.get("macs"), "top1": a.get("top1"),
+                "drop_vs_fp32": a.get("drop_vs_fp32")}
+        if not keys:
+            out.append({**base, "runtime": None, "host": None})
+            continue
+        for k in keys:
+            rows = sorted(by_key[k], key=lambda r: r["batch"])
+            first = rows[0]
+            best = max(rows, key=lambda r: r["throughput_ips"] or 0)
+            out.append({**base, "runtime": k[1], "host": k[2], "source": k[3], "latency_batch": first["batch"],
+                        "p50_ms": first["p50_ms"], "p99_ms": first["p99_ms"],
+                        "throughput_ips": best["throughput_ips"], "throughput_batch": best["batch"]})
+    return out
+
+
+def _notes(artifacts: list[dict], latency: list[dict], docs) -> list[str]:
+    notes = []
+    by = {(r["artifact"], r["runtime"], r["host"], r["source"], r["batch"]): r for r in latency}
+    prec = {a["name"]: a.get("precision") for a in artifacts}
+    for (name, runtime, host, source, batch), r in sorted(by.items(), key=lambda kv: str(kv[0])):
+        if prec.get(name) != "int8" or batch != 1:
+            continue
+        ref = by.get(("onnx-fp32", runtime, host, source, batch))
+        if ref and ref["p50_ms"] and r["p50_ms"]:
+            ratio = r["p50_ms"] / ref["p50_ms"]
+            verdict = (f"{1 / ratio:.2f}x faster than" if ratio < 0.95 else
+                       f"{ratio:.2f}x slower than" if ratio > 1.05 else "as fast as")
+            notes.append(f"{name} on {runtime} ({host}) is {verdict} onnx-fp32 at batch 1 "
+                         f"({r['p50_ms']:.3f} vs {ref['p50_ms']:.3f} ms p50).")
+    for a in artifacts:
+        if a.get("precision") != "fp32" and a.get("drop_vs_fp32") is not None and a["drop_vs_fp32"] > 1.0:
+            notes.append(f"{a['name']} loses {a['drop_vs_fp32']:.2f} points of top-1 against fp32: check the "
+                         "calibration (images, method) or keep sensitive layers in higher precision.")
+    for source, doc in docs:
+        env = doc.get("environment", {})
+        cpu = env.get("cpu") or {}
+        load, cores = env.get("load_average"), cpu.get("affinity_cores")
+        if load and cores and load[0] > 0.5 * cores:
+            notes.append(f"{source}: measured with load average {load[0]} on {cores} cores: latencies are noisy.")
+        isa = cpu.get("isa") or {}
+        if isa and not isa.get("int8_dot", True) and any(r["precision"] == "int8" for r in doc.get("results", [])):
+            notes.append(f"{source}: this CPU ({cpu.get('model')}) has no VNNI/AMX INT8 dot-product instructions, "
+                         "so INT8 on it is usually no faster than FP32.")
+    return notes
+
+
+def build_report(run_dir, device_results=(), export_dir=None, out_dir=None) -> Path:
+    """Join eval.json, the export manifest and benchmark results; returns RUN/report/report.json."""
+    from edgedistill.envinfo import environment
+    from edgedistill.report import plots
+    from edgedistill.report.macs import onnx_macs, torch_macs
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir} is not a run folder: pass the folder written by `edgedistill train`")
+    ev = _read_json(run_dir / "eval.json", "eval.json", f"run `edgedistill eval {run_dir}` first")
+    if "student" not in ev:
+        raise UserError(f"{run_dir / 'eval.json'} has no 'student' entry: re-run `edgedistill eval {run_dir}`")
+    export_dir = Path(export_dir) if export_dir else run_dir / "export"
+    manifest = None
+    if (export_dir / "manifest.json").is_file():
+        manifest = _read_json(export_dir / "manifest.json", "export manifest", f"re-run `edgedistill export {run_dir}`")
+        if not str(manifest.get("schema", "edgedistill.export/1")).startswith("edgedistill.export/"):
+            raise UserError(f"{export_dir / 'manifest.json'} has schema {manifest.get('schema')!r}, "
+                            "expected 'edgedistill.export/1'")
+    else:
+        log.warning("%s has no manifest.json: the report covers the torch student only "
+                    "(run `edgedistill export %s`)", export_dir, run_dir)
+    docs = _bench_docs(export_dir if manifest else None, device_results)
+    latency = _latency_rows(docs)
+
+    student = ev["student"]
+    input_shape = (manifest or {}).get("input", {}).get("shape") or [-1, 3, 32, 32]
+    model = _torch_model(run_dir)
+    t_macs = torch_macs(model, input_shape) if model is not None else None
+
+    artifacts: list[dict] = []
+    torch_bytes = sum((run_dir / f).stat().st_size for f in ("student.safetensors", "classifier.safetensors")
+                      if (run_dir / f).is_file())
+    torch_params = sum(p.numel() for p in model.parameters()) if model is not None else \
+        (manifest or {}).get("params") or student.get("params")
+    # The torch student: eval.json's linear-probe top-1 on the whole validation split, replaced by
+    # the export's own score when the manifest has one (same images as the other artifacts).
+    artifacts.append({
+        "name": TORCH_ARTIFACT, "format": "torch", "precision": "fp32", "target": "torch",
+        "file": "student.safetensors + classifier.safetensors", "bytes": torch_bytes or None,
+        "params": torch_params, "macs": t_macs, "top1": student.get("linear_top1"), "agreement_fp32": 100.0,
+        "n": ev.get("n_val"), "accuracy_source": "eval.json (linear probe, full validation split)",
+    })
+    n_default = ((manifest or {}).get("validation") or {}).get("images")
+    for art in (manifest or {}).get("artifacts", []):
+        if not isinstance(art, dict) or not art.get("name"):
+            continue
+        acc = art.get("accuracy") or {}
+        agreement = acc.get("agreement_fp32", acc.get("agreement"))
+        if art["name"] == TORCH_ARTIFACT or not art.get("file"):
+            if art["name"] == TORCH_ARTIFACT and acc.get("top1") is not None:
+                artifacts[0].update(top1=acc["top1"], n=acc.get("n") or n_default,
+                                    accuracy_source="export manifest (same images as the other artifacts)")
+            continue
+        path = export_dir / art["file"]
+        size = art.get("bytes") or (path.stat().st_size if path.is_file() else None)
+        fmt = str(art.get("format") or "onnx")
+        macs = None
+        if fmt.startswith("onnx") and path.is_file():
+            try:
+                macs = onnx_macs(path)
+            except Exception as e:  # an unusual graph: fall back to the torch count
+                log.warning("MACs of %s not counted from ONNX (%s)", path, e)
+        artifacts.append({
+            "name": art["name"], "format": fmt, "precision": art.get("precision"), "target": art.get("target"),
+            "file": art["file"], "sha256": art.get("sha256"), "bytes": size,
+            "params": art.get("params") or torch_params, "macs": macs or t_macs,
+            "top1": acc.get("top1"), "agreement_fp32": agreement, "n": acc.get("n") or n_default,
+            "accuracy_source": "export manifest",
+        })
+    known = {a["name"] for a in artifacts}
+    for r in latency:  # e.g. TensorRT engines built on the device: latency only
+        if r["artifact"] not in known:
+            known.add(r["artifact"])
+            artifacts.append({"name": r["artifact"], "format": "tensorrt" if r["runtime"] == "tensorrt" else None,
+                              "precision": r.get("precision"), "target": r["runtime"], "file": None, "bytes": None,
+                              "params": torch_params, "macs": t_macs, "top1": None,
+                              "agreement_fp32": None, "n": None, "accuracy_source": None})
+    # The fp32 reference: the torch student when scored on the export's images, else the fp32 ONNX.
+    ref = artifacts[0]
+    onnx_ref = next((a for a in artifacts if a["name"] == "onnx-fp32" and a.get("top1") is not None), None)
+    if onnx_ref is not None and ref.get("n") != onnx_ref.get("n"):
+        ref = onnx_ref
+    for a in artifacts:
+        a["size_mb"] = round(a["bytes"] / 1e6, 3) if a.get("bytes") else None
+        # Only against a reference scored on the same images (the export may score a subset).
+        comparable = a is ref or not (a.get("n") and ref.get("n")) or a["n"] == ref["n"]
+        a["drop_vs_fp32"] = (round(ref["top1"] - a["top1"], 3)
+                             if comparable and a.get("top1") is not None and ref.get("top1") is not None else None)
+
+    teacher = ev.get("teacher")
+    comparison = None
+    if teacher and teacher.get("params"):
+        comparison = {
+            "params_pct_of_teacher": round(100.0 * student["params"] / teacher["params"], 2),
+            "top1_gap": round(teacher["linear_top1"] - student["linear_top1"], 3),
+            "knn_gap": round(teacher["knn_top1"] - student["knn_top1"], 3),
+        }
+
+    out_dir = Path(out_dir) if out_dir else run_dir / REPORT_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = {
+        "schema": SCHEMA,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "run": str(run_dir),
+        "export_dir": str(export_dir) if manifest else None,
+        "input_shape": input_shape,
+        "classes": (manifest or {}).get("classes") or ev.get("classes"),
+        "n_val": ev.get("n_val"),
+        "models": {"student": student, "teacher": teacher, "comparison": comparison},
+        "reference": {"artifact": ref["name"], "top1": ref.get("top1")},
+        "artifacts": artifacts,
+        "latency": latency,
+        "summary": _summary(artifacts, latency),
+        "notes": _notes(artifacts, latency, docs),
+        "macs_method": "conv + linear multiply-accumulates for one image (ONNX graph per artifact; torch hooks "
+                       "for the torch student); activations, norms, pooling not counted",
+        "plots": {"accuracy_vs_size": PLOT_SIZE, "accuracy_vs_latency": PLOT_LATENCY},
+        "environment": {
+            "report": environment(),
+            "export": (manifest or {}).get("environment"),
+            "eval": ev.get("environment"),
+            "bench": [{"source": s, "environment": d.get("environment"), "settings": d.get("settings"),
+                       "skipped": d.get("skipped", [])} for s, d in docs],
+        },
+    }
+    plots.accuracy_vs_size(report, out_dir / PLOT_SIZE)
+    plots.accuracy_vs_latency(report, out_dir / PLOT_LATENCY)
+    path = out_dir / REPORT_JSON
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(path)
+    (out_dir / REPORT_MD).write_text(render_markdown(report))
+    return path
+
+
+# ----------------------------------------------------------------------------- markdown
+
+
+def _f(v, fmt: str = "{:.2f}", none: str = "-") -> str:
+    return none if v is None else fmt.format(v)
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(report: dict) -> str:
+    m = report["models"]
+    s, t, c = m["student"], m.get("teacher"), m.get("comparison")
+    out = [f"# edgedistill report: `{Path(report['run']).name}`", "",
+           f"Run `{report['run']}`, created {report['created']}, input {report['input_shape']}, "
+           f"{report.get('n_val')} validation images.", ""]
+    out += ["## Student and teacher", ""]
+    rows = [["student", s["arch"], _f(s["params"] / 1e6), _f(s.get("knn_top1")), _f(s.get("linear_top1"))]]
+    if t:
+        rows.append(["teacher", t["arch"], _f(t["params"] / 1e6), _f(t.get("knn_top1")), _f(t.get("linear_top1"))])
+    out += [_table(["model", "arch", "params (M)", "kNN top-1", "linear top-1"], rows), ""]
+    if c:
+        out += [f"The student has **{c['params_pct_of_teacher']:.1f}% of the teacher's parameters** and is "
+                f"{c['top1_gap']:+.2f} points of linear top-1 behind it (kNN {c['knn_gap']:+.2f}).", ""]
+    else:
+        out += ["(No teacher scores: run `edgedistill eval RUN --teacher` to compare.)", ""]
+
+    out += ["## Artifacts", "",
+            f"Δ top-1 is against `{report['reference']['artifact']}`; latency is p50/p99 at the smallest "
+            "batch measured (batch 1 by default), throughput the best over the batch sweep.", ""]
+    rows = []
+    for r in report["summary"]:
+        where = f"{r['runtime']} @ {r['host']}" if r.get("runtime") else "-"
+        drop = None if r.get("drop_vs_fp32") is None else (-r["drop_vs_fp32"] or 0.0)
+        lat = (f"{_f(r.get('p50_ms'), '{:.3f}')} / {_f(r.get('p99_ms'), '{:.3f}')}"
+               + (f" (b{r['latency_batch']})" if r.get("latency_batch") not in (None, 1) else "")) if r.get("runtime") else "-"
+        thr = f"{_f(r.get('throughput_ips'), '{:.0f}')} (b{r['throughput_batch']})" if r.get("runtime") else "-"
+        rows.append([f"`{r['artifact']}`", where, str(r.get("format") or "-"), str(r.get("precision") or "-"),
+                     _f(r.get("size_mb"), "{:.2f}"), _f(r["params"] / 1e6 if r.get("params") else None, "{:.3f}"),
+                     _f(r["macs"] / 1e6 if r.get("macs") else None, "{:.1f}"), _f(r.get("top1")),
+                     _f(drop, "{:+.2f}"), lat, thr])
+    out += [_table(["artifact", "runtime @ host", "format", "precision", "size (MB)", "params (M)", "MMACs",
+                    "top-1 (%)", "Δ top-1 (pp)", "p50 / p99 (ms)", "img/s (batch)"], rows), ""]
+    if report["notes"]:
+        out += ["### Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
+
+    out += ["## Plots", "", f"![accuracy vs size]({report['plots']['accuracy_vs_size']})", "",
+            "Top-1 against file size (log scale), one point per artifact (colour = precision); the teacher, "
+            "when evaluated, at its fp32 weight size for scale. Up and to the left is better.", "",
+            f"![accuracy vs latency]({report['plots']['accuracy_vs_latency']})", "",
+            "Top-1 against p50 latency at batch 1 (log scale; whisker to p99), one point per artifact and "
+            "runtime (marker = runtime @ host). Up and to the left is better.", ""]
+
+    if report["latency"]:
+        out += ["## All latency measurements", ""]
+        rows = []
+        for r in sorted(report["latency"], key=lambda r: (r["host"] or "", r["runtime"], r["artifact"], r["batch"])):
+            rows.append([f"`{r['artifact']}`", r["runtime"], str(r.get("host")), str(r["batch"]),
+                         str(r.get("threads") or "-"), _f(r["p50_ms"], "{:.3f}"), _f(r["p90_ms"], "{:.3f}"),
+                         _f(r["p99_ms"], "{:.3f}"), _f(r["std_ms"], "{:.3f}"), _f(r["throughput_ips"], "{:.1f}"),
+                         _f(r.get("h2d_ms"), "{:.3f}"), _f(r.get("d2h_ms"), "{:.3f}")])
+        out += [_table(["artifact", "runtime", "host", "batch", "threads", "p50", "p90", "p99", "std", "img/s",
+                        "H2D", "D2H"], rows), "",
+                "Milliseconds. On GPU, p50..p99 are device time; H2D/D2H are the copies, measured apart.", ""]
+
+    env = report["environment"]
+    rep = env.get("report") or {}
+    out += ["## Environment", ""]
+    versions = rep.get("versions") or {}
+    out.append("Report built with " + ", ".join(f"{k} {v}" for k, v in versions.items() if v) + ".")
+    out.append("")
+    for b in env.get("bench", []):
+        e = b.get("environment") or {}
+        cpu = e.get("cpu") or {}
+        isa = ", ".join(k for k, v in (cpu.get("isa") or {}).items() if v) or "-"
+        gpus = ", ".join(f"{g['name']} (driver {g['driver']})" for g in (e.get("gpu") or [])) or "none"
+        vers = ", ".join(f"{k} {v}" for k, v in (e.get("versions") or {}).items())
+        out.append(f"- `{b['source']}`: host {e.get('host')}, {cpu.get('model')} ({cpu.get('affinity_cores')} cores; "
+                   f"{isa}), GPU {gpus}; {vers}; settings {json.dumps(b.get('settings'))}.")
+        for sk in b.get("skipped", []):
+            what = f"{sk.get('artifact')} on " if sk.get("artifact") else ""
+            out.append(f"  - skipped {what}{sk['runtime']}: {sk['reason']}")
+    if not env.get("bench"):
+        out.append("No latency measured: run `edgedistill bench RUN/export` (or the device kit) and rebuild.")
+    out += ["", f"MACs: {report['macs_method']}.", ""]
+    return "\n".join(out)

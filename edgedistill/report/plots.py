@@ -1,0 +1,109 @@
+"""The report's two PNGs (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PRECISION_COLORS = {"fp32": "#1f77b4", "fp16": "#2ca02c", "int8": "#d62728", "teacher": "#7f7f7f"}
+FORMAT_MARKERS = {"torch": "s", "onnx": "o", "tensorrt": "D", "teacher": "*"}
+RUNTIME_MARKERS = ["o", "s", "D", "^", "v", "P", "X", "<", ">"]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def accuracy_vs_size(report: dict, path: Path) -> Path:
+    """Top-1 against file size (MB, log scale): one point per artifact, the teacher for scale."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.8), dpi=120)
+    points = []
+    for a in report["artifacts"]:
+        if a.get("top1") is None or not a.get("bytes"):
+            continue
+        points.append((a["bytes"] / 1e6, a["top1"], a["name"], a.get("precision", "fp32"), a.get("format", "onnx")))
+    teacher = report.get("models", {}).get("teacher")
+    if teacher and teacher.get("linear_top1") is not None and teacher.get("params"):
+        points.append((teacher["params"] * 4 / 1e6, teacher["linear_top1"], f"teacher {teacher['arch']} (fp32 est.)",
+                       "teacher", "teacher"))
+    for size, acc, name, prec, fmt in points:
+        ax.scatter(size, acc, s=140 if fmt == "teacher" else 70, c=PRECISION_COLORS.get(prec, "#9467bd"),
+                   marker=FORMAT_MARKERS.get(fmt, "o"), edgecolors="black", linewidths=0.6, zorder=3)
+        ax.annotate(name, (size, acc), textcoords="offset points", xytext=(6, 5), fontsize=8)
+    if points:
+        ax.set_xscale("log")
+        _pad(ax, [p[0] for p in points], [p[1] for p in points], logx=True)
+    ax.set_xlabel("file size (MB, log scale)")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(f"accuracy vs size: {report['models']['student']['arch']}  (up-left is better)", fontsize=10)
+    handles = [plt.Line2D([], [], marker="o", ls="", color=c, markeredgecolor="black", label=p)
+               for p, c in PRECISION_COLORS.items() if any(pt[3] == p for pt in points)]
+    if handles:
+        ax.legend(handles=handles, title="precision", fontsize=8, title_fontsize=8, loc="lower right")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def accuracy_vs_latency(report: dict, path: Path, batch: int = 1) -> Path:
+    """Top-1 against p50 latency at `batch` (ms, log scale): one point per artifact x runtime x host."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.8), dpi=120)
+    acc = {a["name"]: a.get("top1") for a in report["artifacts"]}
+    prec = {a["name"]: a.get("precision", "fp32") for a in report["artifacts"]}
+    rows = [r for r in report.get("latency", []) if r["batch"] == batch and acc.get(r["artifact"]) is not None]
+    runtimes = list(dict.fromkeys(f"{r['runtime']}@{r['host']}" for r in rows))
+    markers = {rt: RUNTIME_MARKERS[i % len(RUNTIME_MARKERS)] for i, rt in enumerate(runtimes)}
+    labelled = set()
+    for r in sorted(rows, key=lambda r: r["p50_ms"]):
+        key = f"{r['runtime']}@{r['host']}"
+        x, y = r["p50_ms"], acc[r["artifact"]]
+        ax.errorbar(x, y, xerr=[[0], [max(r["p99_ms"] - x, 0)]], fmt="none", ecolor="gray", alpha=0.6, zorder=2)
+        ax.scatter(x, y, s=70, marker=markers[key], c=PRECISION_COLORS.get(prec[r["artifact"]], "#9467bd"),
+                   edgecolors="black", linewidths=0.6, zorder=3)
+        if (r["artifact"], key) not in labelled:  # the same pair measured twice: label the faster point
+            labelled.add((r["artifact"], key))
+            ax.annotate(f"{r['artifact']}\n{r['runtime']}", (x, y), textcoords="offset points", xytext=(-4, 6),
+                        fontsize=7, ha="right")
+    if rows:
+        ax.set_xscale("log")
+        _pad(ax, [r["p50_ms"] for r in rows] + [r["p99_ms"] for r in rows], [acc[r["artifact"]] for r in rows],
+             logx=True)
+        handles = [plt.Line2D([], [], marker=markers[rt], ls="", color="white", markeredgecolor="black", label=rt)
+                   for rt in runtimes]
+        handles += [plt.Line2D([], [], marker="o", ls="", color=c, markeredgecolor="black", label=p)
+                    for p, c in PRECISION_COLORS.items() if p in set(prec.values()) and p != "teacher"]
+        ax.legend(handles=handles, fontsize=7, loc="lower right")
+    else:
+        ax.text(0.5, 0.5, f"no latency measured at batch {batch}\n(run `edgedistill bench` first)",
+                ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel(f"p50 latency at batch {batch} (ms, log scale; whisker to p99)")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(f"accuracy vs latency: {report['models']['student']['arch']}  (up-left is better)", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _pad(ax, xs, ys, logx: bool) -> None:
+    from matplotlib.ticker import FuncFormatter
+
+    lo, hi = min(xs), max(xs)
+    if logx:
+        ax.set_xlim(lo / 2.5, hi * 3.0)  # room for the labels
+        plain = FuncFormatter(lambda v, _pos: f"{v:g}")
+        ax.xaxis.set_major_formatter(plain)
+        if hi / lo < 30:  # few decades: label the minor ticks too
+            ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _pos: f"{v:g}" if str(f"{v:g}")[0] in "1235" else ""))
+    ylo, yhi = min(ys), max(ys)
+    span = max(yhi - ylo, 2.0)
+    ax.set_ylim(ylo - 0.25 * span, yhi + 0.25 * span)

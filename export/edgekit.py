@@ -1,0 +1,764 @@
+#!/usr/bin/env python3
+"""edgekit: time an edgedistill export on the device itself. Needs numpy + onnxruntime only.
+
+Copied into every export as `kit/edgekit.py`; torch is never imported (edge devices rarely have
+it). `edgedistill bench` imports this same file (`edgedistill.kit.load_kit_module("edgekit")`),
+so the timing loop, the statistics and the results schema exist in one place.
+
+    python kit/edgekit.py bench EXPORT_DIR [--batch 1,8,32] [--threads N] [--runs N | --time S]
+                                           [--warmup N] [--providers cpu,cuda,trt] [--engine FILE]
+                                           [--out results.json]
+    python kit/edgekit.py env              # the environment stamp only
+
+Method (as trtexec and timm's benchmark.py): build the session once, warm up, then time single
+synchronous calls with `time.perf_counter` (CUDA events on the GPU) for a count of runs or a time
+budget; report p50/p90/p99/mean/std/min in milliseconds and throughput = batch / mean latency.
+Inputs are the export's real validation images (`sample_inputs.npy`) tiled to the batch size,
+never zeros (zeros take fast paths in some kernels and flatter INT8 artifacts).
+
+On GPU (ONNX Runtime CUDA / TensorRT EPs through IOBinding, TensorRT engines through the TRT 10
+Python runtime + cuda-python), `latency_ms` is the device-resident inference time and the
+host-to-device / device-to-host copies are reported apart (`h2d_ms`, `d2h_ms`, medians), as
+trtexec separates "GPU Compute Time" from "H2D/D2H Latency".
+
+Results JSON (schema "edgedistill.bench/1"):
+    {schema, created, environment, export: {dir, manifest, source_run}, settings: {...},
+     results: [{artifact, file, format, runtime, provider, precision, batch, threads, warmup, runs,
+                latency_ms: {p50, p90, p99, mean, std, min, max}, throughput_ips, h2d_ms?, d2h_ms?,
+                top1?, top1_n?, host}],
+     skipped: [{artifact?, runtime, reason}]}
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+SCHEMA = "edgedistill.bench/1"
+MANIFEST_SCHEMA = "edgedistill.export/1"
+MANIFEST = "manifest.json"
+SAMPLE_INPUTS = "sample_inputs.npy"
+SAMPLE_LABELS = "sample_labels.npy"
+ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+
+# ONNX Runtime execution providers by the short names used on the command line.
+ORT_PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+}
+_VERSIONED = ("numpy", "onnxruntime", "onnxruntime-gpu", "onnx", "tensorrt", "tensorrt-lean", "tensorrt-cu12",
+              "tensorrt-cu13", "cuda-python", "cuda-bindings", "torch", "edgedistill")
+
+
+class KitError(Exception):
+    """A problem with the inputs (missing file, bad manifest): one line, exit code 2."""
+
+
+# ----------------------------------------------------------------------------- environment
+
+
+def _read_cpuinfo() -> tuple[str | None, set[str]]:
+    model, flags = None, set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key = line.split(":", 1)[0].strip()
+                if key in ("model name", "Model", "Hardware") and model is None:
+                    model = line.split(":", 1)[1].strip()
+                elif key in ("flags", "Features") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return model, flags
+
+
+def cpu_stamp() -> dict:
+    model, flags = _read_cpuinfo()
+    arch = platform.machine()
+    if model is None and sys.platform == "darwin":
+        try:
+            model = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
+                                   timeout=5).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            pass
+    isa = {
+        "avx2": "avx2" in flags,
+        "avx512f": "avx512f" in flags,
+        "avx512_vnni": "avx512_vnni" in flags,
+        "avx_vnni": "avx_vnni" in flags,
+        "amx_int8": "amx_int8" in flags,
+        "neon": arch in ("aarch64", "arm64") or "asimd" in flags,
+        "arm_dotprod": "asimddp" in flags,
+    }
+    # INT8 speed-ups on x86 CPUs need VNNI (AVX-512 VNNI, AVX-VNNI) or AMX; without them the
+    # u8s8 kernels emulate dot products and INT8 is often slower than FP32 (DESIGN.md section 6).
+    isa["int8_dot"] = bool(isa["avx512_vnni"] or isa["avx_vnni"] or isa["amx_int8"] or isa["arm_dotprod"])
+    return {
+        "model": model or platform.processor() or arch,
+        "arch": arch,
+        "logical_cores": os.cpu_count(),
+        "affinity_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "isa": isa,
+    }
+
+
+def gpu_stamp() -> list[dict] | None:
+    """GPUs as nvidia-smi lists them (no CUDA library needed); None without nvidia-smi."""
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return None
+    try:
+        out = subprocess.run([exe, "--query-gpu=name,driver_version,memory.total,compute_cap",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    gpus = []
+    for line in out.stdout.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) >= 3:
+            gpus.append({"name": parts[0], "driver": parts[1], "memory_mib": parts[2],
+                         "capability": parts[3] if len(parts) > 3 else None})
+    return gpus or None
+
+
+def library_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def environment(threads: int | None = None) -> dict:
+    """Who measured: host, OS, CPU (model, cores, ISA), GPUs, library versions, providers."""
+    env = {
+        "host": platform.node(),
+        "os": platform.platform(),
+        "cpu": cpu_stamp(),
+        "gpu": gpu_stamp(),
+        "versions": library_versions(),
+        "threads_requested": threads,
+        "env_threads": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ},
+    }
+    try:
+        import onnxruntime as ort
+
+        env["onnxruntime_providers"] = ort.get_available_providers()
+    except ImportError:
+        env["onnxruntime_providers"] = []
+    try:
+        la = os.getloadavg()
+        env["load_average"] = [round(x, 2) for x in la]  # a busy machine gives noisy latencies
+    except (OSError, AttributeError):
+        pass
+    return env
+
+
+# ----------------------------------------------------------------------------- timing core
+
+
+def summarize(times_ms, batch: int) -> dict:
+    """Latency statistics (ms) and throughput (images/s = batch / mean latency)."""
+    t = np.asarray(times_ms, dtype=np.float64)
+    if t.size == 0:
+        raise ValueError("no timed runs")
+    p50, p90, p99 = np.percentile(t, [50, 90, 99])
+    mean = float(t.mean())
+    return {
+        "latency_ms": {"p50": round(float(p50), 4), "p90": round(float(p90), 4), "p99": round(float(p99), 4),
+                       "mean": round(mean, 4), "std": round(float(t.std()), 4), "min": round(float(t.min()), 4),
+                       "max": round(float(t.max()), 4)},
+        "throughput_ips": round(batch * 1000.0 / mean, 2) if mean > 0 else None,
+        "runs": int(t.size),
+    }
+
+
+def time_calls(step, warmup: int = 10, runs: int | None = 50, time_s: float | None = None,
+               min_runs: int = 5, max_runs: int = 100_000) -> list[float]:
+    """Call `step()` `warmup` times, then time it `runs` times or until `time_s` seconds passed.
+
+    `step` may return a duration in ms (device time measured with CUDA events); otherwise the host
+    wall time of the (synchronous) call is used.
+    """
+    for _ in range(max(0, warmup)):
+        step()
+    times: list[float] = []
+    deadline = time.perf_counter() + time_s if time_s else None
+    if not runs and not time_s:
+        runs = 50
+    target = max_runs if time_s else runs
+    while len(times) < target:
+        t0 = time.perf_counter()
+        dt = step()
+        t1 = time.perf_counter()
+        times.append(float(dt) if isinstance(dt, (int, float)) else (t1 - t0) * 1000.0)
+        if deadline is not None and t1 >= deadline and len(times) >= min_runs:
+            break
+    return times
+
+
+def tile_batch(samples: np.ndarray, batch: int) -> np.ndarray:
+    """The first `batch` real samples, repeating them when there are fewer than `batch`."""
+    reps = -(-batch // samples.shape[0])
+    return np.ascontiguousarray(np.concatenate([samples] * reps, axis=0)[:batch])
+
+
+# ----------------------------------------------------------------------------- export folder
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_export(export_dir) -> dict:
+    """manifest.json + sample inputs/labels of an export folder (tolerant of small differences)."""
+    export_dir = Path(export_dir)
+    path = export_dir / MANIFEST
+    if not path.is_file():
+        raise KitError(f"{path} is missing: run `edgedistill export RUN` first (or pass the export folder)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise KitError(f"{path} is not valid JSON ({e}): re-run `edgedistill export`") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("artifacts", []), list):
+        raise KitError(f"{path} has no 'artifacts' list: re-run `edgedistill export`")
+    schema = str(manifest.get("schema", MANIFEST_SCHEMA))
+    if not schema.startswith("edgedistill.export/"):
+        raise KitError(f"{path} has schema {schema!r}, expected {MANIFEST_SCHEMA!r}")
+    inputs_path = export_dir / SAMPLE_INPUTS
+    if not inputs_path.is_file():
+        raise KitError(f"{inputs_path} is missing: the benchmark feeds real images; re-run `edgedistill export`")
+    samples = np.load(inputs_path, allow_pickle=False)
+    if samples.ndim != 4 or samples.shape[0] == 0:
+        raise KitError(f"{inputs_path} has shape {samples.shape}, expected N x C x H x W with N > 0")
+    labels_path = export_dir / SAMPLE_LABELS
+    labels = np.load(labels_path, allow_pickle=False).astype(np.int64) if labels_path.is_file() else None
+    if labels is not None and labels.shape[0] != samples.shape[0]:
+        labels = None
+    artifacts = []
+    for art in manifest.get("artifacts", []):
+        # Entries without a file (the torch student, recorded for its accuracy) are not timed here.
+        if not isinstance(art, dict) or not art.get("file"):
+            continue
+        art = dict(art)
+        art.setdefault("name", Path(art["file"]).stem)
+        fmt = str(art.get("format") or "")
+        if fmt != "tensorrt":  # "onnx", "onnx-qdq", ...: anything ONNX Runtime can load
+            fmt = "tensorrt" if art["file"].endswith(ENGINE_SUFFIXES) else "onnx"
+        art["format"] = fmt
+        art.setdefault("precision", "fp32")
+        artifacts.append(art)
+    # TensorRT engines: those the export built (manifest "tensorrt.engines"), then any engine file
+    # built on the device afterwards (kit/build_engine.py or trtexec) in engines/ or beside the manifest.
+    known = {a["file"] for a in artifacts}
+    trt = manifest.get("tensorrt") if isinstance(manifest.get("tensorrt"), dict) else {}
+    for eng in trt.get("engines") or []:
+        if isinstance(eng, dict) and eng.get("engine") and not eng.get("error") and eng["engine"] not in known:
+            known.add(eng["engine"])
+            artifacts.append({"name": eng.get("name") or f"tensorrt-{Path(eng['engine']).stem}", "file": eng["engine"],
+                              "format": "tensorrt", "precision": eng.get("precision", "fp32"), "target": "tensorrt",
+                              "source_onnx": eng.get("onnx")})
+    for folder in (export_dir, export_dir / "engines"):
+        if not folder.is_dir():
+            continue
+        for p in sorted(folder.iterdir()):
+            rel = p.relative_to(export_dir).as_posix()
+            if p.suffix in ENGINE_SUFFIXES and rel not in known:
+                known.add(rel)
+                precision = next((q for q in ("int8", "fp16", "fp32") if q in p.stem), "fp32")
+                artifacts.append({"name": f"trt-{p.stem.replace('.', '-')}", "file": rel, "format": "tensorrt",
+                                  "precision": precision, "target": "tensorrt"})
+    return {"dir": export_dir, "manifest": manifest, "artifacts": artifacts, "samples": samples.astype(np.float32),
+            "labels": labels}
+
+
+def top1(logits: np.ndarray, labels: np.ndarray) -> float:
+    return round(100.0 * float((np.asarray(logits).reshape(len(labels), -1).argmax(1) == labels).mean()), 3)
+
+
+# ----------------------------------------------------------------------------- ONNX Runtime
+
+_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+class OrtRunner:
+    """One ONNX Runtime session on one execution provider ('cpu', 'cuda' or 'trt')."""
+
+    runtime_prefix = "ort"
+
+    def __init__(self, path, provider: str = "cpu", threads: int | None = None, device_id: int = 0):
+        import onnxruntime as ort
+
+        self.ort, self.provider_short = ort, provider
+        self.provider = ORT_PROVIDERS[provider]
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.log_severity_level = 3
+        if threads:
+            so.intra_op_num_threads = int(threads)
+            so.inter_op_num_threads = 1
+        providers: list = [self.provider]
+        if provider == "cuda":
+            providers = [(self.provider, {"device_id": device_id}), "CPUExecutionProvider"]
+        elif provider == "trt":
+            providers = [(self.provider, {"device_id": device_id, "trt_fp16_enable": True, "trt_int8_enable": True,
+                                          "trt_engine_cache_enable": True,
+                                          "trt_engine_cache_path": str(Path(path).parent / "trt_cache")}),
+                         ("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+        if self.provider not in self.session.get_providers():
+            raise RuntimeError(f"{self.provider} did not load (session uses {self.session.get_providers()})")
+        self.device_id = device_id
+        inp = self.session.get_inputs()[0]
+        self.input_name, self.output_name = inp.name, self.session.get_outputs()[0].name
+        self.input_dtype = _ORT_DTYPES.get(inp.type, np.float32)
+        self.fixed_batch = inp.shape[0] if isinstance(inp.shape[0], int) and inp.shape[0] > 0 else None
+        self.threads = int(threads) if threads else None
+        self.on_gpu = provider in ("cuda", "trt")
+
+    @property
+    def runtime(self) -> str:
+        return f"ort-{self.provider_short}"
+
+    def supports_batch(self, batch: int) -> bool:
+        return self.fixed_batch is None or self.fixed_batch == batch
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run([self.output_name], {self.input_name: x.astype(self.input_dtype)})[0]
+
+    def bench(self, x: np.ndarray, warmup: int, runs: int | None, time_s: float | None) -> dict:
+        x = np.ascontiguousarray(x.astype(self.input_dtype))
+        if not self.on_gpu:
+            feed = {self.input_name: x}
+            times = time_calls(lambda: self.session.run([self.output_name], feed), warmup, runs, time_s)
+            return summarize(times, x.shape[0])
+        # GPU: inputs and outputs resident on the device (IOBinding), copies timed apart.
+        ort = self.ort
+        x_dev = ort.OrtValue.ortvalue_from_numpy(x, "cuda", self.device_id)
+        binding = self.session.io_binding()
+        binding.bind_ortvalue_input(self.input_name, x_dev)
+        binding.bind_output(self.output_name, "cuda", self.device_id)
+
+        def step():
+            self.session.run_with_iobinding(binding)
+            binding.synchronize_outputs()
+
+        out = summarize(time_calls(step, warmup, runs, time_s), x.shape[0])
+        h2d = time_calls(lambda: ort.OrtValue.ortvalue_from_numpy(x, "cuda", self.device_id), 3, 20)
+        d2h = time_calls(lambda: binding.copy_outputs_to_cpu(), 3, 20)
+        out["h2d_ms"] = round(float(np.median(h2d)), 4)
+        out["d2h_ms"] = round(float(np.median(d2h)), 4)
+        return out
+
+
+# ----------------------------------------------------------------------------- TensorRT engines
+
+
+def _cudart():
+    """cuda-python's runtime bindings (cuda.bindings.runtime, or cuda.cudart before 12.8)."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        from cuda import cudart  # type: ignore[no-redef]
+    return cudart
+
+
+def _check(result):
+    err, *rest = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise RuntimeError(f"CUDA runtime error {err}")
+    return rest[0] if len(rest) == 1 else rest
+
+
+class TensorRTRunner:
+    """A serialized TensorRT engine run through the TensorRT 10 Python runtime (name-based I/O,
+    `execute_async_v3`) with buffers from cuda-python. Device time with CUDA events; H2D and
+    D2H copies (pinned host memory) timed apart. Written against the documented TRT 10 API; not
+    executed on this project's machines (no TensorRT there, DESIGN.md section 6)."""
+
+    runtime = "tensorrt"
+    provider = "TensorRT"
+    on_gpu = True
+    threads = None
+
+    def __init__(self, path):
+        import tensorrt as trt
+
+        self.trt, self.cudart = trt, _cudart()
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.trt_runtime = trt.Runtime(self.logger)
+        self.engine = self.trt_runtime.deserialize_cuda_engine(Path(path).read_bytes())
+        if self.engine is None:
+            raise RuntimeError(f"{path}: deserialization failed (engine built for another GPU or TensorRT version?)")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        if len(self.inputs) != 1:
+            raise RuntimeError(f"{path}: expected one input tensor, found {self.inputs}")
+        self.input_name, self.output_name = self.inputs[0], self.outputs[0]
+        self.input_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.input_name)))
+        self.output_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.output_name)))
+        shape = tuple(self.engine.get_tensor_shape(self.input_name))
+        if shape[0] == -1:
+            lo, _opt, hi = self.engine.get_tensor_profile_shape(self.input_name, 0)
+            self.batch_range = (int(lo[0]), int(hi[0]))
+        else:
+            self.batch_range = (int(shape[0]), int(shape[0]))
+        self.stream = _check(self.cudart.cudaStreamCreate())
+
+    def supports_batch(self, batch: int) -> bool:
+        return self.batch_range[0] <= batch <= self.batch_range[1]
+
+    def _alloc(self, x: np.ndarray):
+        cudart = self.cudart
+        if not self.context.set_input_shape(self.input_name, tuple(x.shape)):
+            raise RuntimeError(f"input shape {x.shape} outside the engine's optimization profile")
+        out_shape = tuple(self.context.get_tensor_shape(self.output_name))
+        in_bytes, out_bytes = x.nbytes, int(np.prod(out_shape)) * self.output_dtype.itemsize
+        bufs = {
+            "h_in": _check(cudart.cudaMallocHost(in_bytes)), "h_out": _check(cudart.cudaMallocHost(out_bytes)),
+            "d_in": _check(cudart.cudaMalloc(in_bytes)), "d_out": _check(cudart.cudaMalloc(out_bytes)),
+            "in_bytes": in_bytes, "out_bytes": out_bytes, "out_shape": out_shape,
+        }
+        import ctypes
+
+        ctypes.memmove(bufs["h_in"], x.ctypes.data, in_bytes)
+        self.context.set_tensor_address(self.input_name, int(bufs["d_in"]))
+        self.context.set_tensor_address(self.output_name, int(bufs["d_out"]))
+        return bufs
+
+    def _free(self, bufs) -> None:
+        for key in ("h_in", "h_out"):
+            self.cudart.cudaFreeHost(bufs[key])
+        for key in ("d_in", "d_out"):
+            self.cudart.cudaFree(bufs[key])
+
+    def _run(self, bufs, events) -> tuple[float, float, float]:
+        cudart, s = self.cudart, self.stream
+        h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        e0, e1, e2, e3 = events
+        _check(cudart.cudaEventRecord(e0, s))
+        _check(cudart.cudaMemcpyAsync(bufs["d_in"], bufs["h_in"], bufs["in_bytes"], h2d, s))
+        _check(cudart.cudaEventRecord(e1, s))
+        if not self.context.execute_async_v3(int(s)):
+            raise RuntimeError("execute_async_v3 failed")
+        _check(cudart.cudaEventRecord(e2, s))
+        _check(cudart.cudaMemcpyAsync(bufs["h_out"], bufs["d_out"], bufs["out_bytes"], d2h, s))
+        _check(cudart.cudaEventRecord(e3, s))
+        _check(cudart.cudaStreamSynchronize(s))
+        ms = [_check(cudart.cudaEventElapsedTime(a, b)) for a, b in ((e0, e1), (e1, e2), (e2, e3))]
+        return float(ms[0]), float(ms[1]), float(ms[2])
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        import ctypes
+
+        x = np.ascontiguousarray(x.astype(self.input_dtype))
+        bufs, events = self._alloc(x), [_check(self.cudart.cudaEventCreate()) for _ in range(4)]
+        try:
+            self._run(bufs, events)
+            out = np.empty(bufs["out_shape"], dtype=self.output_dtype)
+            ctypes.memmove(out.ctypes.data, bufs["h_out"], bufs["out_bytes"])
+            return out
+        finally:
+            self._free(bufs)
+            for e in events:
+                self.cudart.cudaEventDestroy(e)
+
+    def bench(self, x: np.ndarray, warmup: int, runs: int | None, time_s: float | None) -> dict:
+        x = np.ascontiguousarray(x.astype(self.input_dtype))
+        bufs, events = self._alloc(x), [_check(self.cudart.cudaEventCreate()) for _ in range(4)]
+        copies: list[tuple[float, float]] = []
+
+        def step():
+            h2d, compute, d2h = self._run(bufs, events)
+            copies.append((h2d, d2h))
+            return compute
+
+        try:
+            times = time_calls(step, warmup, runs, time_s)
+        finally:
+            self._free(bufs)
+            for e in events:
+                self.cudart.cudaEventDestroy(e)
+        out = summarize(times, x.shape[0])
+        timed = np.asarray(copies[-len(times):])
+        out["h2d_ms"] = round(float(np.median(timed[:, 0])), 4)
+        out["d2h_ms"] = round(float(np.median(timed[:, 1])), 4)
+        return out
+
+
+# ----------------------------------------------------------------------------- benchmark driver
+
+
+def available_runtimes() -> dict[str, str | None]:
+    """Runtime name -> None when usable here, else a one-line reason why not."""
+    out: dict[str, str | None] = {}
+    try:
+        import onnxruntime as ort
+
+        have = ort.get_available_providers()
+        for short, full in ORT_PROVIDERS.items():
+            out[f"ort-{short}"] = None if full in have else f"{full} not in this onnxruntime build ({', '.join(have)})"
+    except ImportError:
+        for short in ORT_PROVIDERS:
+            out[f"ort-{short}"] = "onnxruntime is not installed (pip install onnxruntime)"
+    gpus = gpu_stamp()
+    for key in ("ort-cuda", "ort-trt"):
+        if out[key] is None and not gpus:
+            out[key] = "no NVIDIA GPU visible (nvidia-smi absent or lists none)"
+    try:
+        import tensorrt  # noqa: F401
+
+        _cudart()
+        out["tensorrt"] = None if gpus else "no NVIDIA GPU visible"
+    except ImportError as e:
+        out["tensorrt"] = f"TensorRT runtime not importable ({e.name or e}); pip install tensorrt cuda-python on the device"
+    return out
+
+
+def _make_runner(runtime: str, path: Path, threads: int | None):
+    if runtime.startswith("ort-"):
+        return OrtRunner(path, runtime[4:], threads)
+    if runtime == "tensorrt":
+        return TensorRTRunner(path)
+    raise ValueError(f"unknown runtime {runtime!r}")
+
+
+def _runtime_accepts(runtime: str, art: dict) -> bool:
+    return (art["format"] == "tensorrt") == (runtime == "tensorrt")
+
+
+def bench_export(export_dir, runtimes=("ort-cpu",), batches=(1, 8, 32), threads: int | None = None,
+                 warmup: int = 10, runs: int | None = 50, time_s: float | None = None,
+                 artifacts: list[str] | None = None, extra_engines=(), log=print, on_step=None) -> dict:
+    """Time every artifact of an export on every requested runtime and batch size.
+
+    Returns the results dict (schema "edgedistill.bench/1"); `on_step()` is called after each
+    (artifact, runtime, batch) so callers can drive a progress bar.
+    """
+    exp = load_export(export_dir)
+    arts = list(exp["artifacts"])
+    for eng in extra_engines:
+        eng = Path(eng)
+        arts.append({"name": f"tensorrt-{eng.stem}", "file": str(eng.resolve()), "format": "tensorrt",
+                     "precision": next((q for q in ("int8", "fp16") if q in eng.stem), "fp32")})
+    if artifacts:
+        unknown = sorted(set(artifacts) - {a["name"] for a in arts})
+        if unknown:
+            raise KitError(f"unknown artifact(s) {unknown}; {exp['dir'] / MANIFEST} lists {[a['name'] for a in arts]}")
+        arts = [a for a in arts if a["name"] in artifacts]
+    avail = available_runtimes()
+    results, skipped = [], []
+    host = platform.node()
+    for runtime in runtimes:
+        reason = avail.get(runtime, f"unknown runtime {runtime!r} (kit runtimes: {', '.join(avail)})")
+        if reason:
+            skipped.append({"runtime": runtime, "reason": reason})
+            log(f"skip {runtime}: {reason}")
+            continue
+        for art in arts:
+            if not _runtime_accepts(runtime, art):
+                continue
+            path = Path(art["file"]) if Path(art["file"]).is_absolute() else exp["dir"] / art["file"]
+            if not path.is_file():
+                skipped.append({"artifact": art["name"], "runtime": runtime, "reason": f"{path} is missing"})
+                log(f"skip {art['name']} on {runtime}: {path} is missing")
+                continue
+            try:
+                runner = _make_runner(runtime, path, threads)
+            except Exception as e:  # a provider that cannot load this graph: say so, go on
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                skipped.append({"artifact": art["name"], "runtime": runtime, "reason": reason})
+                log(f"skip {art['name']} on {runtime}: {reason}")
+                continue
+            acc = None
+            if exp["labels"] is not None:
+                try:
+                    acc = _accuracy(runner, exp["samples"], exp["labels"])
+                except Exception as e:
+                    log(f"{art['name']} on {runtime}: accuracy check failed ({type(e).__name__}: {e})")
+            for batch in batches:
+                if not runner.supports_batch(batch):
+                    skipped.append({"artifact": art["name"], "runtime": runtime, "batch": batch,
+                                    "reason": "batch size outside what the model/engine accepts"})
+                    if on_step:
+                        on_step()
+                    continue
+                x = tile_batch(exp["samples"], batch)
+                try:
+                    stats = runner.bench(x, warmup, runs, time_s)
+                except Exception as e:
+                    reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                    skipped.append({"artifact": art["name"], "runtime": runtime, "batch": batch, "reason": reason})
+                    log(f"skip {art['name']} on {runtime} batch {batch}: {reason}")
+                    if on_step:
+                        on_step()
+                    continue
+                row = {"artifact": art["name"], "file": art["file"], "format": art["format"], "runtime": runtime,
+                       "provider": runner.provider, "precision": art.get("precision"), "batch": batch,
+                       "threads": runner.threads or threads, "warmup": warmup, **stats, "host": host}
+                if acc is not None:
+                    row["top1"], row["top1_n"] = acc, int(exp["labels"].shape[0])
+                results.append(row)
+                if on_step:
+                    on_step()
+    return make_results(results, skipped, environment(threads), exp,
+                        {"runtimes": list(runtimes), "batches": list(batches), "threads": threads, "warmup": warmup,
+                         "runs": runs, "time_s": time_s})
+
+
+def _accuracy(runner, samples: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 (percent) on the export's sample images, in chunks the runner accepts."""
+    n = samples.shape[0]
+    chunk = runner.fixed_batch if getattr(runner, "fixed_batch", None) else min(n, 32)
+    if hasattr(runner, "batch_range"):
+        chunk = max(runner.batch_range[0], min(chunk, runner.batch_range[1]))
+    logits = []
+    for start in range(0, n, chunk):
+        x = samples[start : start + chunk]
+        if x.shape[0] < chunk and not runner.supports_batch(x.shape[0]):
+            x = tile_batch(x, chunk)
+            logits.append(runner.predict(x)[: n - start])
+        else:
+            logits.append(runner.predict(x))
+    return top1(np.concatenate([np.asarray(l, dtype=np.float32).reshape(l.shape[0], -1) for l in logits]), labels)
+
+
+def make_results(results: list[dict], skipped: list[dict], env: dict, exp: dict | None = None,
+                 settings: dict | None = None) -> dict:
+    doc = {
+        "schema": SCHEMA,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "environment": env,
+        "settings": settings or {},
+        "results": results,
+        "skipped": skipped,
+    }
+    if exp is not None:
+        doc["export"] = {"dir": str(exp["dir"]), "source_run": exp["manifest"].get("source_run"),
+                         "manifest_sha256": file_sha256(exp["dir"] / MANIFEST)}
+    return doc
+
+
+def write_results(doc: dict, path) -> Path:
+    """Write results JSON atomically (temp file + rename)."""
+    if doc.get("schema") != SCHEMA:
+        raise ValueError(f"not a {SCHEMA} document")
+    for row in doc.get("results", []):
+        missing = {"artifact", "runtime", "batch", "latency_ms", "throughput_ips"} - set(row)
+        if missing:
+            raise ValueError(f"result row lacks {sorted(missing)}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_results(path) -> dict:
+    """Read a results JSON, checking its schema (KitError naming the file otherwise)."""
+    path = Path(path)
+    if not path.is_file():
+        raise KitError(f"{path} does not exist: pass a results JSON written by edgekit.py or `edgedistill bench`")
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise KitError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(doc, dict) or str(doc.get("schema", "")).split("/")[0] != SCHEMA.split("/")[0]:
+        raise KitError(f"{path} has schema {doc.get('schema') if isinstance(doc, dict) else None!r}, expected {SCHEMA!r}")
+    if doc["schema"] != SCHEMA:
+        raise KitError(f"{path} has schema {doc['schema']!r}; this edgedistill reads {SCHEMA!r}")
+    return doc
+
+
+def format_table(doc: dict) -> str:
+    """Plain-text table of a results document (the kit has no rich)."""
+    head = ("artifact", "runtime", "prec", "batch", "thr", "p50 ms", "p99 ms", "img/s", "top1")
+    rows = [head]
+    for r in doc["results"]:
+        lat = r["latency_ms"]
+        rows.append((r["artifact"], r["runtime"], str(r.get("precision") or ""), str(r["batch"]),
+                     str(r.get("threads") or "-"), f"{lat['p50']:.3f}", f"{lat['p99']:.3f}",
+                     f"{r['throughput_ips']:.1f}", "-" if r.get("top1") is None else f"{r['top1']:.1f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                     for row in rows)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be >= 1, got {text!r}")
+    return values
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="edgekit.py", description="Time an edgedistill export on this device.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("bench", help="time the export's artifacts; write results JSON")
+    b.add_argument("export_dir", type=Path, help="export folder (holds manifest.json)")
+    b.add_argument("--batch", type=_ints, default=[1, 8, 32], help="batch sizes, e.g. 1,8,32")
+    b.add_argument("--threads", type=int, default=None, help="CPU threads (ORT intra-op); default: ORT's choice")
+    b.add_argument("--runs", type=int, default=50, help="timed runs per measurement")
+    b.add_argument("--time", type=float, default=None, dest="time_s", help="time budget (s) per measurement instead")
+    b.add_argument("--warmup", type=int, default=10)
+    b.add_argument("--providers", default="auto",
+                   help="runtimes: any of cpu,cuda,trt (ONNX Runtime EPs) and tensorrt (engines); auto = all present")
+    b.add_argument("--artifact", action="append", default=None, help="only this artifact (repeatable)")
+    b.add_argument("--engine", action="append", type=Path, default=[], help="also time this TensorRT engine")
+    b.add_argument("--out", type=Path, default=None, help="results JSON (default: EXPORT_DIR/bench-<host>.json)")
+    sub.add_parser("env", help="print the environment stamp as JSON")
+    args = parser.parse_args(argv)
+    if args.cmd == "env":
+        print(json.dumps(environment(), indent=2))
+        return 0
+    if args.providers == "auto":
+        avail = available_runtimes()
+        runtimes = [r for r in ("ort-cpu", "ort-cuda", "ort-trt", "tensorrt") if avail.get(r) is None]
+    else:
+        runtimes = [p if p == "tensorrt" or p.startswith("ort-") else f"ort-{p}" for p in args.providers.split(",")]
+    try:
+        doc = bench_export(args.export_dir, runtimes, args.batch, args.threads, args.warmup,
+                           None if args.time_s else args.runs, args.time_s, args.artifact, args.engine,
+                           log=lambda m: print(m, file=sys.stderr))
+    except KitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = args.out or Path(args.export_dir) / f"bench-{platform.node() or 'device'}.json"
+    write_results(doc, out)
+    print(format_table(doc))
+    print(f"results: {out}", file=sys.stderr)
+    return 0 if doc["results"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""`edgedistill bench`: every artifact on ONNX Runtime CPU and the torch student, sane numbers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from benchutil import make_export
+from typer.testing import CliRunner
+
+from edgedistill.cli import app
+
+
+@pytest.fixture(scope="module")
+def export_dir(evaluated_run) -> Path:
+    return make_export(evaluated_run)
+
+
+def _text(result) -> str:
+    out = result.output
+    try:
+        out += result.stderr
+    except (ValueError, AttributeError):
+        pass
+    return " ".join(out.split())  # rich wraps long lines
+
+
+def test_bench_export_api(export_dir, tmp_path):
+    from edgedistill.bench import bench_export
+
+    out = bench_export(export_dir, runtimes="ort-cpu,torch-cpu", batches=(1, 4), threads=1, runs=5, warmup=1,
+                       out=tmp_path / "bench.json", show=False)
+    doc = json.loads(Path(out).read_text())
+    assert doc["schema"] == "edgedistill.bench/1" and doc["skipped"] == []
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    timed = {a["name"] for a in manifest["artifacts"] if a.get("file")}
+    rows = {(r["artifact"], r["runtime"], r["batch"]): r for r in doc["results"]}
+    for batch in (1, 4):
+        assert ("torch-fp32", "torch-cpu", batch) in rows
+        for name in timed:
+            assert (name, "ort-cpu", batch) in rows
+    assert len(rows) == len(doc["results"]) == 2 * (len(timed) + 1)
+    n = len(np.load(export_dir / "sample_labels.npy"))
+    for r in doc["results"]:
+        lat = r["latency_ms"]
+        assert 0 < lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"], r
+        assert r["throughput_ips"] > 0 and r["runs"] == 5 and r["warmup"] == 1 and r["threads"] == 1
+        assert r["precision"] in ("fp32", "fp16", "int8") and r["top1_n"] == n
+    # Real images through every runtime: the fp32 ONNX file and the torch student agree on them.
+    assert rows[("onnx-fp32", "ort-cpu", 1)]["top1"] == rows[("torch-fp32", "torch-cpu", 1)]["top1"]
+    assert doc["environment"]["torch"]["version"] and doc["environment"]["cpu"]["model"]
+    assert doc["settings"]["batches"] == [1, 4]
+
+
+def test_bench_cli_skips_absent_runtimes(export_dir, tmp_path):
+    out = tmp_path / "b.json"
+    result = CliRunner().invoke(app, ["bench", str(export_dir), "--runtime", "ort-cpu,ort-cuda,tensorrt", "--batch", "2",
+                                      "--runs", "3", "--warmup", "1", "--threads", "1", "--out", str(out)])
+    assert result.exit_code == 0, _text(result)
+    doc = json.loads(out.read_text())
+    assert {r["runtime"] for r in doc["results"]} == {"ort-cpu"} and {r["batch"] for r in doc["results"]} == {2}
+    skipped = {s["runtime"]: s["reason"] for s in doc["skipped"]}
+    assert "ort-cuda" in skipped and "tensorrt" in skipped and all(skipped.values())
+
+
+def test_bench_time_budget(export_dir, tmp_path):
+    from edgedistill.bench import bench_export
+
+    out = bench_export(export_dir, runtimes="ort-cpu", batches=(1,), runs=None, time_s=0.2, warmup=1,
+                       artifacts=["onnx-fp32"], out=tmp_path / "t.json", show=False)
+    (row,) = json.loads(Path(out).read_text())["results"]
+    assert row["artifact"] == "onnx-fp32" and row["runs"] >= 5
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--runtime", "ort-gpu"], "unknown runtime"),
+    (["--batch", "0"], "batch"),
+    (["--artifact", "nope"], "unknown artifact"),
+])
+def test_bench_bad_arguments(export_dir, args, message):
+    result = CliRunner().invoke(app, ["bench", str(export_dir), "--runs", "2", *args])
+    assert result.exit_code == 2, _text(result)
+    assert message in _text(result)
+
+
+def test_bench_missing_export(tmp_path):
+    result = CliRunner().invoke(app, ["bench", str(tmp_path / "nothing")])
+    assert result.exit_code == 2
+    assert "manifest.json is missing" in _text(result)

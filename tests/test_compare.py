@@ -1,0 +1,83 @@
+"""`edgedistill compare`: like-for-like checks and one table from tiny real runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from edgedistill.cli import app
+from edgedistill.compare import check_agreement, run_compare
+from edgedistill.config import load_config
+from edgedistill.errors import UserError
+
+TINY = {
+    "student": {"arch": "mobilenetv3_small_100"},
+    "data": {"loader": "torchvision", "workers": 0},
+    "train": {"batch_size": 16, "max_steps": 2, "log_every": 1, "checkpoint_every": 2},
+    "eval": {"linear_epochs": 3},
+}
+
+
+def _recipe(tmp_path: Path, name: str, method: dict, **sections) -> Path:
+    data = {"name": name, "seed": 0, "method": method, **{k: dict(v) for k, v in TINY.items()}}
+    for section, values in sections.items():
+        data[section].update(values)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_disagreeing_recipes_are_refused_with_the_differences(tmp_path):
+    a = _recipe(tmp_path, "a", {"name": "mocov2", "queue_size": 64})
+    b = _recipe(tmp_path, "b", {"name": "supervised"}, train={"max_steps": 3}, student={"stem_stride": 1})
+    configs = [(str(p), load_config(p)) for p in (a, b)]
+    with pytest.raises(UserError) as e:
+        check_agreement(configs)
+    msg = str(e.value)
+    assert "train.max_steps" in msg and "student.stem_stride" in msg and "--set" in msg
+    # Method hyper-parameters and the loader are allowed to differ.
+    assert "queue_size" not in msg and "loader" not in msg
+    forced = [(str(p), load_config(p, ["train.max_steps=2", "student.stem_stride=1"])) for p in (a, b)]
+    check_agreement(forced)
+
+
+def test_compare_two_recipes_writes_one_table(tmp_path):
+    a = _recipe(tmp_path, "moco", {"name": "mocov2", "queue_size": 64})
+    b = _recipe(tmp_path, "sup", {"name": "supervised"})
+    out = tmp_path / "cmp"
+    result = CliRunner().invoke(app, ["compare", str(a), str(b), "--out", str(out), "--set", "seed=1"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "compare.json").read_text())
+    assert data["schema"] == "edgedistill.compare/1" and data["complete"] is True
+    assert [r["method"] for r in data["rows"]] == ["mocov2", "supervised"]
+    assert data["shared"]["seed"] == 1 and data["shared"]["train.max_steps"] == 2
+    params = {r["params"] for r in data["rows"]}
+    assert len(params) == 1  # the same student architecture, backbone only
+    for row in data["rows"]:
+        assert 0 <= row["knn_top1"] <= 100 and 0 <= row["linear_top1"] <= 100
+        assert row["images_per_s"] > 0 and row["steps"] == 2 and not row["reused"]
+        assert (Path(row["run"]) / "student.safetensors").is_file()
+    md = (out / "compare.md").read_text()
+    assert "| method | teacher | student | parameters | kNN top-1 | linear top-1 | images/s | wall time (s) |" in md
+    assert md.count("| mocov2 |") == 1 and md.count("| supervised |") == 1
+
+    # A second call reuses the finished runs instead of training again.
+    again = run_compare([a, b], ["seed=1"], out)
+    assert all(r["reused"] for r in again["rows"])
+    # ... but refuses to overwrite a run folder made with other settings.
+    with pytest.raises(UserError, match="differs"):
+        run_compare([a, b], ["seed=2"], out)
+
+
+def test_markdown_marks_an_incomplete_comparison():
+    from edgedistill.compare import markdown_table
+
+    row = {"method": "mocov2", "teacher": "-", "student": "resnet18", "params": 11_000_000, "knn_top1": 50.0,
+           "linear_top1": 55.5, "images_per_s": 10.0, "train_wall_s": 3.0, "recipe": "a.yaml"}
+    md = markdown_table({"shared": {"seed": 0}, "rows": [row], "recipes": ["a.yaml", "b.yaml"], "complete": False})
+    assert "| mocov2 | - | resnet18 | 11.00M | 50.00 | 55.50 | 10.0 | 3.0 |" in md
+    assert "still to run: b.yaml" in md

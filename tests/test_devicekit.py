@@ -1,0 +1,150 @@
+"""The device kit (export/edgekit.py): torch-free timing on the CPU, its statistics and JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from benchutil import REPO, make_export
+
+# Runs a script with `import torch` made impossible (a meta-path finder that refuses it), the way
+# the kit runs on an edge device without torch.
+NO_TORCH = textwrap.dedent("""
+    import importlib.abc, runpy, sys
+
+    class NoTorch(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "torch" or name.startswith("torch.") or name == "edgedistill" or name.startswith("edgedistill."):
+                raise ImportError(f"{name} is blocked: the device kit must not import it")
+            return None
+
+    sys.meta_path.insert(0, NoTorch())
+    script = sys.argv[1]
+    sys.argv = sys.argv[1:]
+    try:
+        runpy.run_path(script, run_name="__main__")
+    finally:
+        assert "torch" not in sys.modules
+""")
+
+
+@pytest.fixture(scope="module")
+def export_dir(evaluated_run) -> Path:
+    return make_export(evaluated_run)
+
+
+@pytest.fixture(scope="module")
+def kit():
+    from edgedistill.kit import load_kit_module
+
+    return load_kit_module("edgekit")
+
+
+def _run_kit(script: Path, *args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", NO_TORCH, str(script), *map(str, args)], capture_output=True,
+                          text=True, timeout=120, cwd=cwd)
+
+
+def test_kit_bench_without_torch(export_dir, tmp_path):
+    shipped = export_dir / "kit" / "edgekit.py"
+    assert shipped.read_text() == (REPO / "export" / "edgekit.py").read_text(), "the export ships the kit as is"
+    out = tmp_path / "device.json"
+    proc = _run_kit(shipped, "bench", export_dir, "--batch", "1,4", "--threads", "1", "--runs", "5", "--warmup", "2",
+                    "--providers", "cpu", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(out.read_text())
+    assert doc["schema"] == "edgedistill.bench/1"
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    onnx_names = {a["name"] for a in manifest["artifacts"] if a.get("file", "") and a["file"].endswith(".onnx")}
+    assert onnx_names and {r["artifact"] for r in doc["results"]} == onnx_names
+    assert len(doc["results"]) == 2 * len(onnx_names)
+    labels = np.load(export_dir / "sample_labels.npy")
+    for r in doc["results"]:
+        lat = r["latency_ms"]
+        assert r["runtime"] == "ort-cpu" and r["provider"] == "CPUExecutionProvider"
+        assert r["batch"] in (1, 4) and r["threads"] == 1 and r["runs"] == 5 and r["warmup"] == 2
+        assert 0 < lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+        assert lat["std"] >= 0 and r["throughput_ips"] > 0
+        assert r["throughput_ips"] == pytest.approx(r["batch"] * 1000 / lat["mean"], rel=1e-3)
+        assert r["top1_n"] == len(labels) and 0 <= r["top1"] <= 100
+    fp32 = next(r for r in doc["results"] if r["artifact"] == "onnx-fp32")
+    assert fp32["top1"] > 100 / len(manifest["classes"])  # real images, a trained classifier: above chance
+    env = doc["environment"]
+    assert env["cpu"]["logical_cores"] >= 1 and set(env["cpu"]["isa"]) >= {"avx2", "avx512_vnni", "amx_int8"}
+    assert env["versions"]["onnxruntime"] and "CPUExecutionProvider" in env["onnxruntime_providers"]
+    assert doc["export"]["source_run"] == manifest["source_run"]
+    assert "onnx-fp32" in proc.stdout  # the plain-text table
+
+
+def test_kit_env_and_bad_input(export_dir, tmp_path):
+    script = REPO / "export" / "edgekit.py"
+    proc = _run_kit(script, "env")
+    assert proc.returncode == 0, proc.stderr
+    env = json.loads(proc.stdout)
+    assert env["cpu"]["model"] and "python" in env["versions"]
+
+    proc = _run_kit(script, "bench", tmp_path / "nowhere", "--providers", "cpu")
+    assert proc.returncode == 2 and "manifest.json is missing" in proc.stderr
+
+    proc = _run_kit(script, "bench", export_dir, "--providers", "tensorrt", "--out", tmp_path / "trt.json")
+    assert proc.returncode == 1  # nothing timed: TensorRT is not here, said in one line
+    doc = json.loads((tmp_path / "trt.json").read_text())
+    assert doc["results"] == [] and doc["skipped"][0]["runtime"] == "tensorrt" and doc["skipped"][0]["reason"]
+
+
+def test_statistics_and_time_budget(kit):
+    stats = kit.summarize([1.0, 2.0, 3.0, 4.0, 100.0], batch=8)
+    lat = stats["latency_ms"]
+    assert lat["p50"] == 3.0 and lat["min"] == 1.0 and lat["max"] == 100.0 and lat["mean"] == 22.0
+    assert lat["p50"] <= lat["p90"] <= lat["p99"] <= 100.0
+    assert stats["throughput_ips"] == pytest.approx(8 * 1000 / 22.0, rel=1e-3) and stats["runs"] == 5
+    calls = []
+    times = kit.time_calls(lambda: calls.append(1), warmup=3, runs=7)
+    assert len(times) == 7 and len(calls) == 10
+    times = kit.time_calls(lambda: 0.25, warmup=0, runs=None, time_s=0.05, min_runs=4)
+    assert len(times) >= 4 and all(t == 0.25 for t in times)  # a returned duration (device time) wins
+    with pytest.raises(ValueError):
+        kit.summarize([], 1)
+
+
+def test_inputs_are_real_samples_tiled(kit, export_dir, monkeypatch):
+    samples = np.load(export_dir / "sample_inputs.npy")
+    tiled = kit.tile_batch(samples[:3], 7)
+    assert tiled.shape[0] == 7 and np.array_equal(tiled[3:6], samples[:3]) and tiled.flags["C_CONTIGUOUS"]
+
+    seen = []
+
+    class Recorder:
+        provider, threads, fixed_batch = "recorder", None, None
+
+        def supports_batch(self, b):
+            return True
+
+        def predict(self, x):
+            return np.zeros((x.shape[0], 10), np.float32)
+
+        def bench(self, x, warmup, runs, time_s):
+            seen.append(x.copy())
+            return kit.summarize([1.0, 2.0], x.shape[0])
+
+    monkeypatch.setattr(kit, "_make_runner", lambda runtime, path, threads: Recorder())
+    doc = kit.bench_export(export_dir, ["ort-cpu"], [1, 40], warmup=0, runs=2, log=lambda m: None)
+    assert doc["results"] and seen
+    for x in seen:
+        assert np.abs(x).sum() > 0, "benchmark inputs must be real images, not zeros"
+        assert np.array_equal(x, kit.tile_batch(samples, x.shape[0]))
+
+
+def test_results_schema_checked(kit, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"schema": "something/1", "results": []}))
+    with pytest.raises(kit.KitError, match="bad.json"):
+        kit.read_results(bad)
+    with pytest.raises(ValueError):
+        kit.write_results({"schema": kit.SCHEMA, "results": [{"artifact": "x"}]}, tmp_path / "x.json")
+    assert kit.available_runtimes()["ort-cpu"] is None

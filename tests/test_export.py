@@ -1,0 +1,282 @@
+"""`edgedistill export`: ONNX fp32/fp16/INT8 artifacts checked on real validation images,
+manifest + metadata, calibration cache, the --max-drop fallback, TensorRT skip, bad input.
+
+Uses the session's tiny evaluated run (mobilenetv3_small_100, 32x32 digits); calibration and
+validation counts are kept small so the file runs in about a minute on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from edgedistill.cli import app
+
+FAST = {"val_count": 96, "calib_count": 48, "timing_budget_s": 0.15}
+
+
+@pytest.fixture(scope="module")
+def export_dir(evaluated_run, tmp_path_factory) -> Path:
+    """fp32 + fp16 + INT8 for ort-cpu (format timed here), with the sensitivity report."""
+    from edgedistill.deploy import export_run
+
+    out = tmp_path_factory.mktemp("export") / "full"
+    cache = tmp_path_factory.mktemp("calib-cache")
+    return export_run(evaluated_run, int8=True, fp16=True, out=out, sensitivity=True, max_drop=100.0,
+                      cache_dir=cache, **FAST)
+
+
+def _manifest(folder: Path) -> dict:
+    return json.loads((folder / "manifest.json").read_text())
+
+
+def test_export_writes_checked_artifacts(export_dir, evaluated_run):
+    import hashlib
+
+    m = _manifest(export_dir)
+    assert m["schema"] == "edgedistill.export/1"
+    assert m["status"] == "ok" and m["kind"] == "classifier"
+    assert m["source_run"] == str(Path(evaluated_run).resolve())
+    assert m["input"]["shape"] == ["batch", 3, 32, 32] and m["input"]["mean"] and m["input"]["std"]
+    assert len(m["classes"]) == 10
+    assert m["environment"]["versions"]["onnxruntime"]
+    arts = {a["name"]: a for a in m["artifacts"]}
+    assert {"torch-fp32", "onnx-fp32", "onnx-fp16"} <= set(arts)
+    int8 = [a for a in arts.values() if a["precision"] == "int8"]
+    assert len(int8) == 1
+    assert arts["onnx-fp32"]["parity"]["passed"] and arts["onnx-fp16"]["parity"]["passed"]
+    assert arts["onnx-fp32"]["accuracy"]["agreement"] >= 99.0
+    assert arts["onnx-fp32"]["accuracy"]["top1"] == pytest.approx(arts["torch-fp32"]["accuracy"]["top1"], abs=1.1)
+    assert "drop_vs_fp32" in int8[0]["accuracy"] and "top1" in int8[0]["accuracy"]
+    # Sizes: fp16 about half, INT8 smaller than fp32.
+    assert arts["onnx-fp16"]["bytes"] < 0.6 * arts["onnx-fp32"]["bytes"]
+    assert int8[0]["bytes"] < arts["onnx-fp32"]["bytes"]
+    # Every file listed with a correct sha256.
+    listed = {f["path"]: f for f in m["files"]}
+    for name in ("model.onnx", "model.fp16.onnx", int8[0]["file"], "accuracy.json", "sample_inputs.npy",
+                 "sample_labels.npy", "kit/build_engine.py", "calibration.json", "sensitivity.json"):
+        assert name in listed, name
+        assert hashlib.sha256((export_dir / name).read_bytes()).hexdigest() == listed[name]["sha256"]
+    acc = json.loads((export_dir / "accuracy.json").read_text())
+    assert set(acc["artifacts"]) == set(arts) and acc["validation"]["images"] == FAST["val_count"]
+
+
+def test_onnx_files_carry_metadata(export_dir):
+    import onnx
+
+    from edgedistill.deploy.onnx_export import read_metadata
+
+    for name in ("model.onnx", "model.fp16.onnx", *[p.name for p in export_dir.glob("model.int8.*.onnx")]):
+        meta = read_metadata(export_dir / name)
+        pre = json.loads(meta["edgedistill.preprocess"])
+        assert pre["input_size"] == [3, 32, 32] and pre["center_crop"] == 32 and len(pre["mean"]) == 3
+        assert len(json.loads(meta["edgedistill.classes"])) == 10
+        assert meta["edgedistill.version"] and meta["edgedistill.source_run"]
+        model = onnx.load(str(export_dir / name))
+        batch = model.graph.input[0].type.tensor_type.shape.dim[0]
+        assert batch.dim_param, f"{name}: batch dimension is not dynamic"
+        assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+
+
+def test_sample_inputs_are_real_preprocessed_images(export_dir):
+    from edgedistill.deploy.runtime import run, session
+
+    x, y = np.load(export_dir / "sample_inputs.npy"), np.load(export_dir / "sample_labels.npy")
+    assert x.dtype == np.float32 and x.shape == (32, 3, 32, 32) and y.shape == (32,) and y.dtype == np.int64
+    assert x.std() > 0.1  # normalised images, not zeros
+    logits = run(session(export_dir / "model.onnx"), x)
+    assert logits.shape == (32, 10)
+
+
+def test_int8_format_is_measured_for_ort_cpu(export_dir):
+    m = _manifest(export_dir)
+    choice = m["int8"]["format_choice"]
+    assert choice["measured"] is True
+    lat = choice["latency_ms_batch1"]
+    assert set(lat) == {"fp32", "qdq-s8s8-sym", "qdq-u8s8"} and all(v > 0 for v in lat.values())
+    assert choice["chosen"] == min(("qdq-s8s8-sym", "qdq-u8s8"), key=lat.get)
+    assert choice["chosen"] in choice["reason"]
+    assert m["int8"]["calibration"]["images"] == FAST["calib_count"]
+    assert m["int8"]["max_drop"]["reached"] and m["int8"]["max_drop"]["kept_in_float"] == []
+    layers = json.loads((export_dir / "sensitivity.json").read_text())["layers"]
+    assert layers and {"node", "op", "output_rel_error", "added_rel_error"} <= set(layers[0])
+
+
+def test_calibration_cache_key_and_invalidation(export_dir, evaluated_run, tmp_path):
+    from edgedistill.deploy import data as ddata
+    from edgedistill.deploy import quantize as q
+    from edgedistill.deploy.onnx_export import load_deployable, preprocess_spec
+
+    dep = load_deployable(evaluated_run)
+    files, _ = ddata.calibration_files(dep.cfg, None, 16, True)
+    pre = q.preprocess(export_dir / "model.onnx", tmp_path / "pre.onnx")
+    spec = preprocess_spec(dep)
+
+    def calib(model=pre, fl=files, settings=q.QuantSettings()):
+        return q.Calibration(model, fl, ddata.file_list_fingerprint(fl), settings, spec, tmp_path / "cache",
+                             lambda: ddata.make_reader(fl, dep.cfg, "input", 8))
+
+    first = calib()
+    assert not first.hit
+    first.ensure(pre)
+    assert first.path.is_file() and json.loads(first.path.read_text())
+    again = calib()
+    assert again.hit and again.key == first.key
+    # Any change of model bytes, calibration files or settings is a different key (a miss).
+    assert not calib(fl=files[:-1]).hit
+    assert not calib(settings=q.QuantSettings(calibrator="percentile")).hit
+    assert calib(settings=q.QuantSettings(calibrator="percentile", percentile=99.9)).key != \
+        calib(settings=q.QuantSettings(calibrator="percentile", percentile=99.99)).key
+    other = tmp_path / "other.onnx"
+    other.write_bytes(pre.read_bytes() + b"\0")
+    assert not calib(model=other).hit
+    # A file touched after calibration (new mtime) is a new key too.
+    copy_dir = tmp_path / "imgs"
+    copy_dir.mkdir()
+    copies = [shutil.copy(f, copy_dir / f"{i}.png") for i, f in enumerate(files[:4])]
+    k1 = calib(fl=copies).key
+    Path(copies[0]).write_bytes(Path(files[5]).read_bytes())
+    assert calib(fl=copies).key != k1
+    # The cached ranges are used: quantizing on a hit never reads a calibration image.
+    def no_reader():
+        raise AssertionError("calibration images read despite a cache hit")
+
+    hit = q.Calibration(pre, files, ddata.file_list_fingerprint(files), q.QuantSettings(), spec, tmp_path / "cache", no_reader)
+    assert hit.hit
+    q.quantize(pre, tmp_path / "a.onnx", "qdq-s8s8-sym", hit)
+    assert (tmp_path / "a.onnx").stat().st_size > 0
+
+
+def test_fallback_search_keeps_fewest_sensitive_layers():
+    from edgedistill.deploy.exporter import _fallback
+
+    ranked = [{"node": f"n{i}"} for i in range(20)]
+    # Drop falls as more of the ranked layers stay in float: 10 - k/2 points.
+    calls = []
+
+    def evaluate(excluded):
+        calls.append(len(excluded))
+        d = max(0.0, 10 - len(excluded) / 2)
+        return {"top1": 90 - d}, d
+
+    excluded, _, drop, trials, reached = _fallback(ranked, evaluate, max_drop=3.0)
+    assert reached and len(excluded) == 14 and drop <= 3.0 and excluded == [f"n{i}" for i in range(14)]
+    assert len(calls) < 12  # doubling then bisection, not one trial per layer
+    excluded, _, drop, _, reached = _fallback(ranked, lambda ex: ({"top1": 0}, 50.0), max_drop=1.0)
+    assert not reached and len(excluded) == 20
+
+
+def test_parity_failure_exits_1(evaluated_run, tmp_path):
+    result = CliRunner().invoke(app, ["export", str(evaluated_run), "--out", str(tmp_path / "ex"),
+                                      "--tolerance", "1e-12", "--val-count", "32"])
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    assert "disagrees with torch" in text and "max |diff|" in text
+    m = _manifest(tmp_path / "ex")
+    assert m["status"] == "parity_failed" and m["problems"]
+
+
+def test_tensorrt_target_without_tensorrt(evaluated_run, tmp_path):
+    from edgedistill.deploy import export_run
+    from edgedistill.deploy.tensorrt import status
+
+    ok, reason, _ = status()
+    if ok:
+        pytest.skip("TensorRT and a GPU are present here: the skip path cannot be tested")
+    out = export_run(evaluated_run, int8=True, target="tensorrt", out=tmp_path / "trt", cache_dir=tmp_path / "c",
+                     val_count=48, calib_count=32)
+    m = _manifest(out)
+    trt = m["tensorrt"]
+    assert trt["built"] is False and trt["reason"] == reason and "\n" not in reason
+    assert (out / "model.int8.s8s8.onnx").is_file()
+    art = next(a for a in m["artifacts"] if a["precision"] == "int8")
+    assert art["target"] == "tensorrt" and art["quantization"]["name"] == "qdq-s8s8-sym"
+    assert m["int8"]["format_choice"]["measured"] is False
+    cmds = {c["name"]: c for c in trt["commands"]}
+    assert "--stronglyTyped" in cmds["trt-int8"]["trtexec"] and "--fp16" in cmds["trt-fp16"]["trtexec"]
+    assert "--minShapes=input:1x3x32x32" in cmds["trt-fp16"]["trtexec"]
+    # Symmetric signed INT8: every activation/weight zero point is 0 and int8.
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(out / "model.int8.s8s8.onnx"))
+    inits = {i.name: i for i in model.graph.initializer}
+    zps = [n.input[2] for n in model.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2]
+    assert zps
+    for z in zps:
+        arr = numpy_helper.to_array(inits[z])
+        assert arr.dtype == np.int8 and not arr.any()
+
+
+def test_run_without_classifier_exports_embedding(evaluated_run, tmp_path, caplog):
+    from edgedistill.deploy import export_run
+
+    run = tmp_path / "run"
+    shutil.copytree(evaluated_run, run, ignore=shutil.ignore_patterns("classifier.safetensors", "export*", "*.pt"))
+    with caplog.at_level("WARNING", logger="edgedistill"):
+        out = export_run(run, val_count=32)
+    assert "exporting the embedding model" in caplog.text
+    m = _manifest(out)
+    assert m["kind"] == "embedding" and m["output"]["name"] == "embedding" and m["classes"] is None
+    onnx_art = next(a for a in m["artifacts"] if a["name"] == "onnx-fp32")
+    assert onnx_art["parity"]["passed"] and onnx_art["accuracy"]["min_cosine"] > 0.999
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--int8", "--calib-data", "/nonexistent/calib"], "does not exist"),
+        (["--int8", "--calib-count", "100000"], "fewer than --calib-count"),
+        (["--target", "jetson"], "--target"),
+        (["--int8", "--calibrator", "kl"], "--calibrator"),
+        (["--int8", "--target", "tensorrt", "--int8-format", "qdq-u8s8"], "symmetric"),
+    ],
+)
+def test_bad_input_exits_2(evaluated_run, tmp_path, args, needle):
+    result = CliRunner().invoke(app, ["export", str(evaluated_run), "--out", str(tmp_path / "ex"), *args])
+    assert result.exit_code == 2, result.output
+    assert needle in " ".join(result.output.split())
+
+
+def test_missing_run_folder_exits_2(tmp_path):
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "nope")])
+    assert result.exit_code == 2 and "does not exist" in " ".join(result.output.split())
+
+
+def test_calib_folder_with_too_few_images(evaluated_run, tmp_path):
+    from PIL import Image
+
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i in range(3):
+        Image.new("RGB", (40, 40), (i * 50, 0, 0)).save(calib / f"{i}.png")
+    result = CliRunner().invoke(app, ["export", str(evaluated_run), "--int8", "--calib-data", str(calib),
+                                      "--calib-count", "10", "--out", str(tmp_path / "ex")])
+    assert result.exit_code == 2
+    assert "holds 3 images, fewer than --calib-count 10" in " ".join(result.output.split())
+
+
+def test_build_engine_kit_is_torch_free_and_prints_trtexec(export_dir):
+    kit = export_dir / "kit" / "build_engine.py"
+    code = (f"import sys, runpy; sys.argv = ['build_engine.py', {str(export_dir / 'model.int8.s8s8.onnx')!r}, "
+            f"'--int8', '--print-trtexec']; sys.modules['torch'] = None; runpy.run_path({str(kit)!r}, run_name='__main__')")
+    # The s8s8 file is not in this ort-cpu export unless chosen; any ONNX file works for the command.
+    onnx_file = export_dir / "model.onnx"
+    code = code.replace(str(export_dir / "model.int8.s8s8.onnx"), str(onnx_file))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "trtexec" in res.stdout and "--stronglyTyped" in res.stdout and "input:32x3x32x32" in res.stdout
+    # Building without TensorRT: exit 2 and a one-line reason.
+    from edgedistill.deploy.tensorrt import build_engine_module
+
+    if build_engine_module().tensorrt_available()[0]:
+        return
+    res = subprocess.run([sys.executable, str(kit), str(onnx_file), "--fp16"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "TensorRT" in res.stderr and len(res.stderr.strip().splitlines()) == 1

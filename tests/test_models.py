@@ -1,0 +1,113 @@
+import logging
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from conftest import SHARED_TEACHERS
+from edgedistill.config import ModelConfig
+from edgedistill.errors import UserError
+from edgedistill.models import count_params, create_backbone, load_encoder, projection_head
+
+
+def test_unknown_architecture_suggests_close_matches():
+    with pytest.raises(UserError, match="mobilenetv3_large_100"):
+        create_backbone(ModelConfig(arch="mobilenetv3_large"))
+
+
+@pytest.mark.parametrize("arch", ["mobilenetv3_large_100", "efficientnet_b0", "resnet18", "resnet20_cifar"])
+@pytest.mark.parametrize("size", [32, 224])
+def test_backbones_take_32_and_224_inputs(arch, size):
+    model = create_backbone(ModelConfig(arch=arch)).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, size, size))
+    assert out.ndim == 2 and out.shape[0] == 1
+
+
+def test_stem_stride_keeps_parameters_and_resolution():
+    plain = create_backbone(ModelConfig(arch="mobilenetv3_large_100"))
+    cifar = create_backbone(ModelConfig(arch="mobilenetv3_large_100", stem_stride=1))
+    assert count_params(plain) == count_params(cifar)
+    feats = {}
+    cifar.blocks.register_forward_hook(lambda m, i, o: feats.setdefault("x", o))
+    cifar(torch.randn(1, 3, 32, 32))
+    assert feats["x"].shape[-1] == 2  # 32 / 16 instead of 32 / 32
+
+
+def _write_moco_checkpoint(path, arch="resnet18"):
+    """A MoCo v2 checkpoint as the MoCo reference writes it: module.encoder_q.* with an MLP fc."""
+    backbone = timm.create_model(arch, num_classes=0)
+    head = projection_head(512, 512, 128)
+    state = {f"module.encoder_q.{k}": v for k, v in backbone.state_dict().items()}
+    state.update({f"module.encoder_q.fc.{k}": v for k, v in head.state_dict().items()})
+    state.update({f"module.encoder_k.{k}": v for k, v in backbone.state_dict().items()})
+    torch.save({"epoch": 200, "arch": arch, "state_dict": state}, path)
+    return backbone, head
+
+
+def test_moco_checkpoint_gives_projection_embedding(tmp_path):
+    ckpt = tmp_path / "moco.pth.tar"
+    backbone, head = _write_moco_checkpoint(ckpt)
+    enc = load_encoder(ModelConfig(arch="resnet18", checkpoint=str(ckpt))).eval()
+    assert enc.out_dim == 128
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = head(backbone.eval()(x))
+        assert torch.allclose(enc(x), expected, atol=1e-5)
+
+
+def test_torchvision_state_dict_drops_classifier_and_logs(tmp_path, caplog):
+    import torchvision
+
+    ckpt = tmp_path / "tv.pth"
+    torch.save(torchvision.models.resnet18(num_classes=1000).state_dict(), ckpt)
+    with caplog.at_level(logging.INFO, logger="edgedistill"):
+        enc = load_encoder(ModelConfig(arch="resnet18", checkpoint=str(ckpt)))
+    assert enc.out_dim == 512
+    assert "dropped classifier" in caplog.text and "pooled features" in caplog.text
+
+
+def test_checkpoint_that_does_not_fit_lists_keys(tmp_path):
+    ckpt = tmp_path / "r18.pth"
+    torch.save(timm.create_model("resnet18").state_dict(), ckpt)
+    with pytest.raises(UserError) as e:
+        load_encoder(ModelConfig(arch="resnet34", checkpoint=str(ckpt)))
+    assert "missing keys" in str(e.value) and "layer1.2" in str(e.value) and str(ckpt) in str(e.value)
+    enc = load_encoder(ModelConfig(arch="resnet34", checkpoint=str(ckpt), allow_mismatch=True))
+    assert enc.out_dim == 512
+
+
+def test_missing_checkpoint_file(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_encoder(ModelConfig(arch="resnet18", checkpoint=str(tmp_path / "missing.pth")))
+
+
+def test_pickled_code_is_refused(tmp_path):
+    ckpt = tmp_path / "evil.pth"
+    torch.save({"state_dict": {}, "callback": logging.getLogger}, ckpt)
+    with pytest.raises(UserError, match="weights_only"):
+        load_encoder(ModelConfig(arch="resnet18", checkpoint=str(ckpt)))
+
+
+@pytest.mark.skipif(not SHARED_TEACHERS.is_dir(), reason="../shared/teachers is absent")
+def test_legacy_cifar_teacher_loads_and_classifies():
+    # The checkpoint's own classifier on top of our backbone must reproduce a confident model.
+    path = SHARED_TEACHERS / "resnet56-4bfd9763.th"
+    enc = load_encoder(ModelConfig(arch="resnet56_cifar", checkpoint=str(path))).eval()
+    assert enc.out_dim == 64
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    full = timm.create_model("resnet56_cifar", num_classes=10)
+    full.load_state_dict({k[len("module."):]: v for k, v in state.items()}, strict=False)
+    full.eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(full.forward_head(full.forward_features(x), pre_logits=True), enc(x), atol=1e-5)
+
+
+def test_saved_student_has_exactly_the_plain_backbone_parameters(trained_run):
+    state = load_file(str(trained_run / "student.safetensors"))
+    plain = create_backbone(ModelConfig(arch="mobilenetv3_small_100"))
+    n_saved = sum(v.numel() for k, v in state.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    assert n_saved == count_params(plain)
+    assert not any(k.startswith(("head", "fc", "encoder")) for k in state)

@@ -1,0 +1,163 @@
+import json
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from conftest import tiny_overrides
+from edgedistill.cli import app
+from edgedistill.config import load_config
+from edgedistill.data.folder import embedded_digits
+from edgedistill.errors import TrainingDiverged, UserError
+from edgedistill.train import CHECKPOINT_FILE, train
+
+runner = CliRunner()
+
+
+def test_run_folder_contract(trained_run):
+    for name in ("config.yaml", "metrics.jsonl", CHECKPOINT_FILE, "student.safetensors", "head.safetensors", "run.json"):
+        assert (trained_run / name).is_file(), name
+    records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    assert all(r["images_per_s"] > 0 and r["loss"] > 0 for r in records)
+    summary = json.loads((trained_run / "run.json").read_text())
+    assert summary["status"] == "complete" and summary["steps"] == 4 and summary["loader"] == "torchvision"
+    assert summary["environment"]["versions"]["torch"]
+    # The resolved config is a valid recipe that reproduces the run.
+    assert load_config(trained_run / "config.yaml").train.max_steps == 4
+
+
+def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path, monkeypatch):
+    import edgedistill.train as train_module
+
+    overrides = tiny_overrides(**{"method.name": "mocov2", "train.max_steps": 6, "train.checkpoint_every": 3})
+    full = tmp_path / "full"
+    train(load_config(None, overrides), full)
+
+    # Interrupt (as Ctrl-C would) right after the step-3 checkpoint, then resume.
+    save = train_module._save_checkpoint
+
+    def save_then_interrupt(path, method, optimizers, scaler, step, *args):
+        save(path, method, optimizers, scaler, step, *args)
+        if step == 3:
+            raise KeyboardInterrupt
+
+    part = tmp_path / "part"
+    monkeypatch.setattr(train_module, "_save_checkpoint", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(None, overrides), part)
+    monkeypatch.undo()
+    assert torch.load(part / CHECKPOINT_FILE, weights_only=True)["step"] == 3
+    assert not (part / "student.safetensors").exists()
+    train(load_config(None, overrides), part, resume=True)
+
+    a, b = load_file(str(full / "student.safetensors")), load_file(str(part / "student.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    steps = [json.loads(line)["step"] for line in (part / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6]
+
+
+def test_existing_run_needs_resume_and_resume_needs_a_run(tmp_path, trained_run):
+    with pytest.raises(UserError, match="--resume"):
+        train(load_config(None, tiny_overrides(**{"method.name": "mocov2"})), trained_run)
+    with pytest.raises(UserError, match="nothing to resume"):
+        train(load_config(None, tiny_overrides(**{"method.name": "mocov2"})), tmp_path / "new", resume=True)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    # lr 1e30 makes the weights explode after the first steps.
+    overrides = tiny_overrides(**{"method.name": "mocov2", "train.max_steps": 40, "train.checkpoint_every": 1,
+                                  "train.lr": 1e30, "train.weight_decay": 0})
+    out = tmp_path / "nan"
+    with pytest.raises(TrainingDiverged, match="non-finite") as e:
+        train(load_config(None, overrides), out)
+    assert "last good checkpoint" in str(e.value)
+    ckpt = torch.load(out / CHECKPOINT_FILE, weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ckpt["method"].values() if v.is_floating_point())
+
+
+def test_cli_nan_exit_code(tmp_path):
+    args = ["train", "--out", str(tmp_path / "nan")]
+    for o in tiny_overrides(**{"method.name": "mocov2", "train.max_steps": 40, "train.lr": 1e30}):
+        args += ["--set", o]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 3
+
+
+def _digits_copy(tmp_path, n_per_class=None):
+    train_dir, _ = embedded_digits(32)
+    dst = tmp_path / "data"
+    shutil.copytree(train_dir, dst)
+    if n_per_class is not None:
+        for cls in dst.iterdir():
+            for f in sorted(cls.iterdir())[n_per_class:]:
+                f.unlink()
+    return dst
+
+
+def _train_on(folder, tmp_path, **extra):
+    return train(load_config(None, tiny_overrides(**{"method.name": "mocov2", "data.train": str(folder), **extra})),
+                 tmp_path / "run")
+
+
+def test_missing_dataset_folder(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        _train_on(tmp_path / "nowhere", tmp_path)
+
+
+def test_empty_dataset_folder(tmp_path):
+    (tmp_path / "empty" / "cat").mkdir(parents=True)
+    with pytest.raises(UserError, match="holds no images"):
+        _train_on(tmp_path / "empty", tmp_path)
+    (tmp_path / "flat").mkdir()
+    with pytest.raises(UserError, match="no class sub-folders"):
+        _train_on(tmp_path / "flat", tmp_path)
+
+
+def test_fewer_images_than_one_batch(tmp_path):
+    folder = _digits_copy(tmp_path, n_per_class=2)
+    with pytest.raises(UserError, match="fewer than one global batch"):
+        _train_on(folder, tmp_path)
+
+
+def _truncate_one(folder):
+    victim = sorted((folder / "3").iterdir())[0]
+    jpg = victim.with_suffix(".jpg")
+    Image.open(victim).convert("RGB").save(jpg, quality=90)
+    victim.unlink()
+    jpg.write_bytes(jpg.read_bytes()[: len(jpg.read_bytes()) // 2])
+    return jpg
+
+
+def test_truncated_image_is_skipped_and_counted(tmp_path):
+    folder = _digits_copy(tmp_path)
+    bad = _truncate_one(folder)
+    result = _train_on(folder, tmp_path)
+    summary = json.loads((result.run_dir / "run.json").read_text())
+    assert summary["skipped_images"] == [str(bad)]
+
+
+def test_truncated_image_is_an_error_when_strict(tmp_path):
+    folder = _digits_copy(tmp_path)
+    bad = _truncate_one(folder)
+    with pytest.raises(UserError, match="unreadable image") as e:
+        _train_on(folder, tmp_path, **{"data.strict": "true"})
+    assert str(bad) in str(e.value)
+
+
+def test_cli_user_error_is_one_line_exit_2(tmp_path):
+    result = runner.invoke(app, ["train", "--set", "method.name=mocov2", "--set", "student.arch=mobilenet_v9",
+                                 "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2
+    assert "unknown architecture" in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_disco_without_teacher_is_a_recipe_error():
+    with pytest.raises(UserError, match="needs a teacher"):
+        load_config(None, ["method.name=disco"])
