@@ -259,7 +259,6 @@ def _export(run_dir: Path, opts: ExportOptions) -> Path:
     chw = (3, dep.img_size, dep.img_size)
     if opts.target == "tensorrt" and not failures:
         trt = build_engines(out, plan(out, st.paths, INPUT_NAME, chw, opts.batches), opts.batches)
-        log.info("TensorRT: %s", "engines built" if trt["built"] else f"skipped: {trt['reason']}")
     else:
         trt = {"built": False, "reason": "not requested (--target tensorrt builds engines where TensorRT and a GPU exist)",
                "commands": plan(out, st.paths, INPUT_NAME, chw, opts.batches)}
