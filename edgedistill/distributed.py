@@ -8,6 +8,7 @@ backend's device and back, so callers may pass CPU tensors either way.
 
 from __future__ import annotations
 
+import atexit
 import os
 from contextlib import contextmanager
 
@@ -95,11 +96,14 @@ def init_from_env(device_spec: str) -> bool:
     if use_cuda:
         torch.cuda.set_device(local_rank())
     dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    # One group per process, reused by every command it runs (train then eval in one script);
+    # left at exit. Re-creating a group after destroying it is avoided on purpose (flaky with gloo).
+    atexit.register(shutdown)
     return True
 
 
 def shutdown() -> None:
-    """Leave the process group (end of a torchrun command)."""
+    """Leave the process group (registered at exit by `init_from_env`)."""
     if is_distributed():
         dist.destroy_process_group()
 

@@ -178,7 +178,6 @@ def evaluate_run(run: str | Path, with_teacher: bool = False, overrides: list[st
     cfg = load_run_config(run, overrides)
     seed_everything(cfg.seed)
     # Under torchrun every rank extracts the features of its shard (see extract_features).
-    owns_group = not dist_utils.is_distributed()
     distributed = dist_utils.init_from_env(cfg.train.device)
     device = dist_utils.device_for_rank(cfg.train.device) if distributed else resolve_device(cfg.train.device)
     # The kNN bank and the probe use every labelled training image (no max_images subset).
@@ -200,8 +199,6 @@ def evaluate_run(run: str | Path, with_teacher: bool = False, overrides: list[st
     if dist_utils.is_main():
         (run / EVAL_FILE).write_text(json.dumps(asdict(result), indent=2))
     dist_utils.barrier()
-    if owns_group:
-        dist_utils.shutdown()
     return result
 
 

@@ -167,7 +167,6 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: bool = False) -
     if resume and not ckpt_path.exists():
         raise UserError(f"--resume: {ckpt_path} does not exist (nothing to resume); drop --resume to start")
 
-    owns_group = not dist_utils.is_distributed()
     distributed = dist_utils.init_from_env(cfg.train.device)
     rank, world = dist_utils.rank(), dist_utils.world_size()
     device = dist_utils.device_for_rank(cfg.train.device) if distributed else resolve_device(cfg.train.device)
@@ -289,6 +288,4 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: bool = False) -
         log.info("done: %d steps in %.1fs (%.1f images/s, loader %s); student -> %s",
                  step, wall, ips, loader.name, run_dir / STUDENT_FILE)
     dist_utils.barrier()
-    if owns_group:
-        dist_utils.shutdown()
     return result

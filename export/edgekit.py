@@ -305,7 +305,8 @@ class OrtRunner:
 
     runtime_prefix = "ort"
 
-    def __init__(self, path, provider: str = "cpu", threads: int | None = None, device_id: int = 0):
+    def __init__(self, path, provider: str = "cpu", threads: int | None = None, device_id: int = 0,
+                 precision: str | None = None):
         import onnxruntime as ort
 
         self.ort, self.provider_short = ort, provider
@@ -321,7 +322,10 @@ class OrtRunner:
         if provider == "cuda":
             providers = [(self.provider, {"device_id": device_id}), "CPUExecutionProvider"]
         elif provider == "trt":
-            providers = [(self.provider, {"device_id": device_id, "trt_fp16_enable": True, "trt_int8_enable": True,
+            # The artifact's precision decides: fp32 stays fp32, fp16 may use fp16 kernels, and a QDQ
+            # model carries its own INT8 scales (explicit quantization, no calibration table).
+            providers = [(self.provider, {"device_id": device_id, "trt_fp16_enable": precision == "fp16",
+                                          "trt_int8_enable": precision == "int8",
                                           "trt_engine_cache_enable": True,
                                           "trt_engine_cache_path": str(Path(path).parent / "trt_cache")}),
                          ("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
@@ -538,9 +542,9 @@ def available_runtimes() -> dict[str, str | None]:
     return out
 
 
-def _make_runner(runtime: str, path: Path, threads: int | None):
+def _make_runner(runtime: str, path: Path, threads: int | None, precision: str | None = None):
     if runtime.startswith("ort-"):
-        return OrtRunner(path, runtime[4:], threads)
+        return OrtRunner(path, runtime[4:], threads, precision=precision)
     if runtime == "tensorrt":
         return TensorRTRunner(path)
     raise ValueError(f"unknown runtime {runtime!r}")
@@ -587,7 +591,7 @@ def bench_export(export_dir, runtimes=("ort-cpu",), batches=(1, 8, 32), threads:
                 log(f"skip {art['name']} on {runtime}: {path} is missing")
                 continue
             try:
-                runner = _make_runner(runtime, path, threads)
+                runner = _make_runner(runtime, path, threads, art.get("precision"))
             except Exception as e:  # a provider that cannot load this graph: say so, go on
                 reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
                 skipped.append({"artifact": art["name"], "runtime": runtime, "reason": reason})

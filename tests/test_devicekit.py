@@ -132,7 +132,7 @@ def test_inputs_are_real_samples_tiled(kit, export_dir, monkeypatch):
             seen.append(x.copy())
             return kit.summarize([1.0, 2.0], x.shape[0])
 
-    monkeypatch.setattr(kit, "_make_runner", lambda runtime, path, threads: Recorder())
+    monkeypatch.setattr(kit, "_make_runner", lambda runtime, path, threads, precision=None: Recorder())
     doc = kit.bench_export(export_dir, ["ort-cpu"], [1, 40], warmup=0, runs=2, log=lambda m: None)
     assert doc["results"] and seen
     for x in seen:

@@ -33,7 +33,7 @@ from edgedistill.train import train
 
 run, overrides = sys.argv[1], json.loads(sys.argv[2])
 train(load_config(None, overrides), run, resume=True)
-evaluate_run(run)
+evaluate_run(run)  # reuses the process group train() joined
 """
 
 
@@ -52,6 +52,7 @@ def _overrides(**extra) -> list[str]:
     return tiny_overrides(**base)
 
 
+@pytest.mark.slow
 def test_torchrun_train_resume_and_exact_eval(tmp_path):
     run = tmp_path / "ddp"
     _torchrun("-m", "edgedistill", "train", *[a for kv in _overrides() for a in ("--set", kv)], "--out", str(run),
@@ -86,6 +87,36 @@ def test_torchrun_train_resume_and_exact_eval(tmp_path):
     assert ddp["student"]["knn_top1"] == single.student.knn_top1
     # Features are identical up to float summation order (other batch split): allow one image.
     assert abs(ddp["student"]["linear_top1"] - single.student.linear_top1) <= 100 / single.n_val + 1e-6
+
+
+def _gather_worker(rank: int, world: int, init_file: str, sizes: list[int], queue) -> None:
+    import math
+
+    from edgedistill import distributed as du
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        for n in sizes:
+            per = math.ceil(n / world)
+            idx = torch.arange(rank * per, min(n, (rank + 1) * per))  # extract_features' contiguous shard
+            feats = torch.stack([torch.full((4,), float(i)) for i in idx]) if len(idx) else torch.empty(0, 4)
+            all_f, all_y = du.gather_shards(feats, idx, per)
+            if rank == 0:
+                queue.put((n, all_f[:, 0].tolist(), all_y.tolist()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gather_shards_counts_every_sample_once(tmp_path):
+    """3 ranks, uneven shards and (n=2) an empty one: the gathered result is 0..n-1 in order."""
+    import torch.multiprocessing as mp
+
+    sizes = [2, 7, 9]
+    queue = mp.get_context("spawn").Queue()
+    mp.start_processes(_gather_worker, args=(3, str(tmp_path / "rdzv"), sizes, queue), nprocs=3, start_method="spawn")
+    for n in sizes:
+        got_n, feats, labels = queue.get(timeout=60)
+        assert got_n == n and labels == list(range(n)) and feats == [float(i) for i in range(n)]
 
 
 def test_gather_shards_single_process_is_identity():

@@ -164,3 +164,38 @@ def _train_with_dali_cpu(tmp_path, train):
     assert result.loader == "dali-cpu" and result.steps == 2
     summary = json.loads((tmp_path / "run" / "run.json").read_text())
     assert summary["loader"] == "dali-cpu" and summary["status"] == "complete"
+
+
+def test_resume_with_dali_cpu_reproduces_uninterrupted_run(tmp_path, monkeypatch):
+    """--resume with dali-cpu: the skipped batches are run and discarded, so the resumed run
+    trains on exactly the batches (and augmentations) of the uninterrupted one."""
+    from safetensors.torch import load_file
+
+    import edgedistill.train as train_module
+
+    overrides = tiny_overrides(**{"method.name": "mocov2", "data.loader": "dali-cpu", "data.workers": 1,
+                                  "data.img_size": 16, "train.batch_size": 16, "train.max_steps": 4,
+                                  "train.checkpoint_every": 2})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_module.train(load_config(None, overrides), tmp_path / "full")
+        save = train_module._save_checkpoint
+
+        def save_then_interrupt(path, method, optimizers, scaler, step, *args):
+            save(path, method, optimizers, scaler, step, *args)
+            if step == 2:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(train_module, "_save_checkpoint", save_then_interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            train_module.train(load_config(None, overrides), tmp_path / "part")
+        monkeypatch.undo()
+        train_module.train(load_config(None, overrides), tmp_path / "part", resume=True)
+    finally:
+        torch.set_num_threads(threads)
+    a = load_file(str(tmp_path / "full" / "student.safetensors"))
+    b = load_file(str(tmp_path / "part" / "student.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)

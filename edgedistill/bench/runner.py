@@ -65,7 +65,7 @@ def bench_export(export_dir, runtimes="ort-cpu,torch-cpu", batches=(1,), threads
         if unknown:
             raise UserError(f"unknown artifact(s) {', '.join(unknown)}: {export_dir / 'manifest.json'} has "
                             f"{', '.join(names)}")
-    wanted, explicit = parse_runtimes(runtimes)
+    wanted, _explicit = parse_runtimes(runtimes)
     avail = kit.available_runtimes()
     from edgedistill.bench.torch_runtime import torch_unavailable
 

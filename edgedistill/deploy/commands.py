@@ -25,6 +25,7 @@ def register(app) -> None:
         calib_count: Annotated[Optional[int], typer.Option("--calib-count", help="Calibration images (default 512, capped by what exists; an explicit count larger than the folder is an error).")] = None,
         calibrator: Annotated[str, typer.Option(help="minmax, entropy or percentile.")] = "minmax",
         percentile: Annotated[float, typer.Option(help="Percentile calibrator's percentile.")] = 99.999,
+        entropy_bins: Annotated[int, typer.Option("--entropy-bins", help="Entropy calibrator histogram bins (TensorRT uses 2048; slower).")] = 512,
         max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="INT8 top-1 drop budget in points: keep the most sensitive layers in float until it fits.")] = None,
         sensitivity: Annotated[bool, typer.Option("--sensitivity", help="Write the per-layer INT8 sensitivity report (sensitivity.json) even without --max-drop.")] = False,
         embedding: Annotated[bool, typer.Option("--embedding", help="Export the bare embedding model (pooled features), not the classifier.")] = False,
@@ -51,7 +52,7 @@ def register(app) -> None:
         try:
             folder = export_run(
                 run, int8=int8, fp16=fp16, target=target, int8_format=int8_format, calib_data=calib_data,
-                calib_count=calib_count, calibrator=calibrator, percentile=percentile, max_drop=max_drop,
+                calib_count=calib_count, calibrator=calibrator, percentile=percentile, entropy_bins=entropy_bins, max_drop=max_drop,
                 sensitivity=sensitivity, embedding=embedding, out=out, opset=opset, exporter=exporter,
                 val_count=val_count or None, tolerance=tolerance, tolerance_fp16=tolerance_fp16,
                 batches=(min_batch, opt_batch, max_batch),

@@ -65,6 +65,7 @@ class ExportOptions:
     calib_count: int | None = None  # None = DEFAULT_CALIB_COUNT, capped by what exists
     calibrator: str = "minmax"
     percentile: float = 99.999
+    entropy_bins: int = 512
     max_drop: float | None = None
     sensitivity: bool = False
     embedding: bool = False
@@ -105,6 +106,8 @@ def _validate(opts: ExportOptions) -> None:
         raise UserError(f"--max-drop must be >= 0 (top-1 points), got {opts.max_drop}")
     if not 90.0 < opts.percentile <= 100.0:
         raise UserError(f"--percentile must be in (90, 100], got {opts.percentile}")
+    if not 128 < opts.entropy_bins <= 8192:
+        raise UserError(f"--entropy-bins must be in (128, 8192], got {opts.entropy_bins}")
     if opts.exporter not in ("legacy", "dynamo"):
         raise UserError(f"--exporter {opts.exporter!r}: use legacy or dynamo")
     if (opts.calib_data is not None or opts.calib_count is not None or opts.max_drop is not None) and not opts.int8:
@@ -341,7 +344,7 @@ def _int8(dep, opts: ExportOptions, out: Path, fp32_path: Path, images, labels, 
 
     kind = dep.kind
     files, source = calib_files
-    settings = q.QuantSettings(calibrator=opts.calibrator, percentile=opts.percentile)
+    settings = q.QuantSettings(calibrator=opts.calibrator, percentile=opts.percentile, entropy_bins=opts.entropy_bins)
     work = Path(tempfile.mkdtemp(prefix="edgedistill-int8-"))
     try:
         pre = q.preprocess(fp32_path, work / "model.pre.onnx")
@@ -395,8 +398,9 @@ def _int8(dep, opts: ExportOptions, out: Path, fp32_path: Path, images, labels, 
                 excluded, metrics, drop, trials, reached = _fallback(sensitivity, evaluate, opts.max_drop)
                 fallback.update({"reached": reached, "kept_in_float": excluded, "trials": trials, "final_drop": drop})
                 if reached:
-                    log.info("--max-drop %.2f: kept %d layer(s) in float (%s): drop %.2f points", opts.max_drop,
-                             len(excluded), ", ".join(excluded), drop)
+                    log.info("--max-drop %.2f: kept %d layer(s) in float (%s%s): drop %.2f points (list in manifest.json)",
+                             opts.max_drop, len(excluded), ", ".join(excluded[:3]), ", ..." if len(excluded) > 3 else "",
+                             drop)
                 else:
                     msg = (f"INT8 top-1 drop {fallback['initial_drop']:.2f} points cannot be brought within --max-drop "
                            f"{opts.max_drop:.2f}: still {drop:.2f} with all {len(excluded)} sensitive layers in float")

@@ -120,8 +120,10 @@ def _summary(artifacts: list[dict], latency: list[dict]) -> list[dict]:
     return out
 
 
-def _notes(artifacts: list[dict], latency: list[dict], docs) -> list[str]:
+def _notes(artifacts: list[dict], latency: list[dict], docs, manifest: dict | None = None) -> list[str]:
     notes = []
+    if manifest and manifest.get("status", "ok") != "ok":
+        notes.append(f"export status {manifest['status']!r}: " + "; ".join(map(str, manifest.get("problems") or [])))
     by = {(r["artifact"], r["runtime"], r["host"], r["source"], r["batch"]): r for r in latency}
     prec = {a["name"]: a.get("precision") for a in artifacts}
     for (name, runtime, host, source, batch), r in sorted(by.items(), key=lambda kv: str(kv[0])):
@@ -265,7 +267,7 @@ def build_report(run_dir, device_results=(), export_dir=None, out_dir=None) -> P
         "artifacts": artifacts,
         "latency": latency,
         "summary": _summary(artifacts, latency),
-        "notes": _notes(artifacts, latency, docs),
+        "notes": _notes(artifacts, latency, docs, manifest),
         "macs_method": "conv + linear multiply-accumulates for one image (ONNX graph per artifact; torch hooks "
                        "for the torch student); activations, norms, pooling not counted",
         "plots": {"accuracy_vs_size": PLOT_SIZE, "accuracy_vs_latency": PLOT_LATENCY},

@@ -48,13 +48,13 @@ def register(app) -> None:
     def gate(
         report_file: Annotated[Path, typer.Argument(metavar="REPORT", help="report.json written by `edgedistill report`.")],
         baseline: Annotated[Path, typer.Option(help="Baseline JSON (edgedistill.baseline/1, or a report).")],
-        max_drop: Annotated[Optional[float], typer.Option(help="Allowed top-1 drop vs the baseline, in points [default: baseline's, else 1.0].")] = None,
+        max_drop: Annotated[Optional[float], typer.Option(help="Allowed top-1 drop vs the baseline, in points (default: the baseline's, else 1.0).")] = None,
         max_size_mb: Annotated[Optional[float], typer.Option(help="Size budget per gated artifact, MB.")] = None,
         max_latency_ms: Annotated[Optional[float], typer.Option(help="p50 latency budget at --latency-batch, ms.")] = None,
-        latency_tolerance: Annotated[Optional[float], typer.Option(help="Allowed p50 slow-down vs the baseline (same machine), percent [default 25].")] = None,
-        accuracy_noise: Annotated[Optional[float], typer.Option(help="Top-1 differences up to this many points count as ties in the dominance check [default 0].")] = None,
-        latency_batch: Annotated[Optional[int], typer.Option(help="Batch size whose latency is gated [default 1].")] = None,
-        artifact: Annotated[Optional[list[str]], typer.Option(help="Gate only this artifact (repeatable) [default: all in the baseline].")] = None,
+        latency_tolerance: Annotated[Optional[float], typer.Option(help="Allowed p50 slow-down vs the baseline (same machine), percent (default: the baseline's, else 30).")] = None,
+        accuracy_noise: Annotated[Optional[float], typer.Option(help="Top-1 differences up to this many points count as ties in the dominance check (default 0).")] = None,
+        latency_batch: Annotated[Optional[int], typer.Option(help="Batch size whose latency is gated (default 1).")] = None,
+        artifact: Annotated[Optional[list[str]], typer.Option(help="Gate only this artifact (repeatable; default: all in the baseline).")] = None,
         fmt: Annotated[GateFormat, typer.Option("--format", help="text, github (::error annotations) or json.")] = GateFormat.text,
         update_baseline: Annotated[bool, typer.Option("--update-baseline", help="Write REPORT's numbers (and these budgets) as the new baseline; exit 0.")] = False,
     ):

@@ -55,7 +55,6 @@ def torch_macs(model, input_shape) -> int:
 def onnx_macs(path: str | Path) -> int:
     """MACs of one image through the ONNX graph at `path` (batch dimension taken as 1)."""
     import onnx
-    from onnx import numpy_helper  # noqa: F401  (keeps onnx's helpers importable)
 
     model = onnx.load(str(path), load_external_data=False)
     graph = model.graph

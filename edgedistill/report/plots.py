@@ -31,10 +31,12 @@ def accuracy_vs_size(report: dict, path: Path) -> Path:
     if teacher and teacher.get("linear_top1") is not None and teacher.get("params"):
         points.append((teacher["params"] * 4 / 1e6, teacher["linear_top1"], f"teacher {teacher['arch']} (fp32 est.)",
                        "teacher", "teacher"))
+    placed: list[tuple[float, float]] = []
     for size, acc, name, prec, fmt in points:
         ax.scatter(size, acc, s=140 if fmt == "teacher" else 70, c=PRECISION_COLORS.get(prec, "#9467bd"),
                    marker=FORMAT_MARKERS.get(fmt, "o"), edgecolors="black", linewidths=0.6, zorder=3)
-        ax.annotate(name, (size, acc), textcoords="offset points", xytext=(6, 5), fontsize=8)
+        k = _crowding(placed, size, acc)
+        ax.annotate(name, (size, acc), textcoords="offset points", xytext=(6, 5 - 11 * k), fontsize=8)
     if points:
         ax.set_xscale("log")
         _pad(ax, [p[0] for p in points], [p[1] for p in points], logx=True)
@@ -62,6 +64,7 @@ def accuracy_vs_latency(report: dict, path: Path, batch: int = 1) -> Path:
     runtimes = list(dict.fromkeys(f"{r['runtime']}@{r['host']}" for r in rows))
     markers = {rt: RUNTIME_MARKERS[i % len(RUNTIME_MARKERS)] for i, rt in enumerate(runtimes)}
     labelled = set()
+    placed: list[tuple[float, float]] = []
     for r in sorted(rows, key=lambda r: r["p50_ms"]):
         key = f"{r['runtime']}@{r['host']}"
         x, y = r["p50_ms"], acc[r["artifact"]]
@@ -70,8 +73,9 @@ def accuracy_vs_latency(report: dict, path: Path, batch: int = 1) -> Path:
                    edgecolors="black", linewidths=0.6, zorder=3)
         if (r["artifact"], key) not in labelled:  # the same pair measured twice: label the faster point
             labelled.add((r["artifact"], key))
-            ax.annotate(f"{r['artifact']}\n{r['runtime']}", (x, y), textcoords="offset points", xytext=(-4, 6),
-                        fontsize=7, ha="right")
+            k = _crowding(placed, x, y)
+            ax.annotate(f"{r['artifact']}\n{r['runtime']}", (x, y), textcoords="offset points",
+                        xytext=(-4, 6 - 20 * k), fontsize=7, ha="right")
     if rows:
         ax.set_xscale("log")
         _pad(ax, [r["p50_ms"] for r in rows] + [r["p99_ms"] for r in rows], [acc[r["artifact"]] for r in rows],
@@ -92,6 +96,14 @@ def accuracy_vs_latency(report: dict, path: Path, batch: int = 1) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _crowding(placed: list[tuple[float, float]], x: float, y: float) -> int:
+    """How many labelled points sit almost on (x, y) (log-x within 8 %, y within 0.6 points);
+    records (x, y). Used to stack labels instead of overprinting them."""
+    k = sum(1 for px, py in placed if abs(px - x) <= 0.08 * max(px, x) and abs(py - y) <= 0.6)
+    placed.append((x, y))
+    return k
 
 
 def _pad(ax, xs, ys, logx: bool) -> None:
