@@ -66,13 +66,15 @@ def train(
     torchvision when DALI is missing (force one with --set data.loader=...).
     """
     from edgedistill.config import load_config
+    from edgedistill.distributed import is_main
     from edgedistill.train import train as run_training
     from edgedistill.ui import console, setup_logging
 
     setup_logging()
     cfg = load_config(recipe, set_ or [])
     result = run_training(cfg, out, resume)
-    console.print(f"run folder: [bold]{result.run_dir}[/]  ({result.steps} steps, {result.images_per_s:.0f} images/s, loader {result.loader})")
+    if is_main():
+        console.print(f"run folder: [bold]{result.run_dir}[/]  ({result.steps} steps, {result.images_per_s:.0f} images/s, loader {result.loader})")
 
 
 @app.command("eval")
@@ -86,27 +88,35 @@ def eval_(
 
     Writes eval.json and classifier.safetensors (backbone + classifier = a deployable classifier).
     """
+    from edgedistill.distributed import is_main
     from edgedistill.evaluate import evaluate_run, print_eval
     from edgedistill.ui import setup_logging
 
     setup_logging()
     result = evaluate_run(run, with_teacher=teacher, overrides=set_ or [])
-    print_eval(result)
+    if is_main():
+        print_eval(result)
 
 
 @app.command()
 @handle_errors
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo's runs and report.")] = Path("runs/demo"),
-    steps: Annotated[int, typer.Option(help="Training steps per student (the budget is the same for each).")] = 300,
+    steps: Annotated[int, typer.Option(help="Training steps per student (the budget is the same for each).")] = 120,
 ):
-    """The whole path on the embedded digits dataset, on the CPU in a few minutes:
-    teacher fit, DisCo student, MoCo v2 student at the same budget, evaluation, comparison."""
+    """The whole path on the embedded digits dataset, on the CPU in a few minutes.
+
+    Teacher fit, DisCo student, MoCo v2 student at the same budget, evaluation and comparison,
+    then export (ONNX + INT8), benchmark, report with plots, and the gate against the committed
+    baseline (baselines/demo.json).
+    """
     from edgedistill.demo import run_demo
     from edgedistill.ui import setup_logging
 
     setup_logging()
-    run_demo(out, steps)
+    summary = run_demo(out, steps)
+    if not summary.get("gate", {}).get("passed", True):
+        raise typer.Exit(1)
 
 
 # Commands that live beside the code they drive; each module's register(app) adds them.

@@ -32,7 +32,7 @@ from edgedistill.methods import create_method, method_class
 from edgedistill.methods.base import Method
 from edgedistill.models import HEAD_FILE, STUDENT_FILE, save_safetensors, save_torch
 from edgedistill.models.checkpoint import load_torch_file
-from edgedistill.ui import console, progress_bar, setup_logging
+from edgedistill.ui import progress_bar, setup_logging
 
 log = logging.getLogger(__name__)
 

@@ -215,6 +215,27 @@ def test_tensorrt_target_without_tensorrt(evaluated_run, tmp_path):
         assert arr.dtype == np.int8 and not arr.any()
 
 
+def test_max_drop_not_reachable_exits_1(evaluated_run, tmp_path, monkeypatch):
+    import edgedistill.deploy.exporter as exporter
+    import edgedistill.deploy.quantize as q
+
+    # The search itself is tested above; here: what happens when no float fallback fits.
+    monkeypatch.setattr(q, "layer_sensitivity", lambda *a, **k: [{"node": "n0", "added_rel_error": 1.0}])
+
+    def never(sens, evaluate, max_drop):
+        m, d = evaluate([])
+        return ["n0"], m, max(d, max_drop + 1.0), [{"kept_in_float": 1, "drop": d}], False
+
+    monkeypatch.setattr(exporter, "_fallback", never)
+    result = CliRunner().invoke(app, ["export", str(evaluated_run), "--int8", "--int8-format", "qdq-u8s8", "--max-drop", "0",
+                                      "--calib-count", "32", "--val-count", "48", "--out", str(tmp_path / "ex")])
+    assert result.exit_code == 1, result.output
+    assert "cannot be brought within --max-drop" in " ".join(result.output.split())
+    m = _manifest(tmp_path / "ex")
+    assert m["status"] == "max_drop_not_reached" and m["int8"]["max_drop"]["reached"] is False
+    assert m["int8"]["max_drop"]["kept_in_float"] == ["n0"]
+
+
 def test_run_without_classifier_exports_embedding(evaluated_run, tmp_path, caplog):
     from edgedistill.deploy import export_run
 

@@ -112,6 +112,9 @@ def _validate(opts: ExportOptions) -> None:
         raise UserError(f"--exporter {opts.exporter!r}: use legacy or dynamo")
     if (opts.calib_data is not None or opts.calib_count is not None or opts.max_drop is not None) and not opts.int8:
         log.warning("calibration / --max-drop options only apply with --int8: ignored")
+    b = opts.batches
+    if len(b) != 3 or not 1 <= b[0] <= b[1] <= b[2]:
+        raise UserError(f"TensorRT batches must satisfy 1 <= min <= opt <= max, got {tuple(b)}")
     if opts.tolerance <= 0 or opts.tolerance_fp16 <= 0:
         raise UserError("tolerances must be positive")
 

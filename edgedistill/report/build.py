@@ -314,8 +314,11 @@ def render_markdown(report: dict) -> str:
         rows.append(["teacher", t["arch"], _f(t["params"] / 1e6), _f(t.get("knn_top1")), _f(t.get("linear_top1"))])
     out += [_table(["model", "arch", "params (M)", "kNN top-1", "linear top-1"], rows), ""]
     if c:
+        def rel(gap: float) -> str:
+            return f"{gap:.2f} points behind" if gap > 0 else f"{-gap:.2f} points ahead of" if gap < 0 else "level with"
+
         out += [f"The student has **{c['params_pct_of_teacher']:.1f}% of the teacher's parameters** and is "
-                f"{c['top1_gap']:+.2f} points of linear top-1 behind it (kNN {c['knn_gap']:+.2f}).", ""]
+                f"{rel(c['top1_gap'])} it in linear top-1 ({rel(c['knn_gap'])} it in kNN top-1).", ""]
     else:
         out += ["(No teacher scores: run `edgedistill eval RUN --teacher` to compare.)", ""]
 
