@@ -129,7 +129,10 @@ def linear_probe(train_f, train_y, num_classes: int, epochs: int, lr: float, wei
                  seed: int, batch_size: int = 256) -> nn.Linear:
     """Train a linear classifier on frozen features; returns it with standardisation folded in."""
     gen = torch.Generator().manual_seed(seed)
-    mean, std = train_f.mean(0), train_f.std(0).clamp_min(1e-6)
+    # Near-constant features (dead channels) would get huge weights once 1/std is folded in,
+    # which wrecks INT8 ranges of the deployed classifier: floor std at 10% of the mean std.
+    mean, std = train_f.mean(0), train_f.std(0)
+    std = std.clamp_min(max(1e-6, 0.1 * float(std.mean())))
     x = (train_f - mean) / std
     fc = nn.Linear(x.shape[1], num_classes)
     with torch.no_grad():

@@ -148,3 +148,162 @@ def test_results_schema_checked(kit, tmp_path):
     with pytest.raises(ValueError):
         kit.write_results({"schema": kit.SCHEMA, "results": [{"artifact": "x"}]}, tmp_path / "x.json")
     assert kit.available_runtimes()["ort-cpu"] is None
+
+
+# ----------------------------------------------------------------------------- TensorRT path, faked
+# TensorRT cannot be installed here. These fakes follow the TensorRT 10 Python API and cuda-python's
+# runtime bindings closely enough to execute the kit's engine runner end to end (buffers, shapes,
+# events, copies); they check the kit's own logic, not TensorRT.
+
+
+class _FakeCudart:
+    class cudaMemcpyKind:
+        cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost = 1, 2
+
+    def __init__(self):
+        import ctypes
+
+        self.ctypes, self.buffers, self.copies = ctypes, {}, []
+
+    def _alloc(self, n):
+        buf = self.ctypes.create_string_buffer(int(n))
+        addr = self.ctypes.addressof(buf)
+        self.buffers[addr] = buf
+        return 0, addr
+
+    cudaMallocHost = cudaMalloc = _alloc
+
+    def cudaFreeHost(self, p):
+        self.buffers.pop(p, None)
+        return (0,)
+
+    cudaFree = cudaFreeHost
+
+    def cudaStreamCreate(self):
+        return 0, 7
+
+    def cudaStreamSynchronize(self, s):
+        return (0,)
+
+    def cudaEventCreate(self):
+        return 0, [0.0]
+
+    def cudaEventRecord(self, e, s):
+        import time
+
+        e[0] = time.perf_counter()
+        return (0,)
+
+    def cudaEventDestroy(self, e):
+        return (0,)
+
+    def cudaEventElapsedTime(self, a, b):
+        return 0, (b[0] - a[0]) * 1000.0
+
+    def cudaMemcpyAsync(self, dst, src, n, kind, stream):
+        assert dst in self.buffers and src in self.buffers and stream == 7
+        self.copies.append(kind)
+        self.ctypes.memmove(dst, src, n)
+        return (0,)
+
+
+def _fake_tensorrt(classes: int = 10):
+    import types
+
+    trt = types.ModuleType("tensorrt")
+
+    class TensorIOMode:
+        INPUT, OUTPUT = "in", "out"
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level):
+            pass
+
+    class Context:
+        def __init__(self):
+            self.shapes, self.addr = {}, {}
+
+        def set_input_shape(self, name, shape):
+            assert name == "input"
+            if not 1 <= shape[0] <= 32:
+                return False
+            self.shapes["input"], self.shapes["logits"] = tuple(shape), (shape[0], classes)
+            return True
+
+        def get_tensor_shape(self, name):
+            return self.shapes[name]
+
+        def set_tensor_address(self, name, ptr):
+            self.addr[name] = ptr
+
+        def execute_async_v3(self, stream):
+            import ctypes
+
+            shape = self.shapes["input"]
+            n = int(np.prod(shape))
+            x = np.frombuffer((ctypes.c_float * n).from_address(self.addr["input"]), np.float32).reshape(shape)
+            y = np.repeat(x.reshape(shape[0], -1).mean(1, keepdims=True), classes, 1).astype(np.float32)
+            y[:, 3] += 1.0  # predicts class 3
+            ctypes.memmove(self.addr["logits"], y.ctypes.data, y.nbytes)
+            return True
+
+    class Engine:
+        num_io_tensors = 2
+
+        def get_tensor_name(self, i):
+            return ["input", "logits"][i]
+
+        def get_tensor_mode(self, name):
+            return TensorIOMode.INPUT if name == "input" else TensorIOMode.OUTPUT
+
+        def get_tensor_dtype(self, name):
+            return "float32"
+
+        def get_tensor_shape(self, name):
+            return (-1, 3, 32, 32) if name == "input" else (-1, classes)
+
+        def get_tensor_profile_shape(self, name, profile):
+            return [(1, 3, 32, 32), (8, 3, 32, 32), (32, 3, 32, 32)]
+
+        def create_execution_context(self):
+            return Context()
+
+    class Runtime:
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, data):
+            assert data == b"fake engine"
+            return Engine()
+
+    trt.TensorIOMode, trt.Logger, trt.Runtime = TensorIOMode, Logger, Runtime
+    trt.nptype = lambda dtype: np.float32
+    return trt
+
+
+def test_tensorrt_runner_with_fakes(kit, export_dir, tmp_path, monkeypatch):
+    import shutil
+
+    exp = tmp_path / "export"
+    shutil.copytree(export_dir, exp, ignore=shutil.ignore_patterns("bench*.json"))
+    (exp / "engines").mkdir(exist_ok=True)
+    (exp / "engines" / "model.int8.engine").write_bytes(b"fake engine")
+    cudart = _FakeCudart()
+    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt())
+    monkeypatch.setattr(kit, "_cudart", lambda: cudart)
+    monkeypatch.setattr(kit, "gpu_stamp", lambda: [{"name": "Fake GPU", "driver": "0", "memory_mib": "1",
+                                                    "capability": "9.0"}])
+    assert kit.available_runtimes()["tensorrt"] is None
+    doc = kit.bench_export(exp, ["tensorrt"], [1, 8, 64], warmup=2, runs=4, log=lambda m: None)
+    rows = {r["batch"]: r for r in doc["results"]}
+    assert set(rows) == {1, 8} and rows[1]["artifact"] == "trt-model-int8" and rows[1]["precision"] == "int8"
+    for r in rows.values():
+        assert r["runtime"] == "tensorrt" and r["h2d_ms"] >= 0 and r["d2h_ms"] >= 0 and r["runs"] == 4
+        assert 0 <= r["latency_ms"]["p50"] <= r["latency_ms"]["p99"] and r["throughput_ips"] > 0
+    labels = np.load(exp / "sample_labels.npy")
+    assert rows[1]["top1"] == pytest.approx(100.0 * float((labels == 3).mean()), abs=1e-3)
+    assert [s for s in doc["skipped"] if s.get("batch") == 64]  # outside the engine's profile: skipped
+    assert cudart.copies.count(1) == cudart.copies.count(2) > 0  # every run: one H2D, one D2H
+    assert not cudart.buffers  # every buffer freed

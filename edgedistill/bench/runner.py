@@ -190,7 +190,12 @@ def print_results(doc: dict) -> None:
         row.append("-" if r.get("top1") is None else f"{r['top1']:.1f}")
         table.add_row(*row)
     table.caption = "* top-1 on the export's sample images (a sanity check; the report has full-val accuracy)"
-    console.print(table, width=max(console.width, 112))  # no truncated numbers in CI logs
+    if console.is_terminal:
+        console.print(table)
+    else:  # logs (CI): a fixed, wide enough width rather than 80 columns of truncated numbers
+        from rich.console import Console
+
+        Console(file=console.file, width=max(console.width, 120), color_system=None).print(table)
     load = env.get("load_average")
     if load and cpu.get("affinity_cores") and load[0] > 0.5 * cpu["affinity_cores"]:
         console.print(f"[yellow]note:[/] load average {load[0]} on {cpu['affinity_cores']} cores while timing: "
