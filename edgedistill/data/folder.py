@@ -124,11 +124,11 @@ def embedded_digits(size: int = 32) -> tuple[Path, Path]:
 
     Written once under the user cache; split 80/20, stratified, with a fixed seed.
     """
-    from sklearn.datasets import load_digits
-
     root = cache_dir() / "datasets" / f"digits-{size}"
     done = root / ".complete"
     if not done.is_file():
+        from sklearn.datasets import load_digits  # ~4 s to import: only when building
+
         digits = load_digits()
         rng = np.random.default_rng(0)
         for cls in range(10):

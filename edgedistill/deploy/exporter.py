@@ -418,6 +418,12 @@ def _int8(dep, opts: ExportOptions, out: Path, fp32_path: Path, images, labels, 
             if drop > opts.max_drop:
                 excluded, metrics, drop, trials, reached = _fallback(sensitivity, evaluate, opts.max_drop)
                 fallback.update({"reached": reached, "kept_in_float": excluded, "trials": trials, "final_drop": drop})
+                n_quant = len(sensitivity or [])
+                if reached and n_quant and len(excluded) > n_quant // 2:
+                    note = (f"{len(excluded)} of {n_quant} quantized layers had to stay in float: INT8 brings little "
+                            "here (often a sign of an ill-conditioned classifier or too little training)")
+                    fallback["note"] = note
+                    log.warning("--max-drop: %s", note)
                 if reached:
                     log.info("--max-drop %.2f: kept %d layer(s) in float (%s%s): drop %.2f points (list in manifest.json)",
                              opts.max_drop, len(excluded), ", ".join(excluded[:3]), ", ..." if len(excluded) > 3 else "",
