@@ -140,16 +140,18 @@ def _load_checkpoint(path: Path, method, optimizers, scaler) -> tuple[int, int, 
 
 
 def _save_deployable(method: Method, run_dir: Path, cfg: RunConfig) -> None:
-    meta = {"arch": cfg.student.arch, "method": cfg.method.name, "img_size": str(cfg.data.img_size)}
     for role, module in method.deployable().items():
         if role == "head" and not isinstance(module, nn.Sequential):
             continue  # an identity head has nothing to save
+        # Roles other than the student and its head carry their own architecture (DoGo's peer).
+        arch = getattr(getattr(cfg.method, role, None), "arch", None) or cfg.student.arch
+        meta = {"arch": arch, "role": role, "method": cfg.method.name, "img_size": str(cfg.data.img_size)}
         path = run_dir / {"student": STUDENT_FILE, "head": HEAD_FILE}.get(role, f"{role}.safetensors")
         save_safetensors(module.state_dict(), path, meta)
 
 
 def _check_finite(losses: dict, step: int, ckpt: Path) -> None:
-    bad = {k: float(v) for k, v in losses.items() if not torch.isfinite(v).all()}
+    bad = {k: float(v.detach()) for k, v in losses.items() if not torch.isfinite(v).all()}
     if bad:
         kept = f"the last good checkpoint {ckpt} is kept" if ckpt.is_file() else "no checkpoint had been written yet"
         raise TrainingDiverged(

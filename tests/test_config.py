@@ -34,7 +34,8 @@ def test_wrong_type_is_an_error(tmp_path):
 def test_method_keys_are_validated_by_the_method(tmp_path):
     with pytest.raises(UserError, match="method.distill_weight"):
         load_config(None, ["method.name=mocov2", "method.distill_weight=3"])
-    cfg = load_config(None, ["method.name=disco", "method.distill_weight=3"])
+    cfg = load_config(None, ["method.name=disco", "method.distill_weight=3", "teacher.arch=resnet50",
+                             "teacher.checkpoint=moco_v2_800ep.pth.tar"])
     assert cfg.method.distill_weight == 3.0
 
 

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from conftest import SHARED_TEACHERS
 from edgedistill.config import ModelConfig
 from edgedistill.errors import UserError
-from edgedistill.models import count_params, create_backbone, load_encoder, projection_head
+from edgedistill.models import count_params, create_backbone, head_from_state, load_encoder, projection_head, simclr_head
 
 
 def test_unknown_architecture_suggests_close_matches():
@@ -111,3 +111,13 @@ def test_saved_student_has_exactly_the_plain_backbone_parameters(trained_run):
     n_saved = sum(v.numel() for k, v in state.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
     assert n_saved == count_params(plain)
     assert not any(k.startswith(("head", "fc", "encoder")) for k in state)
+
+
+@pytest.mark.parametrize("make", [lambda: projection_head(16, 32, 8), lambda: simclr_head(16, 32, 8)], ids=["moco", "simclr"])
+def test_saved_heads_of_every_method_rebuild(make):
+    head = make().eval()
+    rebuilt = head_from_state(head.state_dict(), "head.safetensors").eval()
+    x = torch.randn(4, 16)
+    assert torch.allclose(head(x), rebuilt(x))
+    with pytest.raises(UserError, match="unrecognised projection head"):
+        head_from_state({"weight": torch.zeros(2, 2)}, "odd.safetensors")

@@ -42,7 +42,7 @@ from edgedistill.errors import UserError
 from edgedistill.losses import mutual_kl, nt_xent, view_similarity_log_probs
 from edgedistill.methods import register
 from edgedistill.methods.base import Method, MethodConfig, OptimizerGroup
-from edgedistill.models import Encoder, create_backbone, feature_dim
+from edgedistill.models import Encoder, create_backbone, feature_dim, simclr_head
 
 
 @dataclass
@@ -63,16 +63,6 @@ class DoGoConfig(MethodConfig):
     optimizer: str | None = "adam"
     lr: float | None = 3e-4
     weight_decay: float | None = 1e-6
-
-
-def simclr_head(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
-    """DoGo/SimCLR projection head: Linear(no bias) - BN - ReLU - Linear."""
-    return nn.Sequential(
-        nn.Linear(in_dim, hidden, bias=False),
-        nn.BatchNorm1d(hidden),
-        nn.ReLU(inplace=True),
-        nn.Linear(hidden, out_dim),
-    )
 
 
 def _encoder(model_cfg: ModelConfig, hp: DoGoConfig) -> Encoder:

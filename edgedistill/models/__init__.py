@@ -6,7 +6,9 @@ from edgedistill.models.backbones import (
     count_params,
     create_backbone,
     feature_dim,
+    head_from_state,
     projection_head,
+    simclr_head,
 )
 from edgedistill.models.checkpoint import (
     CLASSIFIER_FILE,
@@ -30,7 +32,9 @@ __all__ = [
     "feature_dim",
     "load_encoder",
     "load_into",
+    "head_from_state",
     "projection_head",
+    "simclr_head",
     "read_run_config",
     "save_safetensors",
     "save_torch",

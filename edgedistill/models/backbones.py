@@ -57,6 +57,30 @@ def projection_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
 
 
+def simclr_head(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+    """DoGo/SimCLR projection head: Linear(no bias) - BN - ReLU - Linear."""
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden, bias=False),
+        nn.BatchNorm1d(hidden),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden, out_dim),
+    )
+
+
+def head_from_state(state: dict[str, torch.Tensor], source: str) -> nn.Sequential:
+    """Rebuild a saved projection head (MoCo MLP or SimCLR/DoGo head) from its state dict."""
+    if {"0.weight", "1.running_mean", "3.weight"} <= set(state):
+        head = simclr_head(state["0.weight"].shape[1], state["0.weight"].shape[0], state["3.weight"].shape[0])
+    elif {"0.weight", "2.weight"} <= set(state):
+        head = projection_head(state["0.weight"].shape[1], state["0.weight"].shape[0], state["2.weight"].shape[0])
+    else:
+        from edgedistill.errors import UserError
+
+        raise UserError(f"{source}: unrecognised projection head (keys {', '.join(sorted(state)[:6])})")
+    head.load_state_dict(state)
+    return head
+
+
 class Encoder(nn.Module):
     """Backbone followed by an optional projection head; `embed` returns the head output."""
 

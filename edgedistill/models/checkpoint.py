@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from edgedistill.config import ModelConfig
 from edgedistill.errors import UserError
-from edgedistill.models.backbones import Encoder, create_backbone, feature_dim, projection_head
+from edgedistill.models.backbones import Encoder, create_backbone, feature_dim, head_from_state
 
 log = logging.getLogger(__name__)
 
@@ -144,11 +144,9 @@ def load_encoder(cfg: ModelConfig) -> Encoder:
         head_state = _strip(moco, "fc.")
         body = {k: v for k, v in moco.items() if not k.startswith("fc.")}
         load_into(backbone, body, str(path), cfg.allow_mismatch)
-        if {"0.weight", "2.weight"} <= set(head_state):
-            w0, w2 = head_state["0.weight"], head_state["2.weight"]
-            head = projection_head(w0.shape[1], w0.shape[0], w2.shape[0])
-            load_into(head, head_state, f"{path} (projection head)", cfg.allow_mismatch)
-            log.info("teacher %s: MoCo checkpoint, embedding = projection head output (%d-d)", cfg.arch, w2.shape[0])
+        if head_state:
+            head = head_from_state(head_state, f"{path} (projection head)")
+            log.info("teacher %s: MoCo checkpoint, embedding = projection head output (%d-d)", cfg.arch, head[-1].out_features)
             return Encoder(backbone, head)
         log.info("teacher %s: MoCo checkpoint without MLP head, embedding = pooled features", cfg.arch)
         return Encoder(backbone)
@@ -174,11 +172,8 @@ def _load_run_encoder(run: Path, backbone: nn.Module, cfg: ModelConfig) -> Encod
     load_into(backbone, load_file(str(student)), str(student), cfg.allow_mismatch)
     head_path = run / HEAD_FILE
     if head_path.is_file():
-        head_state = load_file(str(head_path))
-        w0, w2 = head_state["0.weight"], head_state["2.weight"]
-        head = projection_head(w0.shape[1], w0.shape[0], w2.shape[0])
-        load_into(head, head_state, str(head_path), cfg.allow_mismatch)
-        log.info("teacher %s from run %s: embedding = projection head output (%d-d)", cfg.arch, run, w2.shape[0])
+        head = head_from_state(load_file(str(head_path)), str(head_path))
+        log.info("teacher %s from run %s: embedding = projection head output (%d-d)", cfg.arch, run, head[-1].out_features)
         return Encoder(backbone, head)
     log.info("teacher %s from run %s: embedding = pooled features", cfg.arch, run)
     return Encoder(backbone)
