@@ -27,34 +27,10 @@ def package_versions() -> dict[str, str | None]:
 
 
 def cpu_info() -> dict:
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and model in ("", platform.machine(), platform.processor()):
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                if flags and model:
-                    break
-    except OSError:
-        pass
-    isa = {
-        "avx2": "avx2" in flags,
-        "avx512f": "avx512f" in flags,
-        "avx512_vnni": "avx512_vnni" in flags,
-        "avx_vnni": "avx_vnni" in flags,
-        "amx_int8": "amx_int8" in flags,
-        "neon": platform.machine() in ("aarch64", "arm64"),
-    }
-    return {
-        "model": model,
-        "arch": platform.machine(),
-        "logical_cores": os.cpu_count(),
-        "affinity_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "isa": isa,
-    }
+    """CPU model, ISA flags and core counts (the device kit's stamp) plus torch's thread count."""
+    from edgedistill.kit import load_kit_module
+
+    return {**load_kit_module("edgekit").cpu_stamp(), "torch_threads": torch.get_num_threads()}
 
 
 def gpu_info() -> dict | None:

@@ -88,11 +88,11 @@ def test_seed_uses_one_shared_view_and_teacher_width(teacher_ckpt):
     assert method_class("seed").num_views == 1
     m = create_method(cfg, num_classes=10)
     assert m.student.head[0].out_features == feature_dim(m.student.backbone)  # hidden = the student's feature width
-    assert m.student.head[-1].out_features == 64 == m.queue.shape[1]  # = ResNet-20's embedding
+    assert m.student.head[-1].out_features == 64 == m.queue.embeddings.shape[1]  # = ResNet-20's embedding
     assert not any(p.requires_grad for p in m.teacher.parameters())
-    assert m.teacher.training is False  # teacher_bn: eval by default
+    assert m.teacher.encoder.training is False  # teacher_bn: eval by default
     m.train()
-    assert m.teacher.training is False
+    assert m.teacher.encoder.training is False
 
 
 def test_seed_teacher_gets_no_gradient_and_queue_advances(teacher_ckpt):
@@ -101,13 +101,13 @@ def test_seed_teacher_gets_no_gradient_and_queue_advances(teacher_ckpt):
     cfg = load_config(None, _overrides("seed", teacher_ckpt, **{"method.queue_size": 64}))
     m = create_method(cfg, num_classes=10)
     x = torch.randn(16, 3, 32, 32)
-    before = m.queue.clone()
+    before = m.queue.embeddings.clone()
     out = m([x], torch.zeros(16, dtype=torch.long))
     out["loss"].backward()
     assert all(p.grad is None for p in m.teacher.parameters())
     assert any(p.grad is not None for p in m.student.parameters())
-    assert int(m.queue_ptr) == 16 and not torch.equal(before[:16], m.queue[:16])
-    assert torch.equal(before[16:], m.queue[16:])
+    assert int(m.queue.ptr) == 16 and not torch.equal(before[:16], m.queue.embeddings[:16])
+    assert torch.equal(before[16:], m.queue.embeddings[16:])
 
 
 def test_dogo_two_optimizers_and_separate_gradients():

@@ -129,7 +129,7 @@ class _Stepper:
                 start.record()
                 with self.autocast():
                     for v in views:
-                        self.method.teacher_embed(v)
+                        self.method.teacher(v)
                 end.record()
                 end.synchronize()
                 ms = start.elapsed_time(end)
@@ -137,7 +137,7 @@ class _Stepper:
                 t0 = time.perf_counter()
                 with self.autocast():
                     for v in views:
-                        self.method.teacher_embed(v)
+                        self.method.teacher(v)
                 ms = (time.perf_counter() - t0) * 1e3
             if i >= 2:  # two warm-up repetitions
                 times.append(ms)

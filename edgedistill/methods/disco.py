@@ -15,14 +15,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 
 from edgedistill.errors import UserError
 from edgedistill.losses import embedding_distance
 from edgedistill.methods import register
 from edgedistill.methods.mocov2 import MoCoConfig, MoCoV2
-from edgedistill.models import load_encoder
+from edgedistill.methods.components import FrozenTeacher
 
 
 @dataclass
@@ -42,10 +41,7 @@ class DisCo(MoCoV2):
     needs_teacher = True
 
     def __init__(self, cfg, num_classes):
-        if cfg.method.teacher_bn not in ("eval", "train"):
-            raise UserError(f"method.teacher_bn must be 'eval' or 'train', got {cfg.method.teacher_bn!r}")
-        teacher = load_encoder(cfg.teacher)
-        teacher.requires_grad_(False)
+        teacher = FrozenTeacher(cfg.teacher, cfg.method.teacher_bn)
         self._teacher_dim = teacher.out_dim
         if cfg.method.proj_dim not in (None, self._teacher_dim):
             raise UserError(
@@ -54,27 +50,16 @@ class DisCo(MoCoV2):
             )
         super().__init__(cfg, num_classes)
         self.teacher = teacher
-        self.train(True)
 
     def _embedding_dim(self) -> int:
         return self._teacher_dim
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if hasattr(self, "teacher"):
-            self.teacher.train(mode and self.hp.teacher_bn == "train")
-        return self
-
-    @torch.no_grad()
-    def teacher_embed(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.teacher(x).float(), dim=1)
 
     def forward(self, views, labels):
         x_q, x_k = views
         q, k, contrastive = self.contrastive(x_q, x_k)
         s_k = F.normalize(self.encoder_q(x_k), dim=1)
-        distill = embedding_distance(q, self.teacher_embed(x_q)) + embedding_distance(s_k, self.teacher_embed(x_k))
-        self._enqueue(k)
+        distill = embedding_distance(q, self.teacher(x_q)) + embedding_distance(s_k, self.teacher(x_k))
+        self.queue.push(k)
         loss = contrastive + self.hp.distill_weight * distill
         return {"loss": loss, "info_nce": contrastive.detach(), "distill": distill.detach()}
 

@@ -15,10 +15,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from edgedistill.distributed import all_gather_cat
 from edgedistill.losses import info_nce
 from edgedistill.methods import register
-from edgedistill.methods.base import Method, MethodConfig
+from edgedistill.methods.base import Method, MethodConfig, OptimizerGroup
+from edgedistill.methods.components import EmbeddingQueue
 from edgedistill.models import Encoder, create_backbone, feature_dim, projection_head
 
 
@@ -46,8 +46,7 @@ class MoCoV2(Method):
         self.encoder_q = Encoder(backbone, projection_head(width, self.hp.proj_hidden or width, out_dim))
         self.encoder_k = copy.deepcopy(self.encoder_q)
         self.encoder_k.requires_grad_(False)
-        self.register_buffer("queue", F.normalize(torch.randn(self.hp.queue_size, out_dim), dim=1))
-        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self.queue = EmbeddingQueue(self.hp.queue_size, out_dim)
 
     def _embedding_dim(self) -> int:
         return self.hp.proj_dim or 128
@@ -60,33 +59,21 @@ class MoCoV2(Method):
         for bk, bq in zip(self.encoder_k.buffers(), self.encoder_q.buffers()):
             bk.copy_(bq)
 
-    @torch.no_grad()
-    def _enqueue(self, keys: torch.Tensor) -> None:
-        keys = all_gather_cat(keys.float())
-        n, size = keys.shape[0], self.queue.shape[0]
-        if size % n:
-            raise ValueError(f"queue_size {size} must be a multiple of the global batch {n}")
-        ptr = int(self.queue_ptr)
-        self.queue[ptr : ptr + n] = keys
-        self.queue_ptr.fill_((ptr + n) % size)
-
     def contrastive(self, x_q: torch.Tensor, x_k: torch.Tensor):
         """Returns (q, k, InfoNCE); q keeps its graph, k comes from the momentum encoder."""
         q = F.normalize(self.encoder_q(x_q), dim=1)
         with torch.no_grad():
             self._momentum_update()
             k = F.normalize(self.encoder_k(x_k), dim=1)
-        loss = info_nce(q, k, self.queue.clone().detach(), self.hp.temperature)
+        loss = info_nce(q, k, self.queue.snapshot(), self.hp.temperature)
         return q, k, loss
 
     def forward(self, views, labels):
         _, k, loss = self.contrastive(views[0], views[1])
-        self._enqueue(k)
+        self.queue.push(k)
         return {"loss": loss, "info_nce": loss.detach()}
 
     def optimizer_groups(self):
-        from edgedistill.methods.base import OptimizerGroup
-
         return [OptimizerGroup(list(self.encoder_q.parameters()))]
 
     def deployable(self) -> dict[str, nn.Module]:

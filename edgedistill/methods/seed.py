@@ -21,16 +21,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from edgedistill.distributed import all_gather_cat
-from edgedistill.errors import UserError
 from edgedistill.losses import seed_loss
 from edgedistill.methods import register
 from edgedistill.methods.base import Method, MethodConfig, OptimizerGroup
-from edgedistill.models import Encoder, create_backbone, feature_dim, load_encoder, projection_head
+from edgedistill.methods.components import EmbeddingQueue, FrozenTeacher
+from edgedistill.models import Encoder, create_backbone, feature_dim, projection_head
 
 
 @dataclass
@@ -53,48 +51,18 @@ class SEED(Method):
 
     def __init__(self, cfg, num_classes):
         super().__init__(cfg, num_classes)
-        if cfg.teacher is None:
-            raise UserError("method seed needs a teacher: add a `teacher:` section with arch and checkpoint")
-        if self.hp.teacher_bn not in ("eval", "train"):
-            raise UserError(f"method.teacher_bn must be 'eval' or 'train', got {self.hp.teacher_bn!r}")
-        if self.hp.queue_size < 1:
-            raise UserError(f"method.queue_size must be positive, got {self.hp.queue_size}")
-        self.teacher = load_encoder(cfg.teacher)
-        self.teacher.requires_grad_(False)
-        dim = self.teacher.out_dim
+        self.teacher = FrozenTeacher(cfg.teacher, self.hp.teacher_bn)
         backbone = create_backbone(cfg.student)
         width = feature_dim(backbone)
-        self.student = Encoder(backbone, projection_head(width, self.hp.proj_hidden or width, dim))
-        self.register_buffer("queue", F.normalize(torch.randn(self.hp.queue_size, dim), dim=1))
-        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
-        self.train(True)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if hasattr(self, "teacher"):
-            self.teacher.train(mode and self.hp.teacher_bn == "train")
-        return self
-
-    @torch.no_grad()
-    def teacher_embed(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.teacher(x).float(), dim=1)
-
-    @torch.no_grad()
-    def _enqueue(self, emb: torch.Tensor) -> None:
-        emb = all_gather_cat(emb.float())
-        n, size = emb.shape[0], self.queue.shape[0]
-        if size % n:
-            raise UserError(f"method.queue_size {size} must be a multiple of the global batch {n}")
-        ptr = int(self.queue_ptr)
-        self.queue[ptr : ptr + n] = emb
-        self.queue_ptr.fill_((ptr + n) % size)
+        self.student = Encoder(backbone, projection_head(width, self.hp.proj_hidden or width, self.teacher.out_dim))
+        self.queue = EmbeddingQueue(self.hp.queue_size, self.teacher.out_dim)
 
     def forward(self, views, labels):
         x = views[0]
-        t = self.teacher_embed(x)
+        t = self.teacher(x)
         s = F.normalize(self.student(x), dim=1)
-        loss = seed_loss(s, t, self.queue.clone(), self.hp.teacher_temperature, self.hp.student_temperature)
-        self._enqueue(t)
+        loss = seed_loss(s, t, self.queue.snapshot(), self.hp.teacher_temperature, self.hp.student_temperature)
+        self.queue.push(t)
         return {"loss": loss, "seed_ce": loss.detach()}
 
     def optimizer_groups(self):
