@@ -13,7 +13,6 @@ Paths are relative to the export folder.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -24,11 +23,10 @@ ACCURACY_FILE = "accuracy.json"
 
 
 def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """The device kit's hash (one implementation, so manifests verify the same on the device)."""
+    from edgedistill.kit import load_kit_module
+
+    return load_kit_module("edgekit").file_sha256(path)
 
 
 def file_entries(root: Path) -> list[dict]:
