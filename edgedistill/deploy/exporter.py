@@ -238,32 +238,28 @@ def _export(run_dir: Path, opts: ExportOptions) -> Path:
     t0 = time.perf_counter()
     export_info = export_onnx(dep, fp32_path, opts.opset, opts.exporter)
     export_info["seconds"] = round(time.perf_counter() - t0, 2)
-    out32 = runtime.run(runtime.session(fp32_path), images)
-    m = runtime.compare(ref, out32, use_labels, kind)
-    ok, parity = _check("model.onnx", m, kind, opts.tolerance, opts.min_agreement, ref, out32)
-    art = _artifact("onnx-fp32", "model.onnx", "onnx", "fp32", "any", out, accuracy=m, parity=parity, export=export_info)
-    st.artifacts.append(art)
-    st.paths["onnx-fp32"] = "model.onnx"
-    stamp_metadata(fp32_path, base_meta({k: art[k] for k in ("name", "precision", "target", "format")}))
-    log.info("model.onnx: %s", _summary(m))
-    if not ok:
-        failures.append(_fmt_parity("model.onnx", m, parity))
+
+    def check_float(name: str, file: str, precision: str, tol: float, min_agree: float, **extra) -> None:
+        """Score one float ONNX file against torch, record it, and note a parity failure."""
+        path = out / file
+        got = runtime.run(runtime.session(path), images)
+        m = runtime.compare(ref, got, use_labels, kind)
+        ok, parity = _check(file, m, kind, tol, min_agree, ref, got)
+        art = _artifact(name, file, "onnx", precision, "any", out, accuracy=m, parity=parity, **extra)
+        st.artifacts.append(art)
+        st.paths[name] = file
+        stamp_metadata(path, base_meta({k: art[k] for k in ("name", "precision", "target", "format")}))
+        log.info("%s: %s", file, _summary(m))
+        if not ok:
+            failures.append(_fmt_parity(file, m, parity))
+
+    check_float("onnx-fp32", "model.onnx", "fp32", opts.tolerance, opts.min_agreement, export=export_info)
 
     # fp16 ONNX
     if opts.fp16 and not failures:
-        p16 = out / "model.fp16.onnx"
-        info = convert_fp16(fp32_path, p16)
-        out16 = runtime.run(runtime.session(p16), images)
-        m16 = runtime.compare(ref, out16, use_labels, kind)
-        ok16, parity16 = _check("model.fp16.onnx", m16, kind, opts.tolerance_fp16, opts.min_agreement_fp16, ref, out16)
-        art = _artifact("onnx-fp16", "model.fp16.onnx", "onnx", "fp16", "any", out, accuracy=m16, parity=parity16,
-                        conversion=info, io_dtype="float32")
-        st.artifacts.append(art)
-        st.paths["onnx-fp16"] = "model.fp16.onnx"
-        stamp_metadata(p16, base_meta({k: art[k] for k in ("name", "precision", "target", "format")}))
-        log.info("model.fp16.onnx: %s", _summary(m16))
-        if not ok16:
-            failures.append(_fmt_parity("model.fp16.onnx", m16, parity16))
+        info = convert_fp16(fp32_path, out / "model.fp16.onnx")
+        check_float("onnx-fp16", "model.fp16.onnx", "fp16", opts.tolerance_fp16, opts.min_agreement_fp16,
+                    conversion=info, io_dtype="float32")
 
     # INT8
     if opts.int8 and not failures:
