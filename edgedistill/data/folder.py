@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from edgedistill.errors import UserError
+from edgedistill.fileio import write_json
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +80,7 @@ def _verify(files: list[tuple[str, int, float]], workers: int) -> dict[str, str]
         reasons = [_check_image(p) for p in paths]
     bad = {p: r for p, r in zip(paths, reasons) if r is not None}
     try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        tmp.write_text(json.dumps(bad))
-        os.replace(tmp, cache)
+        write_json(cache, bad)
     except OSError:
         pass  # a read-only cache only costs time
     return bad

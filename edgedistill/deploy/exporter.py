@@ -191,7 +191,8 @@ def export_run(run_dir: str | Path, int8: bool = False, fp16: bool = False, **kw
 def _export(run_dir: Path, opts: ExportOptions) -> Path:
     from edgedistill.deploy import data as ddata
     from edgedistill.deploy import runtime
-    from edgedistill.deploy.manifest import ACCURACY_FILE, MANIFEST_FILE, SCHEMA, file_entries, write_json
+    from edgedistill.deploy.manifest import ACCURACY_FILE, MANIFEST_FILE, SCHEMA, file_entries
+    from edgedistill.fileio import write_json
     from edgedistill.deploy.onnx_export import (
         INPUT_NAME,
         convert_fp16,
@@ -356,7 +357,7 @@ def _int8(dep, opts: ExportOptions, out: Path, fp32_path: Path, images, labels, 
     from edgedistill.deploy import data as ddata
     from edgedistill.deploy import quantize as q
     from edgedistill.deploy import runtime
-    from edgedistill.deploy.manifest import write_json
+    from edgedistill.fileio import write_json
     from edgedistill.deploy.onnx_export import INPUT_NAME, preprocess_spec, stamp_metadata
 
     kind = dep.kind

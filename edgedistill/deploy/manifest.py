@@ -43,12 +43,6 @@ def file_entries(root: Path) -> list[dict]:
     return entries
 
 
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 def read_manifest(export_dir: Path) -> dict:
     from edgedistill.errors import UserError
 

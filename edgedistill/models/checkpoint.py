@@ -13,8 +13,6 @@ Accepted teacher/peer checkpoints (all loaded with `weights_only=True`, never ex
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from edgedistill.config import ModelConfig
 from edgedistill.errors import UserError
+from edgedistill.fileio import atomic_write
 from edgedistill.models.backbones import Encoder, create_backbone, feature_dim, head_from_state
 
 log = logging.getLogger(__name__)
@@ -31,20 +30,6 @@ log = logging.getLogger(__name__)
 STUDENT_FILE = "student.safetensors"
 HEAD_FILE = "head.safetensors"
 CLASSIFIER_FILE = "classifier.safetensors"
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: never a half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_torch(obj, path: Path) -> None:

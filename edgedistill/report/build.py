@@ -21,6 +21,7 @@ import logging
 from pathlib import Path
 
 from edgedistill.errors import UserError
+from edgedistill.fileio import write_json
 
 log = logging.getLogger(__name__)
 
@@ -282,9 +283,7 @@ def build_report(run_dir, device_results=(), export_dir=None, out_dir=None) -> P
     plots.accuracy_vs_size(report, out_dir / PLOT_SIZE)
     plots.accuracy_vs_latency(report, out_dir / PLOT_LATENCY)
     path = out_dir / REPORT_JSON
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(path)
+    write_json(path, report)
     (out_dir / REPORT_MD).write_text(render_markdown(report))
     return path
 

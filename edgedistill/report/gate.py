@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edgedistill.errors import UserError
+from edgedistill.fileio import write_json
 
 BASELINE_SCHEMA = "edgedistill.baseline/1"
 REPORT_SCHEMA = "edgedistill.report/1"
@@ -127,10 +127,7 @@ def write_baseline(report_path, baseline_path, budgets: dict) -> Path:
     doc["source_report"] = str(report_path)
     doc["budgets"] = {k: v for k, v in budgets.items() if v is not None}
     path = Path(baseline_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json(path, doc)
     return path
 
 
