@@ -30,7 +30,7 @@ from edgedistill.envinfo import environment, resolve_device, seed_everything
 from edgedistill.errors import TrainingDiverged, UserError
 from edgedistill.methods import create_method, method_class
 from edgedistill.methods.base import Method
-from edgedistill.models import HEAD_FILE, STUDENT_FILE, save_safetensors, save_torch
+from edgedistill.models import CLASSIFIER_FILE, HEAD_FILE, STUDENT_FILE, save_safetensors, save_torch
 from edgedistill.models.checkpoint import load_torch_file
 from edgedistill.ui import progress_bar, setup_logging
 
@@ -139,14 +139,17 @@ def _load_checkpoint(path: Path, method, optimizers, scaler) -> tuple[int, int, 
     return ckpt["step"], ckpt["epoch"], ckpt["step_in_epoch"]
 
 
-def _save_deployable(method: Method, run_dir: Path, cfg: RunConfig) -> None:
+def _save_deployable(method: Method, run_dir: Path, cfg: RunConfig, classes: list[str]) -> None:
     for role, module in method.deployable().items():
         if role == "head" and not isinstance(module, nn.Sequential):
             continue  # an identity head has nothing to save
         # Roles other than the student and its head carry their own architecture (DoGo's peer).
         arch = getattr(getattr(cfg.method, role, None), "arch", None) or cfg.student.arch
         meta = {"arch": arch, "role": role, "method": cfg.method.name, "img_size": str(cfg.data.img_size)}
-        path = run_dir / {"student": STUDENT_FILE, "head": HEAD_FILE}.get(role, f"{role}.safetensors")
+        if role == "classifier":  # a jointly trained fc: what `eval` and `export` deploy
+            meta.update({"classes": json.dumps(classes), "source": "joint"})
+        path = run_dir / {"student": STUDENT_FILE, "head": HEAD_FILE, "classifier": CLASSIFIER_FILE}.get(
+            role, f"{role}.safetensors")
         save_safetensors(module.state_dict(), path, meta)
 
 
@@ -280,7 +283,7 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: bool = False) -
     ips = (step - start_step) * images_per_step / max(wall, 1e-9)
     result = TrainResult(run_dir, step, loader.name, ips, wall, last_losses)
     if main:
-        _save_deployable(method, run_dir, cfg)
+        _save_deployable(method, run_dir, cfg, folder.classes)
         summary = {
             "status": "complete", "steps": step, "epochs": epoch, "loader": loader.name, "device": str(device),
             "world_size": world, "images_per_s": round(ips, 2), "wall_s": round(wall, 2),

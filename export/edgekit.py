@@ -104,7 +104,7 @@ def cpu_stamp() -> dict:
         "arm_dotprod": "asimddp" in flags,
     }
     # INT8 speed-ups on x86 CPUs need VNNI (AVX-512 VNNI, AVX-VNNI) or AMX; without them the
-    # u8s8 kernels emulate dot products and INT8 is often slower than FP32 (DESIGN.md section 6).
+    # u8s8 kernels emulate dot products and INT8 is often slower than FP32 (docs/int8.md).
     isa["int8_dot"] = bool(isa["avx512_vnni"] or isa["avx_vnni"] or isa["amx_int8"] or isa["arm_dotprod"])
     return {
         "model": model or platform.processor() or arch,
@@ -398,7 +398,7 @@ class TensorRTRunner:
     """A serialized TensorRT engine run through the TensorRT 10 Python runtime (name-based I/O,
     `execute_async_v3`) with buffers from cuda-python. Device time with CUDA events; H2D and
     D2H copies (pinned host memory) timed apart. Written against the documented TRT 10 API; not
-    executed on this project's machines (no TensorRT there, DESIGN.md section 6)."""
+    executed on this project's machines (no TensorRT there)."""
 
     runtime = "tensorrt"
     provider = "TensorRT"

@@ -103,10 +103,15 @@ def test_int8_format_is_measured_for_ort_cpu(export_dir):
     assert set(lat) == {"fp32", "qdq-s8s8-sym", "qdq-u8s8"} and all(v > 0 for v in lat.values())
     assert choice["chosen"] == min(("qdq-s8s8-sym", "qdq-u8s8"), key=lat.get)
     assert choice["chosen"] in choice["reason"]
-    assert m["int8"]["calibration"]["images"] == FAST["calib_count"]
+    calib = m["int8"]["calibration"]
+    assert calib["images"] + calib["held_out_images"] == FAST["calib_count"] and calib["held_out_images"] > 0
     assert m["int8"]["max_drop"]["reached"] and m["int8"]["max_drop"]["kept_in_float"] == []
-    layers = json.loads((export_dir / "sensitivity.json").read_text())["layers"]
-    assert layers and {"node", "op", "output_rel_error", "added_rel_error"} <= set(layers[0])
+    sens = json.loads((export_dir / "sensitivity.json").read_text())
+    layers = sens["layers"]
+    assert layers and {"node", "op", "gain", "divergence_with_layer_in_float"} <= set(layers[0])
+    assert len(layers) == m["int8"]["int8_layers"]["weighted_layers"]
+    assert [r["gain"] for r in layers] == sorted((r["gain"] for r in layers), reverse=True)
+    assert "held-out calibration images" in sens["measured_on"]
 
 
 def test_calibration_cache_key_and_invalidation(export_dir, evaluated_run, tmp_path):
@@ -116,7 +121,8 @@ def test_calibration_cache_key_and_invalidation(export_dir, evaluated_run, tmp_p
 
     dep = load_deployable(evaluated_run)
     files, _ = ddata.calibration_files(dep.cfg, None, 16, True)
-    pre = q.preprocess(export_dir / "model.onnx", tmp_path / "pre.onnx")
+    pre = tmp_path / "pre.onnx"
+    q.prepare(export_dir / "model.onnx", pre)
     spec = preprocess_spec(dep)
 
     def calib(model=pre, fl=files, settings=q.QuantSettings()):
@@ -150,14 +156,14 @@ def test_calibration_cache_key_and_invalidation(export_dir, evaluated_run, tmp_p
 
     hit = q.Calibration(pre, files, ddata.file_list_fingerprint(files), q.QuantSettings(), spec, tmp_path / "cache", no_reader)
     assert hit.hit
-    q.quantize(pre, tmp_path / "a.onnx", "qdq-s8s8-sym", hit)
+    q.quantize(pre, tmp_path / "a.onnx", "qdq-s8s8-sym", hit, q.make_plan("tensorrt", pre))
     assert (tmp_path / "a.onnx").stat().st_size > 0
 
 
 def test_fallback_search_keeps_fewest_sensitive_layers():
-    from edgedistill.deploy.exporter import _fallback
+    from edgedistill.deploy.quantize import fallback
 
-    ranked = [{"node": f"n{i}"} for i in range(20)]
+    ranked = [f"n{i}" for i in range(20)]
     # Drop falls as more of the ranked layers stay in float: 10 - k/2 points.
     calls = []
 
@@ -166,11 +172,15 @@ def test_fallback_search_keeps_fewest_sensitive_layers():
         d = max(0.0, 10 - len(excluded) / 2)
         return {"top1": 90 - d}, d
 
-    excluded, _, drop, trials, reached = _fallback(ranked, evaluate, max_drop=3.0)
+    excluded, _, drop, trials, reached = fallback(ranked, evaluate, max_drop=3.0, max_layers=20)
     assert reached and len(excluded) == 14 and drop <= 3.0 and excluded == [f"n{i}" for i in range(14)]
-    assert len(calls) < 12  # doubling then bisection, not one trial per layer
-    excluded, _, drop, _, reached = _fallback(ranked, lambda ex: ({"top1": 0}, 50.0), max_drop=1.0)
-    assert not reached and len(excluded) == 20
+    assert calls == list(range(1, 15))  # greedy: stops at the first k that fits
+    # Not reachable within the cap: the best trial within it, reported as not reached.
+    calls.clear()
+    excluded, _, drop, trials, reached = fallback(ranked, evaluate, max_drop=3.0, max_layers=4)
+    assert not reached and excluded == ranked[:4] and drop == 8.0 and calls == [1, 2, 3, 4]
+    excluded, _, drop, _, reached = fallback(ranked, lambda ex: ({"top1": 0}, 50.0), max_drop=1.0, max_layers=20)
+    assert not reached and len(excluded) == 1
 
 
 def test_parity_failure_exits_1(evaluated_run, tmp_path):
@@ -216,17 +226,16 @@ def test_tensorrt_target_without_tensorrt(evaluated_run, tmp_path):
 
 
 def test_max_drop_not_reachable_exits_1(evaluated_run, tmp_path, monkeypatch):
-    import edgedistill.deploy.exporter as exporter
     import edgedistill.deploy.quantize as q
 
     # The search itself is tested above; here: what happens when no float fallback fits.
-    monkeypatch.setattr(q, "layer_sensitivity", lambda *a, **k: [{"node": "n0", "added_rel_error": 1.0}])
+    monkeypatch.setattr(q, "layer_sensitivity", lambda *a, **k: {"layers": [{"node": "n0", "gain": 1.0}]})
 
-    def never(sens, evaluate, max_drop):
+    def never(ranked, evaluate, max_drop):
         m, d = evaluate([])
         return ["n0"], m, max(d, max_drop + 1.0), [{"kept_in_float": 1, "drop": d}], False
 
-    monkeypatch.setattr(exporter, "_fallback", never)
+    monkeypatch.setattr(q, "fallback", never)
     result = CliRunner().invoke(app, ["export", str(evaluated_run), "--int8", "--int8-format", "qdq-u8s8", "--max-drop", "0",
                                       "--calib-count", "32", "--val-count", "48", "--out", str(tmp_path / "ex")])
     assert result.exit_code == 1, result.output

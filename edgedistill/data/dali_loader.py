@@ -15,7 +15,7 @@ sharded round-robin by global rank) as an explicit file list, so both loaders vi
 same images in the same order and every image is seen once per epoch across ranks. Because the
 list is a whole number of batches there is no padded or wrapped last batch.
 
-Augmentation (the same recipe as `torch_loader.mocov2_transform`, DESIGN §4), per view:
+Augmentation (the same recipe as `torch_loader.mocov2_transform`), per view:
 `random_resized_crop` (area min_scale..1, aspect 3/4..4/3, 10 attempts then a centre crop, as
 torchvision), colour jitter with p=0.8, grayscale p=0.2, Gaussian blur p=0.5 (sigma 0.1..2,
 window `blur_kernel_size(img_size)`), horizontal flip p=0.5, then `crop_mirror_normalize` to float

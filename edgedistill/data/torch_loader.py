@@ -24,7 +24,7 @@ def blur_kernel_size(img_size: int) -> int:
 
 
 def mocov2_transform(cfg: DataConfig) -> T.Compose:
-    """MoCo v2 "aug-plus" (DESIGN §4); the DALI pipeline implements the same recipe."""
+    """MoCo v2 "aug-plus" (see README, Data loaders); the DALI pipeline implements the same recipe."""
     return T.Compose(
         [
             T.ToImage(),

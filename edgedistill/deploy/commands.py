@@ -23,11 +23,13 @@ def register(app) -> None:
         int8_format: Annotated[str, typer.Option("--int8-format", help="auto (ort-cpu: time both), qdq-s8s8-sym or qdq-u8s8.")] = "auto",
         calib_data: Annotated[Optional[Path], typer.Option("--calib-data", help="Folder of calibration images (default: the run's training images).")] = None,
         calib_count: Annotated[Optional[int], typer.Option("--calib-count", help="Calibration images (default 512, capped by what exists; an explicit count larger than the folder is an error).")] = None,
-        calibrator: Annotated[str, typer.Option(help="minmax, entropy or percentile.")] = "minmax",
-        percentile: Annotated[float, typer.Option(help="Percentile calibrator's percentile.")] = 99.999,
+        calibrator: Annotated[str, typer.Option(help="auto (try Percentile 99.9/99.99/99.999, Entropy and MinMax; keep the one whose output diverges least from fp32 on held-out calibration images), minmax, entropy or percentile.")] = "auto",
+        percentile: Annotated[float, typer.Option(help="Percentile calibrator's percentile (asymmetric where the format allows).")] = 99.99,
+        placement: Annotated[str, typer.Option(help="tuned (only weighted layers and residual adds in INT8, HardSwish kept whole with clipped ranges, per-target Q/DQ placement) or ort-default (ONNX Runtime's stock quantize_static, for comparison).")] = "tuned",
         entropy_bins: Annotated[int, typer.Option("--entropy-bins", help="Entropy calibrator histogram bins (TensorRT uses 2048; slower).")] = 512,
-        max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="INT8 top-1 drop budget in points: keep the most sensitive layers in float until it fits.")] = None,
-        sensitivity: Annotated[bool, typer.Option("--sensitivity", help="Write the per-layer INT8 sensitivity report (sensitivity.json) even without --max-drop.")] = False,
+        max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="INT8 top-1 drop budget in points: keep the layers whose float precision helps the network output most (end-to-end sensitivity) in float, the fewest that meet it.")] = None,
+        max_float_share: Annotated[float, typer.Option("--max-float-share", help="--max-drop keeps at most this share of the weighted layers in float (1 = no limit).")] = 0.1,
+        sensitivity: Annotated[bool, typer.Option("--sensitivity", help="Write the per-layer INT8 sensitivity report (sensitivity.json: each layer's effect on the network output) even without --max-drop.")] = False,
         embedding: Annotated[bool, typer.Option("--embedding", help="Export the bare embedding model (pooled features), not the classifier.")] = False,
         out: Annotated[Optional[Path], typer.Option(help="Export folder (default: RUN/export).")] = None,
         opset: Annotated[int, typer.Option(help="ONNX opset (17 parses in ONNX Runtime and TensorRT 8.6+).")] = 17,
@@ -52,7 +54,7 @@ def register(app) -> None:
         try:
             folder = export_run(
                 run, int8=int8, fp16=fp16, target=target, int8_format=int8_format, calib_data=calib_data,
-                calib_count=calib_count, calibrator=calibrator, percentile=percentile, entropy_bins=entropy_bins, max_drop=max_drop,
+                calib_count=calib_count, calibrator=calibrator, percentile=percentile, placement=placement, entropy_bins=entropy_bins, max_drop=max_drop, max_float_share=max_float_share,
                 sensitivity=sensitivity, embedding=embedding, out=out, opset=opset, exporter=exporter,
                 val_count=val_count or None, tolerance=tolerance, tolerance_fp16=tolerance_fp16,
                 batches=(min_batch, opt_batch, max_batch),
@@ -84,9 +86,10 @@ def print_export(folder: Path) -> None:
             notes.append("parity ok" if a["parity"]["passed"] else "[red]parity FAILED[/]")
         qz = a.get("quantization")
         if qz:
-            notes.append(f"{qz['name']}, {qz['calibration']['calibrator']}, drop {acc.get('drop_vs_fp32', 0):.2f}")
-            if qz["nodes_kept_in_float"]:
-                notes.append(f"{len(qz['nodes_kept_in_float'])} layer(s) in float")
+            layers = qz["int8_layers"]
+            notes.append(f"{qz['name']}, {qz['calibration']['label']}, drop {acc.get('drop_vs_fp32', 0):.2f}"
+                         + (f" ± {acc['drop_se']:.2f}" if "drop_se" in acc else ""))
+            notes.append(f"{layers['int8']}/{layers['weighted_layers']} layers INT8, {qz['size_ratio_vs_fp32']:.1f}x smaller")
         table.add_row(a["name"], a["file"] or "(run folder)", f"{a['bytes'] / 1024:.0f}" if a.get("bytes") else "-",
                       f"{acc['top1']:.2f}" if "top1" in acc else "-",
                       f"{acc['agreement']:.2f}" if "agreement" in acc else "-",
@@ -95,6 +98,10 @@ def print_export(folder: Path) -> None:
     int8 = manifest.get("int8") or {}
     if int8.get("format_choice"):
         console.print(f"INT8 format: {int8['format_choice']['reason']}", highlight=False)
+    for score in (int8.get("calibration") or {}).get("auto_scores") or []:
+        console.print(f"  calibrator {score['calibrator']}: output divergence {score['output_divergence']:.5f}", highlight=False)
+    if (int8.get("classifier_check") or {}).get("fragile"):
+        console.print(f"[yellow]warning:[/] {int8['classifier_check']['advice']}", highlight=False)
     trt = manifest.get("tensorrt") or {}
     if trt.get("built"):
         console.print(f"TensorRT engines: {', '.join(e['engine'] for e in trt['engines'] if 'error' not in e)}")

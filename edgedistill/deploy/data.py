@@ -113,8 +113,13 @@ def file_list_fingerprint(paths: list[str]) -> list[list]:
 
 
 def make_reader(paths: list[str], cfg: RunConfig, input_name: str, batch_size: int = 32):
-    """An ONNX Runtime CalibrationDataReader that decodes `paths` batch by batch."""
+    """An ONNX Runtime CalibrationDataReader that decodes `paths` batch by batch.
+
+    Every batch has the same size (the largest divisor of len(paths) up to `batch_size`): ONNX
+    Runtime's histogram calibrators (Entropy, Percentile) fail on a shorter last batch."""
     from onnxruntime.quantization import CalibrationDataReader
+
+    batch_size = max(d for d in range(1, min(batch_size, max(len(paths), 1)) + 1) if len(paths) % d == 0)
 
     class ImageReader(CalibrationDataReader):
         def __init__(self):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import tempfile
 import time
@@ -31,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from edgedistill.errors import UserError
+from edgedistill.ui import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +65,14 @@ class ExportOptions:
     int8_format: str = "auto"  # auto | qdq-s8s8-sym | qdq-u8s8
     calib_data: Path | None = None
     calib_count: int | None = None  # None = DEFAULT_CALIB_COUNT, capped by what exists
-    calibrator: str = "minmax"
-    percentile: float = 99.999
+    calibrator: str = "auto"  # auto | minmax | entropy | percentile
+    percentile: float = 99.99
+    placement: str = "tuned"  # tuned | ort-default (see deploy/quantize.py)
     entropy_bins: int = 512
     max_drop: float | None = None
+    # --max-drop keeps at most this share of the weighted layers in float: beyond it the file is no
+    # longer an INT8 model (and the search would be chasing the drop's measurement noise).
+    max_float_share: float = 0.1
     sensitivity: bool = False
     embedding: bool = False
     out: Path | None = None
@@ -92,16 +98,20 @@ class _State:
 
 
 def _validate(opts: ExportOptions) -> None:
-    from edgedistill.deploy.quantize import CALIBRATORS, FORMATS, TARGETS
+    from edgedistill.deploy.quantize import CALIBRATORS, FORMATS, PLACEMENTS, TARGETS
 
     if opts.target not in TARGETS:
         raise UserError(f"--target {opts.target!r}: use one of {', '.join(TARGETS)}")
+    if opts.placement not in PLACEMENTS:
+        raise UserError(f"--placement {opts.placement!r}: use one of {', '.join(PLACEMENTS)}")
     if opts.calibrator not in CALIBRATORS:
         raise UserError(f"--calibrator {opts.calibrator!r}: use one of {', '.join(CALIBRATORS)}")
     if opts.int8_format not in ("auto", *FORMATS):
         raise UserError(f"--int8-format {opts.int8_format!r}: use auto or one of {', '.join(FORMATS)}")
     if opts.target == "tensorrt" and opts.int8_format == "qdq-u8s8":
         raise UserError("--target tensorrt needs symmetric signed INT8 (qdq-s8s8-sym): drop --int8-format qdq-u8s8")
+    if not 0.0 < opts.max_float_share <= 1.0:
+        raise UserError(f"--max-float-share must be in (0, 1], got {opts.max_float_share}")
     if opts.max_drop is not None and opts.max_drop < 0:
         raise UserError(f"--max-drop must be >= 0 (top-1 points), got {opts.max_drop}")
     if not 90.0 < opts.percentile <= 100.0:
@@ -357,24 +367,41 @@ def _int8(dep, opts: ExportOptions, out: Path, fp32_path: Path, images, labels, 
     from edgedistill.deploy import data as ddata
     from edgedistill.deploy import quantize as q
     from edgedistill.deploy import runtime
-    from edgedistill.fileio import write_json
     from edgedistill.deploy.onnx_export import INPUT_NAME, preprocess_spec, stamp_metadata
+    from edgedistill.evaluate import classifier_noise_check
+    from edgedistill.fileio import write_json
 
     kind = dep.kind
     files, source = calib_files
-    settings = q.QuantSettings(calibrator=opts.calibrator, percentile=opts.percentile, entropy_bins=opts.entropy_bins)
+    calib_files_used, holdout = q.split_holdout(files)
     work = Path(tempfile.mkdtemp(prefix="edgedistill-int8-"))
     try:
-        pre = q.preprocess(fp32_path, work / "model.pre.onnx")
-        calib = q.Calibration(pre, files, ddata.file_list_fingerprint(files), settings, preprocess_spec(dep),
-                              opts.cache_dir or q.default_cache_dir(),
-                              lambda: ddata.make_reader(files, dep.cfg, INPUT_NAME, settings.calib_batch))
-        calib.ensure(pre)
-        calib_info = {**calib.describe(), "source": source, "seconds": round(calib.seconds, 2)}
-        # Keep a copy of the ranges with the export (what the INT8 file was calibrated with).
-        shutil.copyfile(calib.path, out / "calibration.json")
+        pre = work / "model.pre.onnx"
+        prepared = q.prepare(fp32_path, pre, opts.placement)
+        plan = q.make_plan(opts.target, pre, opts.placement)
+        cache_dir = opts.cache_dir or q.default_cache_dir()
+        fingerprint = ddata.file_list_fingerprint(calib_files_used)
 
-        candidates: dict = {}
+        def make_calibration(settings: q.QuantSettings) -> q.Calibration:
+            return q.Calibration(pre, calib_files_used, fingerprint, settings, preprocess_spec(dep), cache_dir,
+                                 lambda: ddata.make_reader(calib_files_used, dep.cfg, INPUT_NAME, settings.calib_batch))
+
+        # Held-out calibration images: what calibrators and layers are scored on (never the
+        # validation images the report uses).
+        scorer = None
+        if holdout:
+            held = ddata.load_images(holdout, dep.cfg)
+            scorer = q.Scorer(held, ddata.torch_outputs(dep.model, held), kind)
+        symmetric = opts.target == "tensorrt" or opts.int8_format == "qdq-s8s8-sym"
+        if opts.calibrator == "auto":
+            if scorer is None:
+                raise UserError(f"--calibrator auto needs at least 4 calibration images (got {len(files)}): "
+                                "raise --calib-count or pick a calibrator")
+            candidates = q.auto_candidates(symmetric)
+        else:
+            candidates = [q.QuantSettings(opts.calibrator, percentile=opts.percentile, entropy_bins=opts.entropy_bins,
+                                          symmetric=symmetric)]
+
         if opts.target == "tensorrt":
             fmt = "qdq-s8s8-sym"
             choice = {"chosen": fmt, "measured": False,
@@ -382,104 +409,88 @@ def _int8(dep, opts: ExportOptions, out: Path, fp32_path: Path, images, labels, 
         elif opts.int8_format != "auto":
             fmt = opts.int8_format
             choice = {"chosen": fmt, "measured": False, "reason": "chosen by the user (--int8-format)"}
-        else:
-            fmt, choice, candidates = q.choose_cpu_format(pre, fp32_path, calib, images[:1], work,
-                                                          budget_s=opts.timing_budget_s)
+        else:  # the ranges do not change the speed: time the formats with the first candidate's
+            fmt, choice = q.choose_cpu_format(pre, fp32_path, make_calibration(candidates[-1]), plan, images[:1], work,
+                                              budget_s=opts.timing_budget_s)
             log.info("INT8 format for ort-cpu: %s", choice["reason"])
 
-        short = "s8s8" if fmt == "qdq-s8s8-sym" else "u8s8"
-        name, file = f"onnx-int8-{short}", f"model.int8.{short}.onnx"
+        calibrator_scores = None
+        if len(candidates) > 1:
+            calib, calibrator_scores = q.choose_calibrator(pre, fmt, plan, make_calibration, candidates, scorer, work)
+            log.info("--calibrator auto chose %s (lowest output divergence on %d held-out calibration images)",
+                     calib.settings.label, len(holdout))
+        else:
+            calib = make_calibration(candidates[0])
+            calib.ensure(pre)
+        calib_info = {**calib.describe(), "source": source, "held_out_images": len(holdout),
+                      "seconds": round(calib.seconds, 2), "auto_scores": calibrator_scores}
+        # Keep a copy of the ranges with the export (what the INT8 file was calibrated with).
+        shutil.copyfile(calib.path, out / "calibration.json")
+
+        name, file = f"onnx-int8-{q.short_name(fmt)}", f"model.int8.{q.short_name(fmt)}.onnx"
         dst = out / file
 
         def evaluate(excluded: list[str]) -> tuple[dict, float]:
-            if not excluded and fmt in candidates:
-                shutil.copyfile(candidates[fmt], dst)  # already built for the timing
-            else:
-                q.quantize(pre, dst, fmt, calib, excluded)
+            q.quantize(pre, dst, fmt, calib, plan, excluded)
             m = runtime.compare(ref, runtime.run(runtime.session(dst), images), labels, kind)
             return m, _drop(torch_metrics, m, kind)
 
         metrics, drop = evaluate([])
-        log.info("%s (%s, %s): %s, drop %.2f points", file, fmt, opts.calibrator, _summary(metrics), drop)
+        log.info("%s (%s, %s): %s, drop %.2f points", file, fmt, calib.settings.label, _summary(metrics), drop)
         excluded: list[str] = []
         fallback = None
         sensitivity = None
-        if opts.sensitivity or (opts.max_drop is not None and drop > opts.max_drop):
-            sensitivity = q.layer_sensitivity(pre, dst, images[: min(len(images), 256)], work)
-            write_json(out / "sensitivity.json", {"metric": "relative L2 error of each quantized node's output "
-                                                  "against the float model; added = minus the worst input error",
-                                                  "images": int(min(len(images), 256)), "layers": sensitivity})
+        if scorer is not None and (opts.sensitivity or (opts.max_drop is not None and drop > opts.max_drop)):
+            layers = q.weighted_nodes(pre)
+            with progress_bar(len(layers), "INT8 sensitivity", show_loss=False) as bar:
+                sensitivity = q.layer_sensitivity(pre, fmt, calib, plan, scorer, work, lambda: bar.advance(1))
+            write_json(out / "sensitivity.json", sensitivity)
         if opts.max_drop is not None:
+            # The all-INT8 model before any layer goes back to float, for the record.
             fallback = {"max_drop": opts.max_drop, "initial_drop": drop, "reached": drop <= opts.max_drop,
-                        "kept_in_float": [], "trials": []}
+                        "kept_in_float": [], "trials": [],
+                        "initial": {"accuracy": metrics, "bytes": dst.stat().st_size,
+                                    "int8_layers": q.int8_share(pre, dst)}}
             if drop > opts.max_drop:
-                excluded, metrics, drop, trials, reached = _fallback(sensitivity, evaluate, opts.max_drop)
-                fallback.update({"reached": reached, "kept_in_float": excluded, "trials": trials, "final_drop": drop})
-                n_quant = len(sensitivity or [])
-                if reached and n_quant and len(excluded) > n_quant // 2:
-                    note = (f"{len(excluded)} of {n_quant} quantized layers had to stay in float: INT8 brings little "
-                            "here (often a sign of an ill-conditioned classifier or too little training)")
-                    fallback["note"] = note
-                    log.warning("--max-drop: %s", note)
+                ranked = [r["node"] for r in (sensitivity or {}).get("layers", [])]
+                cap = max(1, math.floor(opts.max_float_share * len(ranked)))
+                excluded, metrics, drop, trials, reached = q.fallback(ranked, evaluate, opts.max_drop, cap)
+                fallback.update({"reached": reached, "kept_in_float": excluded, "trials": trials, "final_drop": drop,
+                                 "max_float_layers": cap})
                 if reached:
-                    log.info("--max-drop %.2f: kept %d layer(s) in float (%s%s): drop %.2f points (list in manifest.json)",
+                    log.info("--max-drop %.2f: kept %d weighted layer(s) in float (%s%s): drop %.2f points",
                              opts.max_drop, len(excluded), ", ".join(excluded[:3]), ", ..." if len(excluded) > 3 else "",
                              drop)
                 else:
                     msg = (f"INT8 top-1 drop {fallback['initial_drop']:.2f} points cannot be brought within --max-drop "
-                           f"{opts.max_drop:.2f}: still {drop:.2f} with all {len(excluded)} sensitive layers in float")
+                           f"{opts.max_drop:.2f} with at most {cap} layers in float (--max-float-share "
+                           f"{opts.max_float_share:g}): best {drop:.2f} with {len(excluded)}; quantization-aware "
+                           "fine-tuning, a larger budget or a larger --max-float-share are the remedies")
                     log.warning(msg)
                     st.status = "max_drop_not_reached"
                     st.problems.append(msg)
                 # The last trial written may not be the one kept: write the kept one again.
                 metrics, drop = evaluate(excluded)
 
-        quant = {**q.describe_format(fmt), "calibration": calib_info, "nodes_kept_in_float": excluded,
-                 "ort_version": __import__("onnxruntime").__version__}
+        share = q.int8_share(pre, dst)
+        size_ratio = round((out / "model.onnx").stat().st_size / dst.stat().st_size, 3)
+        log.info("%s: %d of %d weighted layers in INT8, file %.2fx smaller than fp32", file, share["int8"],
+                 share["weighted_layers"], size_ratio)
+        quant = {**q.describe_format(fmt), "calibration": calib_info, "placement": plan.describe(),
+                 "prepare": prepared, "nodes_kept_in_float": excluded, "int8_layers": share,
+                 "size_ratio_vs_fp32": size_ratio, "ort_version": __import__("onnxruntime").__version__}
         art = _artifact(name, file, "onnx-qdq", "int8", opts.target, out, accuracy={**metrics, "drop_vs_fp32": drop},
                         quantization=quant)
         st.artifacts.append(art)
         st.paths[name] = file
         stamp_metadata(dst, base_meta({"name": name, "precision": "int8", "target": opts.target, "format": fmt,
-                                       "calibrator": opts.calibrator, "kept_in_float": excluded}))
+                                       "calibrator": calib.settings.label, "kept_in_float": excluded}))
         st.int8 = {"target": opts.target, "format": fmt, "format_choice": choice, "calibration": calib_info,
+                   "placement": plan.describe(), "int8_layers": share, "size_ratio_vs_fp32": size_ratio,
+                   "classifier_check": classifier_noise_check(dep.model, scorer.images) if kind == "classifier" and scorer else None,
                    "max_drop": fallback, "sensitivity_file": "sensitivity.json" if sensitivity is not None else None}
+        check = st.int8["classifier_check"]
+        if check and check["fragile"]:
+            log.warning("the classifier is fragile under INT8 noise: %s", check["advice"])
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _fallback(sensitivity: list[dict] | None, evaluate, max_drop: float):
-    """Keep the top-k most sensitive layers in float, k = 1, 2, 4, ... until the drop fits; then
-    bisect down to the smallest k that fits. Returns (excluded, metrics, drop, trials, reached)."""
-    ranked = [r["node"] for r in (sensitivity or [])]
-    trials: list[dict] = []
-    cache: dict[int, tuple[dict, float]] = {}
-
-    def attempt(k: int):
-        if k not in cache:
-            m, d = evaluate(ranked[:k])
-            cache[k] = (m, d)
-            trials.append({"kept_in_float": k, "drop": d})
-        return cache[k]
-
-    if not ranked:
-        return [], *attempt(0), trials, False
-    lo, k = 0, 1
-    while True:
-        _, d = attempt(k)
-        if d <= max_drop:
-            break
-        if k >= len(ranked):
-            m, d = attempt(len(ranked))
-            return ranked, m, d, trials, False
-        lo, k = k, min(2 * k, len(ranked))
-    hi = k  # fits; lo does not
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        _, d = attempt(mid)
-        if d <= max_drop:
-            hi = mid
-        else:
-            lo = mid
-    m, d = cache[hi]
-    return ranked[:hi], m, d, trials, True

@@ -4,9 +4,11 @@ Top-level keys:
   schema, created, edgedistill_version, source_run, arch, kind ("classifier" | "embedding"),
   params, input {name, shape ["batch", 3, H, W], dtype, layout, preprocess...}, output {name, shape},
   classes, validation {images, total, folder}, files [{path, sha256, bytes}],
-  artifacts [{name, file, format, precision, target, bytes, accuracy{top1, agreement, max_abs_diff,
-  ...}, parity{passed, tolerance, ...}, quantization{...}}],
-  int8 {calibration, format_choice, max_drop, sensitivity_file}, tensorrt {built, reason, engines,
+  artifacts [{name, file, format, precision, target, bytes, accuracy{top1, agreement, kl_vs_fp32,
+  drop_se, max_abs_diff, ...}, parity{passed, tolerance, ...}, quantization{...}}],
+  int8 {target, format, format_choice, calibration {label, held_out_images, auto_scores...},
+  placement, int8_layers {weighted_layers, int8, share}, size_ratio_vs_fp32, classifier_check,
+  max_drop {initial, trials, kept_in_float...}, sensitivity_file}, tensorrt {built, reason, engines,
   commands}, status ("ok" | "parity_failed" | "max_drop_not_reached"), environment.
 Paths are relative to the export folder.
 """

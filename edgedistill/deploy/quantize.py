@@ -1,11 +1,21 @@
-"""INT8 post-training quantization with ONNX Runtime: calibration (cached), the format per target,
-a per-layer sensitivity analysis, and the "keep the worst layers in float" fallback.
+"""INT8 post-training quantization with ONNX Runtime: graph preparation, calibration (cached, or
+chosen automatically), the format and QDQ placement per target, an end-to-end sensitivity
+analysis, and the "keep the most harmful layers in float" fallback. See docs/int8.md.
 
-Pipeline: `quant_pre_process` (shape inference + graph optimisation, e.g. BatchNorm folding) ->
-calibration over real images (MinMax, Entropy or Percentile; the tensor ranges are cached) ->
-`quantize_static` in QDQ format with per-channel weights.
+Pipeline:
+1. `prepare`: ONNX Runtime's `quant_pre_process` for shape inference only when BatchNorm is
+   already folded (the exporter folds it): its graph optimiser would split every HardSwish into an
+   unnamed HardSigmoid + Mul pair, which are then quantized too. Identity nodes are removed (the
+   exporter routes shared biases through them, which hides the biases from the quantizer) and
+   every node gets a name, so sensitivity reports and `nodes_to_exclude` can point at any node.
+2. Calibration over real images (MinMax, Entropy, Percentile at a level, or `auto`, which
+   scores each candidate on held-out calibration images by the KL divergence of the network's
+   output against fp32); the tensor ranges are cached.
+3. `quantize_static` in QDQ format, per-channel symmetric int8 weights, only the weighted ops and
+   residual adds quantized (`QUANTIZED_OPS`; activations such as HardSwish run in float between
+   a DequantizeLinear and a QuantizeLinear), with a placement per target (`QuantPlan`).
 
-Formats (DESIGN §6):
+Formats:
 - `qdq-s8s8-sym`: signed int8 activations and weights, symmetric (zero point 0): what TensorRT's
   explicit quantization wants; the only format for `--target tensorrt`.
 - `qdq-u8s8`: unsigned int8 activations (asymmetric), signed symmetric weights: what ONNX Runtime's
@@ -14,46 +24,89 @@ Formats (DESIGN §6):
 For `--target ort-cpu` with `--int8-format auto` both are built and timed on this CPU at export
 time and the faster one is kept; the numbers and the reason go into the manifest.
 
-Calibration cache: the tensor ranges ONNX Runtime computes are stored as JSON under a key that
-hashes the pre-processed model's bytes, the calibration files (path, size, mtime), the calibrator
-and its settings, the preprocessing and the ONNX Runtime version; any change is a new key, so a
-stale cache is never used.
+Placement per target:
+- ort-cpu: a QuantizeLinear after every Conv/Gemm (ONNX Runtime then fuses DQ-Conv-Q into one
+  int8 convolution; without it the convolution runs in float and the model is several times
+  slower). The range of a tensor that only feeds HardSwish / HardSigmoid is clipped to where the
+  activation is not flat (HardSwish: >= -3; HardSigmoid: [-3, 3]) through `TensorQuantOverrides`:
+  lossless, and it gives the quantization steps to the values that matter.
+- tensorrt: no QuantizeLinear on Conv/Gemm outputs (`OpTypesToExcludeOutputQuantization`): Q/DQ on
+  the inputs of weighted layers, as TensorRT's explicit-quantization guide places them; the
+  engine builder fuses the activations.
+
+Calibration cache: the ranges are stored as JSON under a key that hashes the prepared model's
+bytes, the calibration files (path, size, mtime), the calibrator and its settings, the
+preprocessing and the ONNX Runtime version; any change is a new key, so a stale cache is never
+used.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
+import math
 import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 
 from edgedistill.errors import UserError
+from edgedistill.fileio import write_json
 
 log = logging.getLogger(__name__)
 
-CALIBRATORS = ("minmax", "entropy", "percentile")
-FORMATS = ("qdq-s8s8-sym", "qdq-u8s8")
-TARGETS = ("ort-cpu", "tensorrt")
+Calibrator = Literal["auto", "minmax", "entropy", "percentile"]
+Format = Literal["qdq-s8s8-sym", "qdq-u8s8"]
+Target = Literal["ort-cpu", "tensorrt"]
+# tuned: the preparation and placement described above; ort-default: ONNX Runtime's stock
+# quant_pre_process + quantize_static (every supported op quantized, its graph optimiser on), kept
+# to measure what the tuning buys.
+Placement = Literal["tuned", "ort-default"]
+PLACEMENTS: tuple[str, ...] = get_args(Placement)
+CALIBRATORS: tuple[str, ...] = get_args(Calibrator)
+FORMATS: tuple[str, ...] = get_args(Format)
+TARGETS: tuple[str, ...] = get_args(Target)
+
+# The ops whose inputs are quantized: the weighted layers (what "INT8" means for speed and size)
+# and the residual adds between them. Everything else runs in float between DQ and Q.
+QUANTIZED_OPS = ("Conv", "Gemm", "MatMul", "Add")
+WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
+# Share of the calibration images held out to score calibrators and layer sensitivity.
+HOLDOUT_FRACTION = 0.25
 
 
-@dataclass
+@dataclass(frozen=True)
 class QuantSettings:
+    """One calibrator with its settings (what the calibration cache key is made of)."""
+
     calibrator: str = "minmax"
-    percentile: float = 99.999
+    percentile: float = 99.99
     # Entropy (KL) calibration histogram: ONNX Runtime's default of 128 bins for 128 quantized
     # bins leaves no threshold to search (it then equals MinMax). TensorRT's entropy calibrator
-    # uses 2048 bins, but ONNX Runtime's Python threshold search is then slow (measured here:
-    # about 70 s of CPU for mobilenetv3_small); 512 bins keeps it to seconds.
+    # uses 2048 bins, but ONNX Runtime's Python threshold search is then slow (about 70 s of CPU
+    # for mobilenetv3_small); 512 bins keeps it to seconds.
     entropy_bins: int = 512
-    per_channel: bool = True
+    # Histogram calibrators: symmetric ranges around 0. ONNX Runtime's Percentile default is
+    # symmetric, which wastes half the codes of an unsigned (asymmetric) activation.
+    symmetric: bool = False
     calib_batch: int = 32
+
+    @property
+    def label(self) -> str:
+        if self.calibrator == "percentile":
+            return f"percentile-{self.percentile:g}"
+        if self.calibrator == "entropy":
+            return f"entropy-{self.entropy_bins}"
+        return self.calibrator
 
     def calibration_key_parts(self) -> dict:
         parts = {"calibrator": self.calibrator}
@@ -61,31 +114,46 @@ class QuantSettings:
             parts["percentile"] = self.percentile
         if self.calibrator == "entropy":
             parts["entropy_bins"] = self.entropy_bins
+        if self.calibrator in ("percentile", "entropy"):
+            parts["symmetric"] = self.symmetric
         return parts
 
     def calibrator_options(self) -> dict:
         """extra_options of onnxruntime.quantization.create_calibrator."""
         if self.calibrator == "percentile":
-            return {"percentile": self.percentile}
+            return {"percentile": self.percentile, "symmetric": self.symmetric}
         if self.calibrator == "entropy":
-            return {"num_bins": self.entropy_bins, "num_quantized_bins": 128}
+            return {"num_bins": self.entropy_bins, "num_quantized_bins": 128, "symmetric": self.symmetric}
         return {}
 
 
+def auto_candidates(symmetric: bool) -> list[QuantSettings]:
+    """What `--calibrator auto` tries: Percentile at three levels, Entropy, MinMax."""
+    return [QuantSettings("percentile", percentile=p, symmetric=symmetric) for p in (99.9, 99.99, 99.999)] + [
+        QuantSettings("entropy", symmetric=symmetric), QuantSettings("minmax", symmetric=symmetric)]
+
+
 @dataclass
-class QuantResult:
-    path: Path
-    fmt: str
-    settings: dict
-    nodes_excluded: list[str] = field(default_factory=list)
+class QuantPlan:
+    """Where the Q/DQ pairs go for one target: op types, outputs left in float, range overrides."""
+
+    target: str
+    op_types: tuple[str, ...] = QUANTIZED_OPS
+    exclude_output_ops: tuple[str, ...] = ()
+    # tensor -> (rmin, rmax) clip applied on top of the calibrated range
+    clips: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        return {"quantized_op_types": list(self.op_types) or "all (ONNX Runtime default)",
+                "outputs_not_quantized": list(self.exclude_output_ops),
+                "activation_range_clips": len(self.clips)}
 
 
-def _ort_types():
-    from onnxruntime.quantization import CalibrationMethod, QuantType
+def _ort_method(name: str):
+    from onnxruntime.quantization import CalibrationMethod
 
-    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-               "percentile": CalibrationMethod.Percentile}
-    return methods, QuantType
+    return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile}[name]
 
 
 def cpu_has_vnni() -> bool:
@@ -97,7 +165,8 @@ def cpu_has_vnni() -> bool:
 
 def format_options(fmt: str) -> dict:
     """quantize_static arguments of a format (activation/weight types, symmetry, reduce_range)."""
-    _, QuantType = _ort_types()
+    from onnxruntime.quantization import QuantType
+
     if fmt == "qdq-s8s8-sym":
         return {"activation_type": QuantType.QInt8, "weight_type": QuantType.QInt8, "reduce_range": False,
                 "extra_options": {"ActivationSymmetric": True, "WeightSymmetric": True}}
@@ -107,6 +176,10 @@ def format_options(fmt: str) -> dict:
                 "reduce_range": bool(x86 and not cpu_has_vnni()),
                 "extra_options": {"ActivationSymmetric": False, "WeightSymmetric": True}}
     raise UserError(f"unknown INT8 format {fmt!r}: use one of {', '.join(FORMATS)}")
+
+
+def short_name(fmt: str) -> str:
+    return "s8s8" if fmt == "qdq-s8s8-sym" else "u8s8"
 
 
 def describe_format(fmt: str) -> dict:
@@ -120,17 +193,113 @@ def describe_format(fmt: str) -> dict:
     }
 
 
-def preprocess(src: Path, dst: Path) -> Path:
-    """ONNX Runtime's quant_pre_process (shape inference + optimisation); falls back to the
-    unoptimised model when the optimiser cannot handle it."""
+# --------------------------------------------------------------------------- graph preparation
+
+
+def prepare(src: Path, dst: Path, placement: str = "tuned") -> dict:
+    """Shape inference (+ ONNX Runtime's optimiser only where BatchNorm is still in the graph, or
+    always for `ort-default`), Identity nodes removed, every node named. Writes `dst`; returns
+    what was done."""
+    import onnx
     from onnxruntime.quantization import quant_pre_process
 
+    has_bn = any(n.op_type == "BatchNormalization" for n in onnx.load(str(src)).graph.node)
+    optimise = has_bn or placement == "ort-default"
     try:
-        quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+        quant_pre_process(str(src), str(dst), skip_optimization=not optimise, skip_symbolic_shape=True)
     except Exception as e:  # noqa: BLE001 - the optimiser can fail on unusual graphs
         log.warning("quant_pre_process failed (%s: %s); retrying without graph optimisation", type(e).__name__, e)
         quant_pre_process(str(src), str(dst), skip_optimization=True, skip_symbolic_shape=True)
-    return dst
+    model = onnx.load(str(dst))
+    removed = remove_identities(model)
+    named = name_nodes(model)
+    onnx.save(model, str(dst))
+    return {"graph_optimisation": optimise, "identity_nodes_removed": removed, "nodes_named": named}
+
+
+def remove_identities(model) -> int:
+    """Bypass Identity nodes (consumers read the Identity's input directly); returns how many."""
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    drop = [n for n in graph.node if n.op_type == "Identity" and n.output[0] not in outputs]
+    alias = {n.output[0]: n.input[0] for n in drop}
+
+    def resolve(name: str) -> str:
+        while name in alias:
+            name = alias[name]
+        return name
+
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in alias:
+                node.input[i] = resolve(name)
+    for node in drop:
+        graph.node.remove(node)
+    return len(drop)
+
+
+def name_nodes(model) -> int:
+    """Give every unnamed node a unique name `<op>_<first output>`; returns how many were named."""
+    taken = {n.name for n in model.graph.node if n.name}
+    count = 0
+    for node in model.graph.node:
+        if node.name:
+            continue
+        base = f"{node.op_type}_{node.output[0] if node.output else count}"
+        name, k = base, 1
+        while name in taken:
+            name, k = f"{base}_{k}", k + 1
+        node.name = name
+        taken.add(name)
+        count += 1
+    return count
+
+
+def weighted_nodes(model_path: Path) -> list[str]:
+    import onnx
+
+    return [n.name for n in onnx.load(str(model_path)).graph.node if n.op_type in WEIGHTED_OPS]
+
+
+def activation_clips(model_path: Path) -> dict[str, tuple[float, float]]:
+    """For each tensor read only by HardSwish / HardSigmoid, the interval outside which those
+    activations are flat: quantizing beyond it spends codes on values that all map to the same
+    output."""
+    import onnx
+    from onnx import helper
+
+    graph = onnx.load(str(model_path)).graph
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    clips = {}
+    for tensor, nodes in consumers.items():
+        bounds = []
+        for n in nodes:
+            if n.op_type == "HardSwish":
+                bounds.append((-3.0, math.inf))
+            elif n.op_type == "HardSigmoid":
+                attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+                alpha, beta = attrs.get("alpha", 0.2), attrs.get("beta", 0.5)
+                bounds.append((-beta / alpha, (1.0 - beta) / alpha))
+            else:
+                bounds = []
+                break
+        if bounds:
+            clips[tensor] = (min(b[0] for b in bounds), max(b[1] for b in bounds))
+    return clips
+
+
+def make_plan(target: str, prepared: Path, placement: str = "tuned") -> QuantPlan:
+    if placement == "ort-default":
+        return QuantPlan(target, op_types=())  # () = every op type ONNX Runtime can quantize
+    if target == "tensorrt":
+        return QuantPlan(target, exclude_output_ops=("Conv", "Gemm", "MatMul"))
+    return QuantPlan(target, clips=activation_clips(prepared))
+
+
+# --------------------------------------------------------------------------- calibration
 
 
 def calibration_key(model_path: Path, files_fingerprint: list, settings: QuantSettings, preprocess_spec: dict) -> tuple[str, dict]:
@@ -169,49 +338,55 @@ class Calibration:
         self._parts = parts
         self.seconds = 0.0
 
-    def ensure(self, model_path: Path) -> None:
-        """Compute and store the ranges when not cached (runs the calibrator once)."""
+    def ensure(self, model_path: Path, also: list[Calibration] = ()) -> None:
+        """Compute and store the ranges when not cached (runs the calibrator once). `also`: other
+        Percentile levels over the same images, computed from the same histograms."""
         if self.path.is_file():
             return
-        methods, _ = _ort_types()
         from onnxruntime.quantization import create_calibrator
         from onnxruntime.quantization.calibrate import save_tensors_data
-        from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         tmp_dir = Path(tempfile.mkdtemp(prefix="edgedistill-calib-"))
         try:
-            # The same calibrator and operator set quantize_static would use; the ranges are then
-            # stored in ONNX Runtime's own cache format (save_tensors_data writes atomically).
+            # ONNX Runtime's own calibrator; the ranges are stored in its cache format
+            # (save_tensors_data writes atomically).
+            from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+            # Every op type ONNX Runtime can quantize, so any placement finds its ranges here.
             calibrator = create_calibrator(
-                Path(model_path), sorted(set(QLinearOpsRegistry) | set(QDQRegistry)),
-                augmented_model_path=str(tmp_dir / "augmented.onnx"),
-                calibrate_method=methods[self.settings.calibrator],
+                Path(model_path), sorted(set(QLinearOpsRegistry) | set(QDQRegistry)), augmented_model_path=str(tmp_dir / "augmented.onnx"),
+                calibrate_method=_ort_method(self.settings.calibrator),
                 extra_options=self.settings.calibrator_options(),
             )
-            calibrator.collect_data(self.reader_factory())
-            save_tensors_data(calibrator.compute_data(), self.path)
+            with contextlib.redirect_stdout(io.StringIO()):  # ONNX Runtime prints its progress
+                calibrator.collect_data(self.reader_factory())
+                for calib in (self, *also):
+                    if calib.settings.calibrator == "percentile":
+                        calibrator.collector.percentile = calib.settings.percentile
+                    save_tensors_data(calibrator.compute_data(), calib.path)
+                    write_json(calib.cache_dir / f"calib-{calib.key}.key.json",
+                               {**calib._parts, "files": f"{len(calib.files)} files",
+                                "first_files": [f[0] for f in calib._parts["files"][:5]]})
             del calibrator
-            (self.cache_dir / f"calib-{self.key}.key.json").write_text(json.dumps(
-                {**self._parts, "files": f"{len(self.files)} files", "first_files": [f[0] for f in self._parts["files"][:5]]},
-                indent=2))
         finally:
             shutil.rmtree(tmp_dir, ignore_errors=True)
         self.seconds = time.perf_counter() - t0
-        log.info("calibration (%s, %d images): %.1f s, ranges cached in %s", self.settings.calibrator,
+        log.info("calibration (%s, %d images): %.1f s, ranges cached in %s", self.settings.label,
                  len(self.files), self.seconds, self.path)
 
-    def _calib_extra(self) -> dict:
-        if self.settings.calibrator == "percentile":
-            return {"CalibPercentile": self.settings.percentile}
-        return {}
+    def ranges(self) -> dict[str, tuple[float, float]]:
+        from onnxruntime.quantization.calibrate import load_tensors_data
+
+        data = load_tensors_data(self.path)
+        return {name: (float(np.min(td.range_value[0])), float(np.max(td.range_value[1]))) for name, td in data.items()}
 
     def describe(self) -> dict:
         return {
             "calibrator": self.settings.calibrator,
-            **({"percentile": self.settings.percentile} if self.settings.calibrator == "percentile" else {}),
-            **({"entropy_bins": self.settings.entropy_bins} if self.settings.calibrator == "entropy" else {}),
+            "label": self.settings.label,
+            **self.settings.calibration_key_parts(),
             "images": len(self.files),
             "cache_key": self.key,
             "cache_file": str(self.path),
@@ -219,39 +394,124 @@ class Calibration:
         }
 
 
-def quantize(pre_path: Path, out_path: Path, fmt: str, calib: Calibration, nodes_to_exclude: list[str] | None = None,
-             per_channel: bool = True) -> QuantResult:
-    """quantize_static with the cached ranges (no calibration pass)."""
-    methods, _ = _ort_types()
+def quantize(pre_path: Path, out_path: Path, fmt: str, calib: Calibration, plan: QuantPlan,
+             nodes_to_exclude: list[str] | None = None) -> Path:
+    """quantize_static with the cached ranges (no calibration pass) and the target's placement."""
     from onnxruntime.quantization import QuantFormat, quantize_static
 
     calib.ensure(pre_path)
     opts = format_options(fmt)
     extra = dict(opts["extra_options"])
-    extra.update(calib._calib_extra())
-    quantize_static(str(pre_path), str(out_path), None, quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                    reduce_range=opts["reduce_range"], activation_type=opts["activation_type"],
-                    weight_type=opts["weight_type"], nodes_to_exclude=list(nodes_to_exclude or []),
-                    calibrate_method=methods[calib.settings.calibrator], extra_options=extra,
-                    calibration_cache_path=str(calib.path))
-    return QuantResult(out_path, fmt, {**describe_format(fmt), "per_channel": per_channel},
-                       list(nodes_to_exclude or []))
+    if plan.exclude_output_ops:
+        extra["OpTypesToExcludeOutputQuantization"] = list(plan.exclude_output_ops)
+    if plan.clips:
+        ranges = calib.ranges()
+        overrides = {}
+        for tensor, (lo, hi) in plan.clips.items():
+            if tensor in ranges:
+                rmin, rmax = ranges[tensor]
+                new = (max(rmin, lo), min(rmax, hi))
+                if new != (rmin, rmax) and new[0] < new[1]:
+                    overrides[tensor] = [{"rmin": np.float32(new[0]), "rmax": np.float32(new[1])}]
+        extra["TensorQuantOverrides"] = overrides
+    quiet = logging.getLogger()
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # ONNX Runtime warns per bias it cannot fold; nothing to act on
+    try:
+        quantize_static(str(pre_path), str(out_path), None, quant_format=QuantFormat.QDQ, per_channel=True,
+                        reduce_range=opts["reduce_range"], activation_type=opts["activation_type"],
+                        weight_type=opts["weight_type"], op_types_to_quantize=list(plan.op_types) or None,
+                        nodes_to_exclude=list(nodes_to_exclude or []),
+                        calibrate_method=_ort_method(calib.settings.calibrator), extra_options=extra,
+                        calibration_cache_path=str(calib.path))
+    finally:
+        quiet.setLevel(level)
+    return out_path
+
+
+def int8_share(pre_path: Path, qdq_path: Path) -> dict:
+    """How many weighted layers (Conv/Gemm/MatMul) of the float model run with int8 weights."""
+    import onnx
+
+    total = weighted_nodes(pre_path)
+    graph = onnx.load(str(qdq_path)).graph
+    dq_outputs = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    quantized = [n.name for n in graph.node
+                 if n.op_type in WEIGHTED_OPS and len(n.input) > 1 and n.input[1] in dq_outputs]
+    return {"weighted_layers": len(total), "int8": len(quantized),
+            "share": round(len(quantized) / max(len(total), 1), 4)}
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def output_divergence(ref: np.ndarray, out: np.ndarray, kind: str) -> float:
+    """How far an INT8 output is from fp32: mean KL(softmax(fp32) || softmax(int8)) for logits,
+    mean 1 - cosine for embeddings."""
+    if kind == "classifier":
+        def log_softmax(x):
+            x = x - x.max(1, keepdims=True)
+            return x - np.log(np.exp(x).sum(1, keepdims=True))
+
+        lp, lq = log_softmax(ref.astype(np.float64)), log_softmax(out.astype(np.float64))
+        return float((np.exp(lp) * (lp - lq)).sum(1).mean())
+    num = (out * ref).sum(1)
+    den = np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1) + 1e-12
+    return float((1.0 - num / den).mean())
+
+
+@dataclass
+class Scorer:
+    """Runs a candidate INT8 file on the held-out calibration images and scores it against fp32."""
+
+    images: np.ndarray
+    ref: np.ndarray
+    kind: str
+
+    def __call__(self, path: Path) -> float:
+        from edgedistill.deploy.runtime import run, session
+
+        return output_divergence(self.ref, run(session(path), self.images), self.kind)
+
+
+def choose_calibrator(pre_path: Path, fmt: str, plan: QuantPlan, make_calibration: Callable[[QuantSettings], Calibration],
+                      candidates: list[QuantSettings], scorer: Scorer, work_dir: Path) -> tuple[Calibration, list[dict]]:
+    """Quantize with every candidate calibrator and keep the one whose output diverges least from
+    fp32 on the held-out calibration images. Returns the winner and every score."""
+    scores, best = [], None
+    calibs = [make_calibration(settings) for settings in candidates]
+    # The Percentile levels share one histogram pass over the calibration images.
+    levels = [c for c in calibs if c.settings.calibrator == "percentile" and not c.path.is_file()]
+    if levels:
+        levels[0].ensure(pre_path, also=levels[1:])
+    for settings, calib in zip(candidates, calibs):
+        t0 = time.perf_counter()
+        calib.ensure(pre_path)
+        path = quantize(pre_path, work_dir / f"calib-candidate.{settings.label}.onnx", fmt, calib, plan)
+        divergence = scorer(path)
+        path.unlink(missing_ok=True)
+        scores.append({"calibrator": settings.label, "output_divergence": round(divergence, 6),
+                       "seconds": round(time.perf_counter() - t0, 2)})
+        log.info("calibrator %s: output divergence %.5f on %d held-out calibration images",
+                 settings.label, divergence, len(scorer.images))
+        if best is None or divergence < best[0]:
+            best = (divergence, calib)
+    return best[1], scores
 
 
 # --------------------------------------------------------------------------- format choice
 
 
-def choose_cpu_format(pre_path: Path, fp32_path: Path, calib: Calibration, sample: np.ndarray, work_dir: Path,
-                      budget_s: float = 0.6, rounds: int = 3) -> tuple[str, dict, dict[str, Path]]:
+def choose_cpu_format(pre_path: Path, fp32_path: Path, calib: Calibration, plan: QuantPlan, sample: np.ndarray,
+                      work_dir: Path, budget_s: float = 0.6, rounds: int = 3) -> tuple[str, dict]:
     """Build every candidate format, time each at batch 1 on this CPU (interleaved rounds, so a
-    busy neighbour hurts all alike) and return the fastest, the measured table and the candidate
-    files (work_dir/candidate.<fmt>.onnx)."""
+    busy neighbour hurts all alike) and return the fastest with the measured table."""
     from edgedistill.deploy.runtime import cpu_threads, latency_ms, session
     from edgedistill.envinfo import cpu_info
 
     paths = {"fp32": fp32_path}
     for fmt in FORMATS:
-        paths[fmt] = quantize(pre_path, work_dir / f"candidate.{fmt}.onnx", fmt, calib).path
+        paths[fmt] = quantize(pre_path, work_dir / f"candidate.{fmt}.onnx", fmt, calib, plan)
     sessions = {name: session(path) for name, path in paths.items()}
     runs: dict[str, list[float]] = {k: [] for k in paths}
     for _ in range(rounds):
@@ -269,122 +529,68 @@ def choose_cpu_format(pre_path: Path, fp32_path: Path, calib: Calibration, sampl
     if table[chosen] >= table["fp32"]:
         reason += ": INT8 is NOT faster than fp32 here; it only makes the file smaller. Prefer fp32 on this CPU"
     return chosen, {"latency_ms_batch1": table, "reason": reason, "chosen": chosen, "measured": True,
-                    "rounds": rounds, "threads": cpu_threads(), "cpu": cpu["model"], "isa": cpu["isa"]}, \
-        {f: paths[f] for f in FORMATS}
+                    "rounds": rounds, "threads": cpu_threads(), "cpu": cpu["model"], "isa": cpu["isa"]}
 
 
 # --------------------------------------------------------------------------- sensitivity
 
 
-def quantized_nodes(qdq_path: Path) -> list[str]:
-    """Names of the compute nodes that the QDQ model feeds through DequantizeLinear."""
+def layer_sensitivity(pre_path: Path, fmt: str, calib: Calibration, plan: QuantPlan, scorer: Scorer,
+                      work_dir: Path, progress: Callable[[], None] | None = None) -> dict:
+    """End-to-end sensitivity: for each weighted layer, the network output's divergence from fp32
+    when every layer is INT8 except that one. `gain` = all-INT8 divergence minus that; the layers
+    sorted by gain (largest first) are the ones worth keeping in float."""
+    path = work_dir / "sens.onnx"
+    base = scorer(quantize(pre_path, path, fmt, calib, plan))
+    layers = []
+    ops = {}
     import onnx
 
-    model = onnx.load(str(qdq_path))
-    dq_out = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    return [n.name for n in model.graph.node
-            if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and any(i in dq_out for i in n.input)]
+    for n in onnx.load(str(pre_path)).graph.node:
+        ops[n.name] = n.op_type
+    for name in weighted_nodes(pre_path):
+        divergence = scorer(quantize(pre_path, path, fmt, calib, plan, [name]))
+        layers.append({"node": name, "op": ops[name], "divergence_with_layer_in_float": round(divergence, 6),
+                       "gain": round(base - divergence, 6)})
+        if progress:
+            progress()
+    path.unlink(missing_ok=True)
+    layers.sort(key=lambda r: r["gain"], reverse=True)
+    return {"metric": "KL(softmax fp32 || softmax int8)" if scorer.kind == "classifier" else "1 - cosine",
+            "measured_on": f"{len(scorer.images)} held-out calibration images (never the validation set)",
+            "all_int8_divergence": round(base, 6), "layers": layers}
 
 
-def _with_outputs(src: Path, dst: Path, tensors: list[str]) -> None:
-    import onnx
-    from onnx import TensorProto, helper
+def fallback(ranked: list[str], evaluate: Callable[[list[str]], tuple[dict, float]], max_drop: float,
+             max_layers: int):
+    """Greedy on the sensitivity ranking: keep the first k layers of `ranked` in float for
+    k = 1, 2, ... up to `max_layers`, and stop at the first k whose drop fits. When none fits, the
+    trial with the smallest drop. Returns (excluded, metrics, drop, trials, reached).
 
-    model = onnx.load(str(src))
-    existing = {o.name for o in model.graph.output}
-    for t in tensors:
-        if t not in existing:
-            model.graph.output.append(helper.make_tensor_value_info(t, TensorProto.FLOAT, None))
-    onnx.save(model, str(dst))
+    A linear walk, not a bisection: measured drops are not monotone in k (their standard error on
+    a thousand images is a few tenths of a point), and the cap keeps it short."""
+    trials: list[dict] = []
+    best = None
+    for k in range(1, min(max_layers, len(ranked)) + 1):
+        m, d = evaluate(ranked[:k])
+        trials.append({"kept_in_float": k, "drop": d})
+        if best is None or d < best[2]:
+            best = (ranked[:k], m, d)
+        if d <= max_drop:
+            return ranked[:k], m, d, trials, True
+    if best is None:
+        m, d = evaluate([])
+        return [], m, d, trials, False
+    return *best, trials, False
 
 
-def layer_sensitivity(pre_path: Path, qdq_path: Path, images: np.ndarray, work_dir: Path) -> list[dict]:
-    """Per quantized node: relative error of its output in the INT8 model against the float model,
-    and the part of it that the node adds (its output error minus the worst error of its inputs).
-    Sorted by added error, worst first. One pass over `images` per model."""
-    import onnx
+def split_holdout(files: list[str], fraction: float = HOLDOUT_FRACTION) -> tuple[list[str], list[str]]:
+    """(calibration files, held-out files): every 1/fraction-th file is held out (at least 1 when
+    there are 4 or more files, none otherwise)."""
+    if len(files) < 4:
+        return files, []
+    step = max(2, round(1 / fraction))
+    held = files[step - 1 :: step]
+    held_set = set(held)
+    return [f for f in files if f not in held_set], held
 
-    from edgedistill.deploy.runtime import session
-
-    float_model = onnx.load(str(pre_path))
-    by_name = {n.name: n for n in float_model.graph.node}
-    nodes = [by_name[n] for n in quantized_nodes(qdq_path) if n in by_name]
-    if not nodes:
-        return []
-    # The tensor that shows each node's result in both models. With asymmetric activations the
-    # quantizer folds a following Relu/Clip into the node, so its output is then the Relu's.
-    qdq_tensors = {o for n in onnx.load(str(qdq_path)).graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in float_model.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    probe: dict[str, str] = {}
-    for n in nodes:
-        t = n.output[0]
-        if t not in qdq_tensors:
-            nxt = consumers.get(t, [])
-            if len(nxt) == 1 and nxt[0].op_type in ("Relu", "Clip") and nxt[0].output[0] in qdq_tensors:
-                t = nxt[0].output[0]
-            else:
-                continue
-        probe[n.name] = t
-    nodes = [n for n in nodes if n.name in probe]
-    outputs = sorted(set(probe.values()))
-    # In the INT8 model read each tensor as its consumers see it: after its Q/DQ pair.
-    qdq_graph = onnx.load(str(qdq_path)).graph
-    q_of = {n.input[0]: n.output[0] for n in qdq_graph.node if n.op_type == "QuantizeLinear"}
-    dq_of = {n.input[0]: n.output[0] for n in qdq_graph.node if n.op_type == "DequantizeLinear"}
-    seen_as = {t: dq_of.get(q_of.get(t, ""), t) for t in outputs}
-    fa, qa = work_dir / "sens.float.onnx", work_dir / "sens.int8.onnx"
-    _with_outputs(pre_path, fa, outputs)
-    _with_outputs(qdq_path, qa, sorted(set(seen_as.values())))
-    results = {}
-    for path in (fa, qa):
-        sess = session(path)
-        names = {o.name for o in sess.get_outputs()}
-        wanted = sorted({(t if path == fa else seen_as[t]) for t in outputs} & names)
-        inp = sess.get_inputs()[0].name
-        acc = {n: [] for n in wanted}
-        for i in range(0, len(images), 32):
-            vals = sess.run(wanted, {inp: images[i : i + 32]})
-            for n, v in zip(wanted, vals):
-                acc[n].append(np.asarray(v, dtype=np.float32))
-        results[path] = {n: np.concatenate(v) for n, v in acc.items()}
-        del sess
-    fa.unlink(missing_ok=True)
-    qa.unlink(missing_ok=True)
-    err = {}
-    for t in outputs:
-        f, q = results[fa].get(t), results[qa].get(seen_as[t])
-        if f is None or q is None or f.shape != q.shape:
-            continue
-        err[t] = float(np.linalg.norm(q - f) / (np.linalg.norm(f) + 1e-12))
-    # Error of each tensor a node reads: its producer's probe (through a folded Relu/Clip too).
-    probe_of_tensor = {n.output[0]: probe[n.name] for n in nodes}
-    for n in float_model.graph.node:
-        if n.op_type in ("Relu", "Clip") and n.input and n.input[0] in probe_of_tensor:
-            probe_of_tensor.setdefault(n.output[0], probe_of_tensor[n.input[0]])
-    producer_node = {o: n for n in float_model.graph.node for o in n.output}
-
-    def upstream_errors(tensor: str, depth: int = 0) -> list[float]:
-        """Errors of the nearest probed tensors feeding `tensor` (through unprobed ops such as
-        HardSwish, Flatten or a folded activation)."""
-        probed = probe_of_tensor.get(tensor)
-        if probed is not None and probed in err:
-            return [err[probed]]
-        node = producer_node.get(tensor)
-        if node is None or depth > 6:
-            return []
-        return [e for i in node.input for e in upstream_errors(i, depth + 1)]
-
-    report = []
-    for n in nodes:
-        out = probe[n.name]
-        if out not in err:
-            continue
-        upstream = [e for i in n.input if probe_of_tensor.get(i) != out for e in upstream_errors(i)]
-        added = err[out] - (max(upstream) if upstream else 0.0)
-        report.append({"node": n.name, "op": n.op_type, "output_rel_error": round(err[out], 6),
-                       "added_rel_error": round(added, 6)})
-    report.sort(key=lambda r: r["added_rel_error"], reverse=True)
-    return report

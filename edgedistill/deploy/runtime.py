@@ -43,10 +43,16 @@ def compare(ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None, kind: s
         "max_rel_diff": float(diff.max() / scale),
     }
     if kind == "classifier":
+        from edgedistill.deploy.quantize import output_divergence
+
         pred, ref_pred = out.argmax(1), ref.argmax(1)
         res["agreement"] = round(100.0 * float((pred == ref_pred).mean()), 3)
+        res["kl_vs_fp32"] = round(output_divergence(ref, out, kind), 6)
         if labels is not None:
             res["top1"] = round(100.0 * float((pred == labels).mean()), 3)
+            # Standard error of the top-1 difference against fp32 on these images (paired).
+            delta = (pred == labels).astype(np.float64) - (ref_pred == labels).astype(np.float64)
+            res["drop_se"] = round(100.0 * float(delta.std(ddof=1) / np.sqrt(len(delta))) if len(delta) > 1 else 0.0, 3)
     else:
         num = (out * ref).sum(1)
         den = np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1) + 1e-12

@@ -6,7 +6,7 @@ and INT8 engines into `<export>/engines/` when it can, and otherwise records a o
 the `trtexec` / `python kit/build_engine.py` commands to run on the target.
 
 Not executed on this project's machines: the TensorRT builder cannot be installed there
-(DESIGN §6), so the build path is written against the documented TensorRT 10/11 API only.
+(no TensorRT wheel with the builder for them), so the build path is written against the documented TensorRT 10/11 API only.
 """
 
 from __future__ import annotations

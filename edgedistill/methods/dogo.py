@@ -22,7 +22,7 @@ is to improve the small model. Swap the two weights to reproduce a run where the
 first model.
 
 Views: the reference draws a separate pair of augmentations for each model (its MultiTransform);
-here both peers see the same two views (DESIGN section 4), which keeps the loader at two views
+here both peers see the same two views, which keeps the loader at two views
 and makes the two similarity matrices compare identical image pairs.
 
 Both backbones are saved: student.safetensors (what `eval` and `export` use), head.safetensors

@@ -6,6 +6,10 @@ teacher then provides the MLP output as its embedding: centred and class-discrim
 pooled ReLU features whose normalised vectors all point into one orthant (measured on the demo's
 digits: mean pairwise cosine 0.29 for the embedding against 0.82 for pooled features), which
 leaves the student little to distinguish.
+
+With `embed_dim: 0` the classifier sits on the pooled features and the run also saves it as
+classifier.safetensors (marked `source: joint`): the deployable student for `export`, trained
+with the backbone. Used to train the students of the INT8 quality table.
 """
 
 from __future__ import annotations
@@ -47,4 +51,9 @@ class Supervised(Method):
         return {"loss": loss, "train_acc": acc.detach()}
 
     def deployable(self):
-        return {"student": self.backbone, "head": self.head}
+        parts = {"student": self.backbone, "head": self.head}
+        if not self.hp.embed_dim:
+            # The fc trained jointly with the backbone is the deployable classifier: `eval` keeps it
+            # (a probe fit afterwards on frozen features amplifies INT8 noise far more).
+            parts["classifier"] = self.fc
+        return parts

@@ -269,6 +269,7 @@ def build_report(run_dir, device_results=(), export_dir=None, out_dir=None) -> P
         "latency": latency,
         "summary": _summary(artifacts, latency),
         "notes": _notes(artifacts, latency, docs, manifest),
+        "int8": _int8_section(manifest, export_dir),
         "macs_method": "conv + linear multiply-accumulates for one image (ONNX graph per artifact; torch hooks "
                        "for the torch student); activations, norms, pooling not counted",
         "plots": {"accuracy_vs_size": PLOT_SIZE, "accuracy_vs_latency": PLOT_LATENCY},
@@ -289,6 +290,23 @@ def build_report(run_dir, device_results=(), export_dir=None, out_dir=None) -> P
 
 
 # ----------------------------------------------------------------------------- markdown
+
+
+def _int8_section(manifest: dict | None, export_dir: Path) -> dict | None:
+    """How the INT8 artifact was made: calibrator (and the auto scores), layers in INT8, size ratio,
+    drop with its standard error, what stayed in float and the most sensitive layers."""
+    int8 = (manifest or {}).get("int8")
+    if not int8:
+        return None
+    art = next((a for a in manifest["artifacts"] if a.get("precision") == "int8"), {})
+    sens_file = export_dir / (int8.get("sensitivity_file") or "")
+    sens = json.loads(sens_file.read_text()) if int8.get("sensitivity_file") and sens_file.is_file() else None
+    return {"artifact": art.get("name"), "format": int8.get("format"), "calibrator": int8["calibration"].get("label"),
+            "auto_scores": int8["calibration"].get("auto_scores"), "int8_layers": int8.get("int8_layers"),
+            "size_ratio_vs_fp32": int8.get("size_ratio_vs_fp32"),
+            "drop": (art.get("accuracy") or {}).get("drop_vs_fp32"), "drop_se": (art.get("accuracy") or {}).get("drop_se"),
+            "kept_in_float": (int8.get("max_drop") or {}).get("kept_in_float") or [],
+            "most_sensitive": (sens or {}).get("layers", [])[:5], "sensitivity_metric": (sens or {}).get("metric")}
 
 
 def _f(v, fmt: str = "{:.2f}", none: str = "-") -> str:
@@ -339,6 +357,22 @@ def render_markdown(report: dict) -> str:
                     "top-1 (%)", "Δ top-1 (pp)", "p50 / p99 (ms)", "img/s (batch)"], rows), ""]
     if report["notes"]:
         out += ["### Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
+    q = report.get("int8")
+    if q:
+        layers = q["int8_layers"] or {}
+        out += ["## INT8", "",
+                f"`{q['artifact']}` ({q['format']}, calibrator {q['calibrator']}): {layers.get('int8')} of "
+                f"{layers.get('weighted_layers')} weighted layers in INT8, file {_f(q['size_ratio_vs_fp32'])}x smaller "
+                f"than fp32, top-1 drop {_f(q['drop'])} ± {_f(q['drop_se'])} points (± one standard error).", ""]
+        if q["auto_scores"]:
+            out += ["Calibrators tried (output KL against fp32 on held-out calibration images; lowest kept): "
+                    + ", ".join(f"{c['calibrator']} {c['output_divergence']:.4f}" for c in q["auto_scores"]) + ".", ""]
+        if q["kept_in_float"]:
+            out += [f"Kept in float to meet the budget: {', '.join(f'`{n}`' for n in q['kept_in_float'])}.", ""]
+        if q["most_sensitive"]:
+            out += [f"Most sensitive layers ({q['sensitivity_metric']} gained by keeping the layer in float):", "",
+                    _table(["layer", "op", "gain"], [[f"`{r['node']}`", r["op"], f"{r['gain']:.4f}"]
+                                                     for r in q["most_sensitive"]]), ""]
 
     out += ["## Plots", "", f"![accuracy vs size]({report['plots']['accuracy_vs_size']})", "",
             "Top-1 against file size (log scale), one point per artifact (colour = precision); the teacher, "

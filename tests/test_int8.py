@@ -1,0 +1,239 @@
+"""INT8 post-training quantization: graph preparation, per-target Q/DQ placement, calibrator
+choice on held-out calibration images only, end-to-end sensitivity and the --max-drop fallback,
+the probe's INT8-noise check, and the jointly trained classifier kept by `eval`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from edgedistill.deploy import quantize as q
+
+
+@pytest.fixture(scope="module")
+def mnv3_onnx(tmp_path_factory) -> Path:
+    """A MobileNetV3-Small classifier (random weights, eval mode) exported as the exporter does."""
+    import timm
+
+    path = tmp_path_factory.mktemp("mnv3") / "model.onnx"
+    model = timm.create_model("mobilenetv3_small_100", num_classes=10).eval()
+    torch.onnx.export(model, (torch.zeros(2, 3, 32, 32),), str(path), opset_version=17, dynamo=False,
+                      input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "batch"}})
+    return path
+
+
+@pytest.fixture(scope="module")
+def prepared(mnv3_onnx, tmp_path_factory) -> tuple[Path, dict]:
+    pre = tmp_path_factory.mktemp("pre") / "pre.onnx"
+    return pre, q.prepare(mnv3_onnx, pre)
+
+
+def _calibration(pre: Path, tmp: Path, images: np.ndarray, settings=None) -> q.Calibration:
+    class Reader:
+        def __init__(self):
+            self.done = False
+
+        def get_next(self):
+            if self.done:
+                return None
+            self.done = True
+            return {"input": images}
+
+        def rewind(self):
+            self.done = False
+
+    return q.Calibration(pre, ["synthetic"], [["synthetic", 0, 0]], settings or q.QuantSettings("minmax"), {},
+                         tmp / "cache", Reader)
+
+
+def test_prepare_names_every_node_and_keeps_hardswish_whole(mnv3_onnx, prepared):
+    pre, info = prepared
+    graph = onnx.load(str(pre)).graph
+    ops = [n.op_type for n in graph.node]
+    assert all(n.name for n in graph.node) and len({n.name for n in graph.node}) == len(graph.node)
+    assert "HardSwish" in ops and "Identity" not in ops and "BatchNormalization" not in ops
+    assert info["graph_optimisation"] is False and info["identity_nodes_removed"] > 0
+    # Every Conv bias is an initializer again (the exporter routed them through Identity nodes).
+    inits = {i.name for i in graph.initializer}
+    assert all(n.input[2] in inits for n in graph.node if n.op_type == "Conv" and len(n.input) > 2)
+    # ONNX Runtime's optimiser (the ort-default placement) splits HardSwish into unnamed nodes:
+    # name_nodes gives them names.
+    model = onnx.load(str(mnv3_onnx))
+    for node in model.graph.node[:5]:
+        node.name = ""
+    assert q.name_nodes(model) == 5 and all(n.name for n in model.graph.node)
+
+
+def test_ort_cpu_clips_hardswish_inputs_and_quantizes_weighted_layers(prepared, tmp_path):
+    pre, _ = prepared
+    images = np.random.default_rng(0).standard_normal((16, 3, 32, 32)).astype(np.float32) * 3
+    calib = _calibration(pre, tmp_path, images)
+    plan = q.make_plan("ort-cpu", pre)
+    assert plan.clips and all(lo == pytest.approx(-3.0, abs=1e-5) for lo, _ in plan.clips.values())
+    out = q.quantize(pre, tmp_path / "u8.onnx", "qdq-u8s8", calib, plan)
+    model = onnx.load(str(out))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    ranges = calib.ranges()
+    checked = 0
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] in plan.clips and ranges[node.input[0]][0] < -3:
+            scale, zero = float(inits[node.input[1]]), int(inits[node.input[2]])
+            assert -zero * scale >= -3.0 - 2 * scale  # the lowest code sits at the activation's knee
+            checked += 1
+    assert checked, "no HardSwish input had a calibrated minimum below -3 to clip"
+    share = q.int8_share(pre, out)
+    assert share["int8"] == share["weighted_layers"] == len(q.weighted_nodes(pre))
+    # Placement for TensorRT: no QuantizeLinear directly on a Conv/Gemm output.
+    trt = q.quantize(pre, tmp_path / "s8.onnx", "qdq-s8s8-sym", calib, q.make_plan("tensorrt", pre))
+    graph = onnx.load(str(trt)).graph
+    # (a Conv output that feeds another quantized op, e.g. a residual Add, is that op's input.)
+    conv_outputs = {n.output[0] for n in graph.node if n.op_type in ("Conv", "Gemm")}
+    into_activation = {i for n in graph.node if n.op_type in ("HardSwish", "Relu", "HardSigmoid") for i in n.input}
+    quantized = {n.input[0] for n in graph.node if n.op_type == "QuantizeLinear"}
+    assert conv_outputs & into_activation and not conv_outputs & into_activation & quantized
+    ort_graph = onnx.load(str(out)).graph
+    assert len(quantized) < sum(n.op_type == "QuantizeLinear" for n in ort_graph.node)
+    assert q.int8_share(pre, trt)["share"] == 1.0
+
+
+def test_excluded_layer_stays_float_and_divergence_is_zero_for_identical_outputs(prepared, tmp_path):
+    pre, _ = prepared
+    images = np.random.default_rng(1).standard_normal((8, 3, 32, 32)).astype(np.float32)
+    calib = _calibration(pre, tmp_path, images)
+    name = q.weighted_nodes(pre)[-1]
+    out = q.quantize(pre, tmp_path / "ex.onnx", "qdq-u8s8", calib, q.make_plan("ort-cpu", pre), [name])
+    share = q.int8_share(pre, out)
+    assert share["int8"] == share["weighted_layers"] - 1
+    logits = np.random.default_rng(2).standard_normal((5, 10))
+    assert q.output_divergence(logits, logits, "classifier") == pytest.approx(0.0, abs=1e-12)
+    assert q.output_divergence(logits, logits[::-1].copy(), "classifier") > 0.1
+
+
+def test_split_holdout_is_disjoint():
+    files = [f"f{i}" for i in range(40)]
+    calib, held = q.split_holdout(files)
+    assert len(held) == 10 and not set(calib) & set(held) and sorted(calib + held) == sorted(files)
+    assert q.split_holdout(files[:3]) == (files[:3], [])
+
+
+def test_auto_calibrator_never_reads_the_validation_set(evaluated_run, tmp_path, monkeypatch):
+    from edgedistill.data import val_folder
+    from edgedistill.deploy import data as ddata
+    from edgedistill.deploy import export_run
+    from edgedistill.deploy.onnx_export import load_deployable
+
+    val_files = {p for p, _ in val_folder(load_deployable(evaluated_run).cfg.data).samples}
+    reads: list[tuple[str, list[str]]] = []
+    load_images, make_reader, validation_set = ddata.load_images, ddata.make_reader, ddata.validation_set
+    phase = {"now": "other"}
+
+    def spy_load(paths, cfg):
+        reads.append((phase["now"], list(paths)))
+        return load_images(paths, cfg)
+
+    def spy_validation(*a, **k):
+        phase["now"] = "validation"
+        try:
+            return validation_set(*a, **k)
+        finally:
+            phase["now"] = "other"
+
+    monkeypatch.setattr(ddata, "load_images", spy_load)
+    monkeypatch.setattr(ddata, "validation_set", spy_validation)
+    monkeypatch.setattr(ddata, "make_reader", lambda paths, *a, **k: reads.append(("reader", list(paths))) or make_reader(paths, *a, **k))
+    out = export_run(evaluated_run, int8=True, int8_format="qdq-u8s8", calibrator="auto", out=tmp_path / "ex",
+                     cache_dir=tmp_path / "c", val_count=64, calib_count=32)
+    m = json.loads((out / "manifest.json").read_text())
+    scores = m["int8"]["calibration"]["auto_scores"]
+    assert [s["calibrator"] for s in scores] == [s.label for s in q.auto_candidates(False)]
+    assert m["int8"]["calibration"]["label"] == min(scores, key=lambda s: s["output_divergence"])["calibrator"]
+    others = [p for what, paths in reads if what != "validation" for p in paths]
+    assert others and not set(others) & val_files
+    assert any(what == "validation" for what, _ in reads)
+
+
+def test_fallback_meets_the_budget_with_few_layers_in_float(evaluated_run, tmp_path):
+    """On the tiny run, a budget below the all-INT8 drop: the end-to-end ranking and the search
+    keep some layers in float, meet it, and the search stops at the fewest it tried that do."""
+    from edgedistill.deploy import export_run
+
+    base = export_run(evaluated_run, int8=True, int8_format="qdq-u8s8", calibrator="minmax",
+                      out=tmp_path / "base", cache_dir=tmp_path / "c", val_count=96, calib_count=32)
+    art = next(a for a in json.loads((base / "manifest.json").read_text())["artifacts"] if a["precision"] == "int8")
+    agreement = art["accuracy"]["agreement"]
+    out = export_run(evaluated_run, int8=True, int8_format="qdq-u8s8", calibrator="minmax",
+                     max_drop=0.0, max_float_share=1.0, out=tmp_path / "fb", cache_dir=tmp_path / "c", val_count=96, calib_count=32)
+    m = json.loads((out / "manifest.json").read_text())
+    fb = m["int8"]["max_drop"]
+    assert fb["reached"], fb
+    art = next(a for a in m["artifacts"] if a["precision"] == "int8")
+    assert art["accuracy"]["drop_vs_fp32"] <= 0.0
+    if fb["initial_drop"] > 0:
+        kept = len(fb["kept_in_float"])
+        assert 0 < kept <= m["int8"]["int8_layers"]["weighted_layers"]
+        assert [t["kept_in_float"] for t in fb["trials"]] == list(range(1, kept + 1))  # greedy, stops at the first fit
+        assert all(t["drop"] > 0 for t in fb["trials"] if t["kept_in_float"] < kept)
+    assert agreement <= 100.0
+
+
+def test_probe_choice_and_noise_check():
+    from edgedistill.evaluate import PROBE_WEIGHT_DECAYS, choose_probe, classifier_noise_check
+    from edgedistill.config import EvalConfig
+    from edgedistill.models import Classifier
+
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (600,), generator=gen)
+    # Two informative features with a large spread, and one with a tiny spread that also tells the
+    # class apart: an unregularised standardised probe leans on it, and INT8 noise wipes it out.
+    feats = torch.randn(600, 8, generator=gen)
+    feats[:, 0] += 3 * labels
+    feats[:, 1] = 40 * torch.rand(600, generator=gen)
+    feats[:, 2] = 0.01 * labels + 0.001 * torch.randn(600, generator=gen)
+    fc, info = choose_probe(feats, labels, 3, EvalConfig(linear_epochs=20), seed=0)
+    assert info["chosen"] and info["weight_decay"] in PROBE_WEIGHT_DECAYS
+    assert set(info["candidates"]) == {f"{wd:g}" for wd in PROBE_WEIGHT_DECAYS}
+    fixed, info = choose_probe(feats, labels, 3, EvalConfig(linear_epochs=2, linear_weight_decay=0.5), seed=0)
+    assert info == {"weight_decay": 0.5, "chosen": False}
+
+    class Features(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    fragile = torch.nn.Linear(8, 3)
+    with torch.no_grad():
+        fragile.weight.zero_()
+        fragile.weight[:, 2] = torch.tensor([-1e4, 0.0, 1e4])
+        fragile.bias.zero_()
+    check = classifier_noise_check(Classifier(Features(), fragile), feats)
+    assert check["fragile"] and check["agreement"] < 90 and check["advice"]
+    assert classifier_noise_check(Classifier(Features(), fc), feats)["agreement"] > check["agreement"] + 10
+
+
+def test_eval_keeps_a_jointly_trained_classifier(tmp_path):
+    from safetensors import safe_open
+
+    from edgedistill.config import load_config
+    from edgedistill.evaluate import evaluate_run
+    from edgedistill.models import CLASSIFIER_FILE
+    from edgedistill.train import train
+
+    from conftest import tiny_overrides
+
+    overrides = [o for o in tiny_overrides(**{"method.name": "supervised", "method.embed_dim": 0})
+                 if not o.startswith("method.queue_size")]
+    cfg = load_config(None, overrides)
+    run = tmp_path / "sup"
+    train(cfg, run)
+    path = run / CLASSIFIER_FILE
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["source"] == "joint" and json.loads(f.metadata()["classes"])
+    before = path.read_bytes()
+    result = evaluate_run(run)
+    assert path.read_bytes() == before
+    assert result.student.classifier == "joint" and result.student.classifier_top1 is not None
