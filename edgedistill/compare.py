@@ -127,11 +127,11 @@ def _train_and_eval(cfg, run_dir: Path, reuse: bool) -> tuple[dict, dict, bool]:
 def run_compare(recipes: list[Path], overrides: list[str] | None = None, out: Path = Path("runs/compare"),
                 reuse: bool = True) -> dict:
     """Train + evaluate every recipe at the same budget; write compare.json / compare.md."""
-    import json
     import time
 
     from edgedistill.config import load_config
     from edgedistill.envinfo import environment
+    from edgedistill.fileio import write_json
     from edgedistill.errors import UserError
 
     if len(recipes) < 1:
@@ -174,7 +174,7 @@ def run_compare(recipes: list[Path], overrides: list[str] | None = None, out: Pa
         })
         # Written after every run: a long comparison that is stopped still leaves its table.
         result["complete"] = len(rows) == len(configs)
-        (out / COMPARE_JSON).write_text(json.dumps(result, indent=2))
+        write_json(out / COMPARE_JSON, result)
         (out / COMPARE_MD).write_text(markdown_table(result))
     return result
 

@@ -49,6 +49,7 @@ from edgedistill.models import (
     save_safetensors,
 )
 from edgedistill.ui import console, progress_bar
+from edgedistill.fileio import write_json
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +298,7 @@ def evaluate_run(run: str | Path, with_teacher: bool = False, overrides: list[st
         teacher, _ = score_backbone(load_encoder(cfg.teacher).backbone, cfg.teacher.arch, train, val, cfg, device, "teacher")
     result = EvalResult(str(run), student, teacher, train.classes, len(train), len(val), cfg.eval.knn_k, environment())
     if dist_utils.is_main():
-        (run / EVAL_FILE).write_text(json.dumps(asdict(result), indent=2))
+        write_json(run / EVAL_FILE, asdict(result))
     dist_utils.barrier()
     return result
 

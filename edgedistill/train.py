@@ -33,6 +33,7 @@ from edgedistill.methods.base import Method
 from edgedistill.models import CLASSIFIER_FILE, HEAD_FILE, STUDENT_FILE, save_safetensors, save_torch
 from edgedistill.models.checkpoint import load_torch_file
 from edgedistill.ui import progress_bar, setup_logging
+from edgedistill.fileio import write_json
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +290,7 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: bool = False) -
             "world_size": world, "images_per_s": round(ips, 2), "wall_s": round(wall, 2),
             "final_losses": last_losses, "skipped_images": folder.skipped, "environment": environment(),
         }
-        (run_dir / "run.json").write_text(json.dumps(summary, indent=2))
+        write_json(run_dir / "run.json", summary)
         log.info("done: %d steps in %.1fs (%.1f images/s, loader %s); student -> %s",
                  step, wall, ips, loader.name, run_dir / STUDENT_FILE)
     dist_utils.barrier()

@@ -231,7 +231,7 @@ def test_max_drop_not_reachable_exits_1(evaluated_run, tmp_path, monkeypatch):
     # The search itself is tested above; here: what happens when no float fallback fits.
     monkeypatch.setattr(q, "layer_sensitivity", lambda *a, **k: {"layers": [{"node": "n0", "gain": 1.0}]})
 
-    def never(ranked, evaluate, max_drop):
+    def never(ranked, evaluate, max_drop, max_layers):
         m, d = evaluate([])
         return ["n0"], m, max(d, max_drop + 1.0), [{"kept_in_float": 1, "drop": d}], False
 

@@ -361,8 +361,6 @@ def register(app) -> None:
     ):
         """Training throughput (images/s), peak GPU memory and the teacher's share of the step for
         DisCo: synthetic batches vs DALI GPU vs DALI CPU vs torchvision loaders."""
-        import json
-
         from edgedistill.cli import handle_errors
         from edgedistill.ui import console, setup_logging
 
@@ -375,7 +373,9 @@ def register(app) -> None:
                                log=lambda msg: console.print(msg, highlight=False))
             print_table(result)
             out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(result, indent=2))
+            from edgedistill.fileio import write_json
+
+            write_json(out, result)
             console.print(f"written: {out}")
 
         _run()
