@@ -40,13 +40,16 @@ VARIANTS = {
 }
 
 
-def quality(runs: list[Path]) -> None:
+def quality(runs: list[Path], formats: list[str]) -> None:
+    """Export every variant of `formats`; rows of other formats already measured are kept."""
     from edgedistill.deploy import export_run
     from edgedistill.deploy.exporter import ExportCheckFailed
 
     for run in runs:
-        rows = []
-        for fmt, fmt_opts in FORMATS.items():
+        done = WORK / f"{run.name}.quality.json"
+        rows = [r for r in json.loads(done.read_text())["rows"] if r["format"] not in formats] if done.is_file() else []
+        for fmt in formats:
+            fmt_opts = FORMATS[fmt]
             for variant, var_opts in VARIANTS.items():
                 out = WORK / run.name / f"{fmt}.{variant}"
                 t0 = time.perf_counter()
@@ -59,7 +62,9 @@ def quality(runs: list[Path]) -> None:
                     rows.append(_row(run, fmt, "tuned-auto", out, seconds, before_fallback=True))
                 rows.append(_row(run, fmt, variant, out, seconds))
                 print(json.dumps(rows[-1]), flush=True)
-        _write(WORK / f"{run.name}.quality.json", {"run": str(run), "rows": rows})
+        order = ["ort-default", "tuned-auto", "tuned-auto-fallback"]
+        rows.sort(key=lambda r: (list(FORMATS).index(r["format"]), order.index(r["variant"])))
+        _write(done, {"run": str(run), "rows": rows})
 
 
 def _row(run: Path, fmt: str, variant: str, out: Path, seconds: float, before_fallback: bool = False) -> dict:
@@ -198,9 +203,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("phase", choices=("quality", "latency", "table"))
     parser.add_argument("runs", nargs="*", type=Path)
+    parser.add_argument("--formats", default=",".join(FORMATS), help="quality: formats to (re)measure")
     args = parser.parse_args()
     os.chdir(ROOT)
-    {"quality": lambda: quality(args.runs), "latency": lambda: latency(args.runs), "table": table}[args.phase]()
+    {"quality": lambda: quality(args.runs, args.formats.split(",")), "latency": lambda: latency(args.runs), "table": table}[args.phase]()
 
 
 if __name__ == "__main__":

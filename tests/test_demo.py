@@ -24,6 +24,9 @@ def test_demo_runs_the_whole_path_and_passes_the_committed_gate(demo):
     models = demo["models"]
     # The paper's claim in miniature: DisCo lifts the small student above MoCo v2 at the same budget.
     assert models["disco"]["linear_top1"] > models["mocov2"]["linear_top1"]
+    # INT8: within the demo's 1-point budget with at least 90% of the weighted layers in INT8.
+    int8 = demo["int8"]
+    assert int8["drop"] <= 1.0 and int8["int8_layers"]["share"] >= 0.9, int8
     for key in ("report", "report_md", "export"):
         assert demo[key]
     assert len(demo["plots"]) == 2

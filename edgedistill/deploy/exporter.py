@@ -409,7 +409,7 @@ def _int8(dep, opts: ExportOptions, out: Path, fp32_path: Path, images, labels, 
         elif opts.int8_format != "auto":
             fmt = opts.int8_format
             choice = {"chosen": fmt, "measured": False, "reason": "chosen by the user (--int8-format)"}
-        else:  # the ranges do not change the speed: time the formats with the first candidate's
+        else:  # the ranges do not change the speed: time the formats with the cheapest candidate's
             fmt, choice = q.choose_cpu_format(pre, fp32_path, make_calibration(candidates[-1]), plan, images[:1], work,
                                               budget_s=opts.timing_budget_s)
             log.info("INT8 format for ort-cpu: %s", choice["reason"])
@@ -455,6 +455,8 @@ def _int8(dep, opts: ExportOptions, out: Path, fp32_path: Path, images, labels, 
                 ranked = [r["node"] for r in (sensitivity or {}).get("layers", [])]
                 cap = max(1, math.floor(opts.max_float_share * len(ranked)))
                 excluded, metrics, drop, trials, reached = q.fallback(ranked, evaluate, opts.max_drop, cap)
+                if not reached and drop >= fallback["initial_drop"]:  # nothing beat the all-INT8 model: keep it
+                    excluded, drop = [], fallback["initial_drop"]
                 fallback.update({"reached": reached, "kept_in_float": excluded, "trials": trials, "final_drop": drop,
                                  "max_float_layers": cap})
                 if reached:
