@@ -225,15 +225,19 @@ def test_tensorrt_target_without_tensorrt(evaluated_run, tmp_path):
         assert arr.dtype == np.int8 and not arr.any()
 
 
-def test_max_drop_not_reachable_exits_1(evaluated_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("better", [True, False])
+def test_max_drop_not_reachable_exits_1(evaluated_run, tmp_path, monkeypatch, better):
     import edgedistill.deploy.quantize as q
 
-    # The search itself is tested above; here: what happens when no float fallback fits.
+    # The search itself is tested above; here: what happens when no float fallback fits. The
+    # best trial is kept when it beats the all-INT8 model, else the all-INT8 model is.
     monkeypatch.setattr(q, "layer_sensitivity", lambda *a, **k: {"layers": [{"node": "n0", "gain": 1.0}]})
 
     def never(ranked, evaluate, max_drop, max_layers):
         m, d = evaluate([])
-        return ["n0"], m, max(d, max_drop + 1.0), [{"kept_in_float": 1, "drop": d}], False
+        assert d > max_drop
+        best = d / 2 if better else d + 1.0
+        return ["n0"], m, best, [{"kept_in_float": 1, "drop": best}], False
 
     monkeypatch.setattr(q, "fallback", never)
     result = CliRunner().invoke(app, ["export", str(evaluated_run), "--int8", "--int8-format", "qdq-u8s8", "--max-drop", "0",
@@ -242,7 +246,7 @@ def test_max_drop_not_reachable_exits_1(evaluated_run, tmp_path, monkeypatch):
     assert "cannot be brought within --max-drop" in " ".join(result.output.split())
     m = _manifest(tmp_path / "ex")
     assert m["status"] == "max_drop_not_reached" and m["int8"]["max_drop"]["reached"] is False
-    assert m["int8"]["max_drop"]["kept_in_float"] == ["n0"]
+    assert m["int8"]["max_drop"]["kept_in_float"] == (["n0"] if better else [])
 
 
 def test_run_without_classifier_exports_embedding(evaluated_run, tmp_path, caplog):

@@ -542,14 +542,12 @@ def layer_sensitivity(pre_path: Path, fmt: str, calib: Calibration, plan: QuantP
     """End-to-end sensitivity: for each weighted layer, the network output's divergence from fp32
     when every layer is INT8 except that one. `gain` = all-INT8 divergence minus that; the layers
     sorted by gain (largest first) are the ones worth keeping in float."""
+    import onnx
+
+    ops = {n.name: n.op_type for n in onnx.load(str(pre_path)).graph.node}
     path = work_dir / "sens.onnx"
     base = scorer(quantize(pre_path, path, fmt, calib, plan))
     layers = []
-    ops = {}
-    import onnx
-
-    for n in onnx.load(str(pre_path)).graph.node:
-        ops[n.name] = n.op_type
     for name in weighted_nodes(pre_path):
         divergence = scorer(quantize(pre_path, path, fmt, calib, plan, [name]))
         layers.append({"node": name, "op": ops[name], "divergence_with_layer_in_float": round(divergence, 6),
