@@ -5,6 +5,7 @@ the probe's INT8-noise check, and the jointly trained classifier kept by `eval`.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +24,10 @@ def mnv3_onnx(tmp_path_factory) -> Path:
 
     path = tmp_path_factory.mktemp("mnv3") / "model.onnx"
     model = timm.create_model("mobilenetv3_small_100", num_classes=10).eval()
-    torch.onnx.export(model, (torch.zeros(2, 3, 32, 32),), str(path), opset_version=17, dynamo=False,
-                      input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "batch"}})
+    with warnings.catch_warnings():  # the legacy exporter's deprecation notice (the exporter's choice too)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(model, (torch.zeros(2, 3, 32, 32),), str(path), opset_version=17, dynamo=False,
+                          input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "batch"}})
     return path
 
 
