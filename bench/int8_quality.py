@@ -108,8 +108,8 @@ def _files_224(run: Path, work: Path) -> dict[str, Path]:
     for name, target, fmt, placement in (("int8-u8s8", "ort-cpu", "qdq-u8s8", "tuned"),
                                          ("int8-s8s8", "tensorrt", "qdq-s8s8-sym", "tuned"),
                                          ("int8-u8s8-ort-default", "ort-cpu", "qdq-u8s8", "ort-default")):
-        pre = work / f"pre.{name}.onnx"
-        q.prepare(files["fp32"], pre, optimise=placement == "ort-default" or target == "ort-cpu")
+        pre = work / f"pre.{placement}.onnx"
+        q.prepare(files["fp32"], pre, placement)
         calib = q.Calibration(pre, calib_files, ddata.file_list_fingerprint(calib_files), q.QuantSettings("minmax"),
                               preprocess_spec(dep), work / "cache",
                               lambda: ddata.make_reader(calib_files, cfg, INPUT_NAME, 32))

@@ -65,16 +65,8 @@ def test_prepare_names_every_node_and_keeps_hardswish_whole(mnv3_onnx, prepared)
     # Every Conv bias is an initializer again (the exporter routed them through Identity nodes).
     inits = {i.name for i in graph.initializer}
     assert all(n.input[2] in inits for n in graph.node if n.op_type == "Conv" and len(n.input) > 2)
-    # ONNX Runtime's optimiser (ort-cpu) splits HardSwish into HardSigmoid + Mul: all named, and
-    # the split pattern's input is clipped like HardSwish's (below -3 only).
-    split = prepared[0].parent / "split.onnx"
-    q.prepare(mnv3_onnx, split, optimise=True)
-    graph = onnx.load(str(split)).graph
-    assert "HardSwish" not in [n.op_type for n in graph.node] and all(n.name for n in graph.node)
-    clips = q.activation_clips(split)
-    lows = {round(lo, 4) for lo, _ in clips.values()}
-    assert lows == {-3.0} and any(hi == float("inf") for _, hi in clips.values())
-    assert any(hi == pytest.approx(3.0, abs=1e-5) for _, hi in clips.values())  # the SE gates
+    # ONNX Runtime's optimiser (the ort-default placement) splits HardSwish into unnamed nodes:
+    # name_nodes gives them names.
     model = onnx.load(str(mnv3_onnx))
     for node in model.graph.node[:5]:
         node.name = ""

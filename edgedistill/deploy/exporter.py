@@ -377,7 +377,7 @@ def _int8(dep, opts: ExportOptions, out: Path, fp32_path: Path, images, labels, 
     work = Path(tempfile.mkdtemp(prefix="edgedistill-int8-"))
     try:
         pre = work / "model.pre.onnx"
-        prepared = q.prepare(fp32_path, pre, optimise=opts.placement == "ort-default" or opts.target == "ort-cpu")
+        prepared = q.prepare(fp32_path, pre, opts.placement)
         plan = q.make_plan(opts.target, pre, opts.placement)
         cache_dir = opts.cache_dir or q.default_cache_dir()
         fingerprint = ddata.file_list_fingerprint(calib_files_used)

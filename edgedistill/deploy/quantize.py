@@ -3,11 +3,11 @@ chosen automatically), the format and QDQ placement per target, an end-to-end se
 analysis, and the "keep the most harmful layers in float" fallback. See docs/int8.md.
 
 Pipeline:
-1. `prepare`: ONNX Runtime's `quant_pre_process` (its graph optimiser only for ort-cpu or where
-   BatchNorm is still in the graph: it splits every HardSwish into an unnamed HardSigmoid + Mul
-   pair). Identity nodes are removed (the exporter routes shared biases through them, which hides
-   the biases from the quantizer) and every node gets a name, so sensitivity reports and
-   `nodes_to_exclude` can point at any node.
+1. `prepare`: ONNX Runtime's `quant_pre_process` for shape inference only when BatchNorm is
+   already folded (the exporter folds it): its graph optimiser would split every HardSwish into an
+   unnamed HardSigmoid + Mul pair, which are then quantized too. Identity nodes are removed (the
+   exporter routes shared biases through them, which hides the biases from the quantizer) and
+   every node gets a name, so sensitivity reports and `nodes_to_exclude` can point at any node.
 2. Calibration over real images (MinMax, Entropy, Percentile at a level, or `auto`, which
    scores each candidate on held-out calibration images by the KL divergence of the network's
    output against fp32); the tensor ranges are cached.
@@ -24,15 +24,13 @@ For `--target ort-cpu` with `--int8-format auto` both are built and timed on thi
 time and the faster one is kept; the numbers and the reason go into the manifest.
 
 Placement per target:
-- ort-cpu: ONNX Runtime's graph optimiser and every op type it can quantize, as its default does:
-  its CPU kernels fuse whole int8 chains (Conv with its Relu, Sigmoid/Mul of SiLU, the
-  HardSigmoid/Mul of a split HardSwish, pooling); restricting INT8 to the weighted layers put a
-  float op between DQ and Q after each of them and measured up to 1.8x slower (EfficientNet-B0,
-  224 px), and a whole HardSwish in float 10% slower (MobileNetV3-Large, 224 px). The range of a
-  tensor that only feeds HardSwish (whole or split) / HardSigmoid is clipped to where the
-  activation is not flat (HardSwish: >= -3; HardSigmoid: [-3, 3]) through `TensorQuantOverrides`:
-  lossless, and it gives the quantization steps to the values that matter (without it
-  MobileNetV3-Large lost 45 points).
+- ort-cpu: every op type ONNX Runtime can quantize, as its default does: its CPU kernels fuse
+  whole int8 chains (Conv with its Relu, Sigmoid/Mul of SiLU, pooling); restricting INT8 to the
+  weighted layers put a float op between DQ and Q after each of them and measured up to 1.8x
+  slower (EfficientNet-B0, 224 px). HardSwish (kept whole, see `prepare`) has no int8 kernel and
+  runs in float between DQ and Q; the range of a tensor that only feeds HardSwish / HardSigmoid
+  is clipped to where the activation is not flat (HardSwish: >= -3; HardSigmoid: [-3, 3]) through
+  `TensorQuantOverrides`: lossless, and it gives the quantization steps to the values that matter.
 - tensorrt: only the weighted layers and residual adds (`QUANTIZED_OPS`), and no QuantizeLinear on
   their outputs (`OpTypesToExcludeOutputQuantization`): Q/DQ on the inputs of weighted layers, as
   TensorRT's explicit-quantization guide places them; the engine builder fuses the activations.
@@ -199,16 +197,15 @@ def describe_format(fmt: str) -> dict:
 # --------------------------------------------------------------------------- graph preparation
 
 
-def prepare(src: Path, dst: Path, optimise: bool = False) -> dict:
-    """Shape inference (+ ONNX Runtime's graph optimiser when `optimise` or where BatchNorm is
-    still in the graph), Identity nodes removed, every node named. Writes `dst`; returns what was
-    done. The optimiser splits HardSwish into HardSigmoid + Mul, which ONNX Runtime's CPU kernels
-    run in int8 (`activation_clips` then clips that pattern's input as it would HardSwish's)."""
+def prepare(src: Path, dst: Path, placement: str = "tuned") -> dict:
+    """Shape inference (+ ONNX Runtime's optimiser only where BatchNorm is still in the graph, or
+    always for `ort-default`), Identity nodes removed, every node named. Writes `dst`; returns
+    what was done."""
     import onnx
     from onnxruntime.quantization import quant_pre_process
 
     has_bn = any(n.op_type == "BatchNormalization" for n in onnx.load(str(src)).graph.node)
-    optimise = optimise or has_bn
+    optimise = has_bn or placement == "ort-default"
     try:
         quant_pre_process(str(src), str(dst), skip_optimization=not optimise, skip_symbolic_shape=True)
     except Exception as e:  # noqa: BLE001 - the optimiser can fail on unusual graphs
@@ -279,7 +276,6 @@ def activation_clips(model_path: Path) -> dict[str, tuple[float, float]]:
             consumers.setdefault(i, []).append(n)
     clips = {}
     for tensor, nodes in consumers.items():
-        sigmoids = {n.output[0] for n in nodes if n.op_type == "HardSigmoid"}
         bounds = []
         for n in nodes:
             if n.op_type == "HardSwish":
@@ -287,12 +283,7 @@ def activation_clips(model_path: Path) -> dict[str, tuple[float, float]]:
             elif n.op_type == "HardSigmoid":
                 attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
                 alpha, beta = attrs.get("alpha", 0.2), attrs.get("beta", 0.5)
-                low = -beta / alpha
-                # x * HardSigmoid(x) (a split HardSwish) is flat (0) below the sigmoid's low knee only.
-                split = any(m.op_type == "Mul" and m.output and set(m.input) == {tensor, n.output[0]} for m in nodes)
-                bounds.append((low, math.inf) if split else (low, (1.0 - beta) / alpha))
-            elif n.op_type == "Mul" and sigmoids & set(n.input):
-                continue  # the Mul of a split HardSwish: its bounds come from the HardSigmoid
+                bounds.append((-beta / alpha, (1.0 - beta) / alpha))
             else:
                 bounds = []
                 break
