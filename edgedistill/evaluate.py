@@ -45,6 +45,7 @@ from edgedistill.models import (
     feature_dim,
     load_encoder,
     load_into,
+    read_classifier,
     read_run_config,
     save_safetensors,
 )
@@ -257,18 +258,11 @@ def score_backbone(backbone: nn.Module, arch: str, train: ImageFolder, val: Imag
 
 def load_joint_classifier(run: Path) -> nn.Linear | None:
     """The classifier a run trained with its backbone (classifier.safetensors marked `joint`)."""
-    from safetensors import safe_open
-
     path = Path(run) / CLASSIFIER_FILE
     if not path.is_file():
         return None
-    with safe_open(str(path), "pt") as f:
-        if (f.metadata() or {}).get("source") != "joint":
-            return None
-    state = load_file(str(path))
-    fc = nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
-    fc.load_state_dict(state)
-    return fc
+    fc, meta = read_classifier(path)
+    return fc if meta.get("source") == "joint" else None
 
 
 def evaluate_run(run: str | Path, with_teacher: bool = False, overrides: list[str] | None = None) -> EvalResult:

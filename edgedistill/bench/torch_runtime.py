@@ -22,10 +22,8 @@ TORCH_ARTIFACT = "torch-fp32"
 
 def load_run_classifier(run_dir: Path) -> nn.Module:
     """backbone (student.safetensors) + linear probe (classifier.safetensors) of an evaluated run."""
-    from safetensors.torch import load_file
-
     from edgedistill.evaluate import load_run_config, load_student_backbone
-    from edgedistill.models import CLASSIFIER_FILE, Classifier
+    from edgedistill.models import CLASSIFIER_FILE, Classifier, read_classifier
 
     run_dir = Path(run_dir)
     path = run_dir / CLASSIFIER_FILE
@@ -33,9 +31,7 @@ def load_run_classifier(run_dir: Path) -> nn.Module:
         raise UserError(f"{path} is missing: run `edgedistill eval {run_dir}` first")
     cfg = load_run_config(run_dir)
     backbone = load_student_backbone(run_dir, cfg)
-    state = load_file(str(path))
-    fc = nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
-    fc.load_state_dict(state)
+    fc, _ = read_classifier(path)
     return Classifier(backbone, fc).eval()
 
 

@@ -50,11 +50,8 @@ class Deployable:
 
 def load_deployable(run_dir: Path, embedding: bool = False) -> Deployable:
     """Student backbone (+ linear classifier when the run has one and `embedding` is False)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     from edgedistill.evaluate import load_run_config, load_student_backbone
-    from edgedistill.models import CLASSIFIER_FILE, Classifier
+    from edgedistill.models import CLASSIFIER_FILE, Classifier, read_classifier
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -70,14 +67,8 @@ def load_deployable(run_dir: Path, embedding: bool = False) -> Deployable:
         else:
             log.info("exporting the bare embedding model (--embedding)")
         return Deployable(backbone.eval(), "embedding", "embedding", None, cfg, run_dir)
-    state = load_file(str(clf_path))
-    if set(state) != {"weight", "bias"} or state["weight"].ndim != 2:
-        raise UserError(f"{clf_path} is not a linear classifier (expected weight [classes, features] and bias): re-run `edgedistill eval`")
-    with safe_open(str(clf_path), "pt") as f:
-        meta = f.metadata() or {}
-    classes = json.loads(meta["classes"]) if "classes" in meta else [str(i) for i in range(state["weight"].shape[0])]
-    fc = nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
-    fc.load_state_dict(state)
+    fc, meta = read_classifier(clf_path)
+    classes = json.loads(meta["classes"]) if "classes" in meta else [str(i) for i in range(fc.out_features)]
     return Deployable(Classifier(backbone, fc).eval(), "classifier", "logits", classes, cfg, run_dir)
 
 

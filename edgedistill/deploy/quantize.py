@@ -60,6 +60,7 @@ from typing import Literal, get_args
 
 import numpy as np
 
+from edgedistill.deploy.runtime import output_divergence, run, session
 from edgedistill.errors import UserError
 from edgedistill.fileio import write_json
 
@@ -338,6 +339,7 @@ class Calibration:
         self.settings = settings
         self.reader_factory = reader_factory
         self._parts = parts
+        self._ranges: dict[str, tuple[float, float]] | None = None
         self.seconds = 0.0
 
     def ensure(self, model_path: Path, also: list[Calibration] = ()) -> None:
@@ -379,10 +381,14 @@ class Calibration:
                  len(self.files), self.seconds, self.path)
 
     def ranges(self) -> dict[str, tuple[float, float]]:
-        from onnxruntime.quantization.calibrate import load_tensors_data
+        """(min, max) per tensor, read from the cache file once."""
+        if self._ranges is None:
+            from onnxruntime.quantization.calibrate import load_tensors_data
 
-        data = load_tensors_data(self.path)
-        return {name: (float(np.min(td.range_value[0])), float(np.max(td.range_value[1]))) for name, td in data.items()}
+            data = load_tensors_data(self.path)
+            self._ranges = {name: (float(np.min(td.range_value[0])), float(np.max(td.range_value[1])))
+                            for name, td in data.items()}
+        return self._ranges
 
     def describe(self) -> dict:
         return {
@@ -447,21 +453,6 @@ def int8_share(pre_path: Path, qdq_path: Path) -> dict:
 # --------------------------------------------------------------------------- scoring
 
 
-def output_divergence(ref: np.ndarray, out: np.ndarray, kind: str) -> float:
-    """How far an INT8 output is from fp32: mean KL(softmax(fp32) || softmax(int8)) for logits,
-    mean 1 - cosine for embeddings."""
-    if kind == "classifier":
-        def log_softmax(x):
-            x = x - x.max(1, keepdims=True)
-            return x - np.log(np.exp(x).sum(1, keepdims=True))
-
-        lp, lq = log_softmax(ref.astype(np.float64)), log_softmax(out.astype(np.float64))
-        return float((np.exp(lp) * (lp - lq)).sum(1).mean())
-    num = (out * ref).sum(1)
-    den = np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1) + 1e-12
-    return float((1.0 - num / den).mean())
-
-
 @dataclass
 class Scorer:
     """Runs a candidate INT8 file on the held-out calibration images and scores it against fp32."""
@@ -471,8 +462,6 @@ class Scorer:
     kind: str
 
     def __call__(self, path: Path) -> float:
-        from edgedistill.deploy.runtime import run, session
-
         return output_divergence(self.ref, run(session(path), self.images), self.kind)
 
 
@@ -508,7 +497,7 @@ def choose_cpu_format(pre_path: Path, fp32_path: Path, calib: Calibration, plan:
                       work_dir: Path, budget_s: float = 0.6, rounds: int = 3) -> tuple[str, dict]:
     """Build every candidate format, time each at batch 1 on this CPU (interleaved rounds, so a
     busy neighbour hurts all alike) and return the fastest with the measured table."""
-    from edgedistill.deploy.runtime import cpu_threads, latency_ms, session
+    from edgedistill.deploy.runtime import cpu_threads, latency_ms
     from edgedistill.envinfo import cpu_info
 
     paths = {"fp32": fp32_path}

@@ -43,8 +43,6 @@ def compare(ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None, kind: s
         "max_rel_diff": float(diff.max() / scale),
     }
     if kind == "classifier":
-        from edgedistill.deploy.quantize import output_divergence
-
         pred, ref_pred = out.argmax(1), ref.argmax(1)
         res["agreement"] = round(100.0 * float((pred == ref_pred).mean()), 3)
         res["kl_vs_fp32"] = round(output_divergence(ref, out, kind), 6)
@@ -54,11 +52,27 @@ def compare(ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None, kind: s
             delta = (pred == labels).astype(np.float64) - (ref_pred == labels).astype(np.float64)
             res["drop_se"] = round(100.0 * float(delta.std(ddof=1) / np.sqrt(len(delta))) if len(delta) > 1 else 0.0, 3)
     else:
-        num = (out * ref).sum(1)
-        den = np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1) + 1e-12
-        res["min_cosine"] = float((num / den).min())
-        res["mean_cosine"] = float((num / den).mean())
+        cosines = _cosines(ref, out)
+        res["min_cosine"] = float(cosines.min())
+        res["mean_cosine"] = float(cosines.mean())
     return res
+
+
+def _cosines(ref: np.ndarray, out: np.ndarray) -> np.ndarray:
+    return (out * ref).sum(1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1) + 1e-12)
+
+
+def output_divergence(ref: np.ndarray, out: np.ndarray, kind: str) -> float:
+    """How far an INT8 output is from fp32: mean KL(softmax(fp32) || softmax(int8)) for logits,
+    mean 1 - cosine for embeddings."""
+    if kind == "classifier":
+        def log_softmax(x):
+            x = x - x.max(1, keepdims=True)
+            return x - np.log(np.exp(x).sum(1, keepdims=True))
+
+        lp, lq = log_softmax(ref.astype(np.float64)), log_softmax(out.astype(np.float64))
+        return float((np.exp(lp) * (lp - lq)).sum(1).mean())
+    return float((1.0 - _cosines(ref, out)).mean())
 
 
 def latency_ms(path_or_session, sample: np.ndarray, threads: int | None = None, budget_s: float = 1.0,

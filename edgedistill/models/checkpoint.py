@@ -41,6 +41,23 @@ def save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict 
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
 
 
+def read_classifier(path: Path) -> tuple[nn.Linear, dict[str, str]]:
+    """classifier.safetensors (a linear probe from `eval`, or a jointly trained fc) as an
+    nn.Linear, with the file's metadata (classes, source, ...)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    state = load_file(str(path))
+    if set(state) != {"weight", "bias"} or state["weight"].ndim != 2:
+        raise UserError(f"{path} is not a linear classifier (expected weight [classes, features] and bias): "
+                        "re-run `edgedistill eval`")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    fc = nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
+    fc.load_state_dict(state)
+    return fc, meta
+
+
 def load_torch_file(path: Path):
     """torch.load with weights_only=True and a clear error for anything else."""
     path = Path(path)
