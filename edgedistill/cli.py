@@ -6,14 +6,17 @@ naming the file and the fix), 3 training diverged (NaN/inf loss; last good check
 
 from __future__ import annotations
 
-import functools
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from edgedistill.errors import TrainingDiverged, UserError
+from edgedistill import compare as compare_commands
+from edgedistill.bench.commands import bench
+from edgedistill.bench.train_speed import bench_train
+from edgedistill.cli_helpers import SetOption, handle_errors
+from edgedistill.deploy import commands as deploy_commands
+from edgedistill.report.commands import gate, report
 
 app = typer.Typer(
     name="edgedistill",
@@ -26,31 +29,6 @@ app = typer.Typer(
 )
 
 
-def handle_errors(fn):
-    """Turn user errors into one red line and a meaningful exit code."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from edgedistill.ui import console
-
-        try:
-            return fn(*args, **kwargs)
-        except TrainingDiverged as e:
-            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(3) from None
-        except UserError as e:
-            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
-
-
-SetOption = Annotated[
-    Optional[list[str]],
-    typer.Option("--set", "-s", help="Override a recipe value, e.g. --set train.epochs=10 (repeatable)."),
-]
-
-
 @app.command()
 @handle_errors
 def train(
@@ -61,9 +39,7 @@ def train(
 ):
     """Train with a recipe: DisCo, MoCo v2, SEED, DoGo or supervised.
 
-    Writes config.yaml, metrics.jsonl, checkpoint.pt and student.safetensors into the run folder.
-    Data goes through DALI on the GPU when CUDA is present, DALI's CPU pipeline otherwise, and
-    torchvision when DALI is missing (force one with --set data.loader=...).
+    Writes config.yaml, metrics.jsonl, checkpoint.pt and student.safetensors into the run folder. Data goes through DALI on the GPU when CUDA is present, DALI's CPU pipeline otherwise, and torchvision when DALI is missing (force one with --set data.loader=...).
     """
     from edgedistill.config import load_config
     from edgedistill.distributed import is_main
@@ -107,9 +83,7 @@ def demo(
 ):
     """The whole path on the embedded digits dataset, on the CPU in a few minutes.
 
-    Teacher fit, DisCo student, MoCo v2 student at the same budget, evaluation and comparison,
-    then export (ONNX + INT8), benchmark, report with plots, and the gate against the committed
-    baseline (baselines/demo.json).
+    Teacher fit, DisCo student, MoCo v2 student at the same budget, evaluation and comparison, then export (ONNX + INT8), benchmark, report with plots, and the gate against the committed baseline (baselines/demo.json).
     """
     from edgedistill.demo import run_demo
     from edgedistill.ui import setup_logging
@@ -120,20 +94,12 @@ def demo(
         raise typer.Exit(1)
 
 
-# Commands that live beside the code they drive; each module's register(app) adds them.
-from edgedistill.deploy import commands as _deploy_commands  # noqa: E402
-from edgedistill.bench import commands as _bench_commands  # noqa: E402
-from edgedistill.bench import train_speed as _train_speed  # noqa: E402
-from edgedistill.report import commands as _report_commands  # noqa: E402
-from edgedistill import compare as _compare  # noqa: E402
-
-for _module in (_deploy_commands, _bench_commands, _report_commands, _compare, _train_speed):
-    _module.register(app)
-
-
-def main() -> None:  # pragma: no cover - console entry for `python -m edgedistill`
-    app(prog_name="edgedistill")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+# The commands that live beside the code they drive, in the order `--help` lists them. The
+# shared helpers (`handle_errors`, `--set`) are in `edgedistill.cli_helpers`, a leaf module, so
+# these modules never import this one.
+deploy_commands.register(app)  # export
+app.command()(bench)
+app.command()(report)
+app.command()(gate)
+compare_commands.register(app)  # compare
+app.command("bench-train")(bench_train)

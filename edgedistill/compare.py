@@ -228,7 +228,7 @@ def print_compare(result: dict) -> None:
 
 def register(app) -> None:
     """Add `compare` to the Typer app."""
-    from edgedistill.cli import handle_errors
+    from edgedistill.cli_helpers import handle_errors
 
     @app.command()
     @handle_errors

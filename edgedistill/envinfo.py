@@ -1,63 +1,54 @@
-"""Environment stamp recorded in every run, evaluation, export, benchmark and report."""
+"""The environment stamp recorded in every run, evaluation, export, benchmark and report, and the
+seed / device helpers.
+
+One stamp: the device kit's (`edgekit.environment`: host, OS, CPU with ISA flags, GPUs as
+nvidia-smi lists them, library versions, threads, load average), which a device without torch
+writes too, plus a `torch` section (version, threads, CUDA and cuDNN versions, the devices torch
+sees). `gpu` is therefore always the kit's list of {name, driver, memory_mib, capability} (or None).
+"""
 
 from __future__ import annotations
 
 import importlib.metadata
-import os
-import platform
 import random
-import sys
 
 import numpy as np
 import torch
 
-import edgedistill
+from edgedistill.kit import load_kit_module
 
-_PACKAGES = ("torch", "torchvision", "timm", "nvidia-dali-cuda130", "onnx", "onnxruntime", "tensorrt", "numpy")
-
-
-def package_versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {"edgedistill": edgedistill.__version__, "python": platform.python_version()}
-    for name in _PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
+# Versions the kit does not look up (it knows the runtime side; these are the training side).
+_TRAINING_PACKAGES = ("torchvision", "timm", "nvidia-dali-cuda130")
 
 
 def cpu_info() -> dict:
-    """CPU model, ISA flags and core counts (the device kit's stamp) plus torch's thread count."""
-    from edgedistill.kit import load_kit_module
-
-    return {**load_kit_module("edgekit").cpu_stamp(), "torch_threads": torch.get_num_threads()}
+    """CPU model, architecture, core counts and ISA flags (the device kit's `cpu_stamp`)."""
+    return load_kit_module("edgekit").cpu_stamp()
 
 
-def gpu_info() -> dict | None:
-    if not torch.cuda.is_available():
-        return None
-    idx = torch.cuda.current_device()
-    props = torch.cuda.get_device_properties(idx)
-    return {
-        "name": props.name,
-        "capability": f"{props.major}.{props.minor}",
-        "memory_gib": round(props.total_memory / 2**30, 1),
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version(),
-        "driver": _nvidia_driver(),
-    }
+def torch_stamp() -> dict:
+    """What torch sees: version, intra-op threads, CUDA / cuDNN versions and the CUDA devices."""
+    devices = []
+    if torch.cuda.is_available():
+        for idx in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(idx)
+            devices.append({"name": props.name, "capability": f"{props.major}.{props.minor}",
+                            "memory_gib": round(props.total_memory / 2**30, 1)})
+    return {"version": torch.__version__, "num_threads": torch.get_num_threads(), "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+            "cuda_devices": devices}
 
 
-def _nvidia_driver() -> str | None:
-    try:
-        with open("/proc/driver/nvidia/version") as f:
-            return f.readline().split("Kernel Module")[-1].split()[0]
-    except (OSError, IndexError):
-        return None
-
-
-def environment() -> dict:
-    return {"host": platform.node(), "os": platform.platform(), "versions": package_versions(), "cpu": cpu_info(), "gpu": gpu_info()}
+def environment(threads: int | None = None) -> dict:
+    """The environment stamp (see the module docstring); `threads` is what the caller asked for."""
+    env = load_kit_module("edgekit").environment(threads)
+    for name in _TRAINING_PACKAGES:
+        try:
+            env["versions"][name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    env["torch"] = torch_stamp()
+    return env
 
 
 def seed_everything(seed: int) -> None:
@@ -75,7 +66,3 @@ def resolve_device(spec: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"train.device={spec} but no CUDA device is visible: use train.device=cpu or auto")
     return device
-
-
-def python_command() -> str:
-    return " ".join([os.path.basename(sys.executable), *sys.argv])

@@ -3,35 +3,53 @@
 ONNX Runtime (CPU, CUDA and TensorRT execution providers) and TensorRT engines are timed by the
 device kit (`export/edgekit.py`, loaded with `load_kit_module`): the same code a user runs on the
 edge device, so a laptop number and a Jetson number come from one loop and one schema
-("edgedistill.bench/1"). The run's torch student (eager, torch.compile; CPU or CUDA) is timed with
-that same loop (`edgekit.time_calls` / `summarize`). Absent runtimes are skipped with a reason.
+("edgedistill.bench/1"). The run's torch student (eager, torch.compile; CPU or CUDA) is one more
+runner of the kit's interface (`torch_runtime.TorchRunner`), measured by the same `edgekit.measure`
+(timing loop, statistics, re-measuring when the spread says the machine was busy). Absent
+runtimes are skipped with a reason.
 """
 
 from __future__ import annotations
 
 import logging
+from enum import Enum
 from pathlib import Path
 
 from edgedistill.errors import UserError
 
 log = logging.getLogger(__name__)
 
-KIT_RUNTIMES = ("ort-cpu", "ort-cuda", "ort-trt", "tensorrt")
-ALL_RUNTIMES = KIT_RUNTIMES + ("torch-cpu", "torch-compile", "torch-cuda", "torch-compile-cuda")
+
+
+class Runtime(str, Enum):
+    """The runtimes `edgedistill bench --runtime` knows (the first four are the device kit's)."""
+
+    ort_cpu = "ort-cpu"
+    ort_cuda = "ort-cuda"
+    ort_trt = "ort-trt"
+    tensorrt = "tensorrt"
+    torch_cpu = "torch-cpu"
+    torch_compile = "torch-compile"
+    torch_cuda = "torch-cuda"
+    torch_compile_cuda = "torch-compile-cuda"
+
+
+ALL_RUNTIMES = tuple(r.value for r in Runtime)
+KIT_RUNTIMES = tuple(r for r in ALL_RUNTIMES if not r.startswith("torch-"))
 # `auto`: every runtime that is present, except torch.compile (compiling takes minutes on a CPU).
-AUTO_RUNTIMES = ("ort-cpu", "ort-cuda", "ort-trt", "tensorrt", "torch-cpu", "torch-cuda")
+AUTO_RUNTIMES = tuple(r for r in ALL_RUNTIMES if not r.startswith("torch-compile"))
+ALIASES = {"ort": "ort-cpu", "onnxruntime": "ort-cpu", "torch": "torch-cpu", "trt": "tensorrt",
+           "ort-tensorrt": "ort-trt", "compile": "torch-compile"}
 BENCH_FILE = "bench.json"
 
 
 def parse_runtimes(spec: str | list[str] | tuple[str, ...] | None) -> tuple[list[str], bool]:
     """'auto' or a comma list -> (runtimes, explicit). Unknown names are a UserError."""
+    from edgedistill.cli_helpers import comma_list
+
     if spec is None or spec == "auto" or spec == ["auto"]:
         return list(AUTO_RUNTIMES), False
-    items = spec.split(",") if isinstance(spec, str) else [s for part in spec for s in part.split(",")]
-    items = [s.strip() for s in items if s.strip()]
-    aliases = {"ort": "ort-cpu", "onnxruntime": "ort-cpu", "torch": "torch-cpu", "trt": "tensorrt",
-               "ort-tensorrt": "ort-trt", "compile": "torch-compile"}
-    items = [aliases.get(s, s) for s in items]
+    items = [ALIASES.get(s, s) for s in comma_list(spec)]
     unknown = [s for s in items if s not in ALL_RUNTIMES]
     if unknown:
         raise UserError(f"unknown runtime(s) {', '.join(unknown)}: choose from {', '.join(ALL_RUNTIMES)} or auto")
@@ -54,12 +72,12 @@ def bench_export(export_dir, runtimes="ort-cpu,torch-cpu", batches=(1,), threads
         exp = kit.load_export(export_dir)
     except kit.KitError as e:
         raise UserError(str(e)) from None
-    batches = [int(b) for b in batches]
+    batches = [int(size) for size in batches]
     if not batches or min(batches) < 1:
         raise UserError(f"batch sizes must be >= 1, got {batches}")
-    if artifacts:
-        from edgedistill.bench.torch_runtime import TORCH_ARTIFACT
+    from edgedistill.bench.torch_runtime import TORCH_ARTIFACT, torch_unavailable
 
+    if artifacts:
         names = [a["name"] for a in exp["artifacts"]] + [TORCH_ARTIFACT]
         unknown = sorted(set(artifacts) - set(names))
         if unknown:
@@ -67,8 +85,6 @@ def bench_export(export_dir, runtimes="ort-cpu,torch-cpu", batches=(1,), threads
                             f"{', '.join(names)}")
     wanted, _explicit = parse_runtimes(runtimes)
     avail = kit.available_runtimes()
-    from edgedistill.bench.torch_runtime import torch_unavailable
-
     reasons = {r: (avail.get(r) if r in KIT_RUNTIMES else torch_unavailable(r)) for r in wanted}
     kit_rts = [r for r in wanted if r in KIT_RUNTIMES and reasons[r] is None]
     torch_rts = [r for r in wanted if r not in KIT_RUNTIMES and reasons[r] is None]
@@ -76,7 +92,7 @@ def bench_export(export_dir, runtimes="ort-cpu,torch-cpu", batches=(1,), threads
     for s in skipped:
         console.print(f"[dim]skip {s['runtime']}: {s['reason']}[/]", highlight=False)
 
-    if artifacts and "torch-fp32" not in artifacts:
+    if artifacts and TORCH_ARTIFACT not in artifacts:
         torch_rts = []
     model = run_dir = None
     if torch_rts:
@@ -110,9 +126,9 @@ def bench_export(export_dir, runtimes="ort-cpu,torch-cpu", batches=(1,), threads
         if torch_rts:
             results += _bench_torch(kit, model, run_dir, exp, torch_rts, batches, threads, warmup, runs, time_s,
                                     skipped, bar)
-    env = kit.environment(threads)
-    env["torch"] = _torch_env()
-    doc = kit.make_results(results, skipped, env, exp,
+    from edgedistill.envinfo import environment
+
+    doc = kit.make_results(results, skipped, environment(threads), exp,
                            {"runtimes": wanted, "batches": batches, "threads": threads, "warmup": warmup,
                             "runs": runs, "time_s": time_s})
     out = Path(out) if out else export_dir / BENCH_FILE
@@ -144,7 +160,7 @@ def _bench_torch(kit, model, run_dir, exp, runtimes, batches, threads, warmup, r
             bar.advance(len(batches))
             continue
         for batch in batches:
-            stats = runner.bench(kit.tile_batch(exp["samples"], batch), warmup, runs, time_s)
+            stats = kit.measure(runner, kit.tile_batch(exp["samples"], batch), warmup, runs, time_s)
             row = {"artifact": art["name"], "file": art["file"], "format": "torch", "runtime": runtime,
                    "provider": runner.provider, "precision": "fp32", "batch": batch, "threads": runner.threads,
                    "warmup": warmup, **stats, "host": platform.node()}
@@ -153,14 +169,6 @@ def _bench_torch(kit, model, run_dir, exp, runtimes, batches, threads, warmup, r
             rows.append(row)
             bar.advance(1)
     return rows
-
-
-def _torch_env() -> dict:
-    import torch
-
-    from edgedistill.envinfo import gpu_info
-
-    return {"version": torch.__version__, "num_threads": torch.get_num_threads(), "gpu": gpu_info()}
 
 
 def print_results(doc: dict) -> None:
@@ -196,6 +204,10 @@ def print_results(doc: dict) -> None:
         from rich.console import Console
 
         Console(file=console.file, width=max(console.width, 120), color_system=None).print(table)
+    noisy = [f"{r['artifact']} on {r['runtime']} at batch {r['batch']}" for r in doc["results"] if r.get("unreliable")]
+    if noisy:
+        console.print(f"[yellow]note:[/] unreliable (p90/p50 still above the limit after re-measuring): "
+                      f"{'; '.join(noisy)}", highlight=False)
     load = env.get("load_average")
     if load and cpu.get("affinity_cores") and load[0] > 0.5 * cpu["affinity_cores"]:
         console.print(f"[yellow]note:[/] load average {load[0]} on {cpu['affinity_cores']} cores while timing: "

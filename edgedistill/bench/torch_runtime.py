@@ -1,12 +1,16 @@
-"""The run's student in torch (eager or torch.compile, CPU or CUDA) behind the kit's runner interface.
+"""The run's student in torch (eager or torch.compile, CPU or CUDA) as a runner of the device kit.
 
-A runner has `runtime`, `provider`, `threads`, `supports_batch(b)`, `predict(x)` and
-`bench(x, warmup, runs, time_s) -> stats`, like `edgekit.OrtRunner`, so `edgedistill bench` times
-torch and the exported artifacts with the same loop (`edgekit.time_calls`) and statistics.
+`TorchRunner` derives from the kit's `Runner` (`export/edgekit.py`), like its ONNX Runtime and
+TensorRT runners, so `edgedistill bench` times torch and the exported artifacts with the same
+loop (`time_calls`), statistics (`latency_stats`) and spread check (`measure`). On the CPU it sets
+torch's intra-op thread count explicitly (`--threads`, else the kit's `default_threads()`): left to
+itself, torch may start more threads than there are free cores and a batch-1 forward then waits
+on the slowest of them (oversubscription: a 30x slower batch 1 on a loaded machine).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -15,8 +19,10 @@ import torch
 import torch.nn as nn
 
 from edgedistill.errors import UserError
+from edgedistill.kit import load_kit_module
 
-TORCH_RUNTIMES = ("torch-cpu", "torch-compile", "torch-cuda", "torch-compile-cuda")
+kit = load_kit_module("edgekit")
+
 TORCH_ARTIFACT = "torch-fp32"
 
 
@@ -49,87 +55,67 @@ def find_source_run(export_dir: Path, manifest: dict) -> Path | None:
 
 
 def torch_unavailable(runtime: str) -> str | None:
-    if runtime not in TORCH_RUNTIMES:
+    if not runtime.startswith("torch-"):
         return f"unknown runtime {runtime!r}"
     if runtime.endswith("cuda") and not torch.cuda.is_available():
         return "no CUDA device visible to torch"
     return None
 
 
-class TorchRunner:
+class TorchRunner(kit.Runner):
     def __init__(self, model: nn.Module, runtime: str, threads: int | None = None):
         self.runtime = runtime
         self.device = torch.device("cuda" if runtime.endswith("cuda") else "cpu")
         self.compiled = runtime.startswith("torch-compile")
         self.provider = f"torch {torch.__version__} {'inductor' if self.compiled else 'eager'} {self.device.type}"
-        self.threads = threads if self.device.type == "cpu" else None
-        self.fixed_batch = None
+        self.threads = (threads or kit.default_threads()) if self.device.type == "cpu" else None
         model = model.to(self.device).eval()
         self.model = torch.compile(model, dynamic=False) if self.compiled else model
 
-    def supports_batch(self, batch: int) -> bool:
-        return True
-
-    @torch.inference_mode()
     def predict(self, x: np.ndarray) -> np.ndarray:
-        with _threads(self.threads):
+        with torch.inference_mode(), torch_threads(self.threads):
             return self.model(torch.from_numpy(x).to(self.device)).float().cpu().numpy()
 
-    @torch.inference_mode()
-    def bench(self, x: np.ndarray, warmup: int, runs: int | None, time_s: float | None) -> dict:
-        from edgedistill.kit import load_kit_module
-
-        kit = load_kit_module("edgekit")
+    @contextlib.contextmanager
+    def timing(self, x: np.ndarray):
         host = torch.from_numpy(x)
-        with _threads(self.threads):
+        with torch.inference_mode(), torch_threads(self.threads):
             if self.device.type == "cpu":
-                times = kit.time_calls(lambda: self.model(host), warmup, runs, time_s)
-                return kit.summarize(times, x.shape[0])
+                yield (lambda: self.model(host)), kit.no_copies
+                return
             host = host.pin_memory()
             dev = host.to(self.device)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
-            def step():  # device time of the forward only, with CUDA events
-                start.record()
-                self.model(dev)
-                end.record()
-                end.synchronize()
-                return start.elapsed_time(end)
+            def copies(n_timed: int) -> dict:
+                y = self.model(dev)
+                h2d = kit.time_calls(lambda: _cuda_ms(lambda: host.to(self.device, non_blocking=True)), 3, 20)
+                d2h = kit.time_calls(lambda: _cuda_ms(lambda: y.to("cpu", non_blocking=True)), 3, 20)
+                return {"h2d_ms": kit.median_ms(h2d), "d2h_ms": kit.median_ms(d2h)}
 
-            out = kit.summarize(kit.time_calls(step, warmup, runs, time_s), x.shape[0])
-            y = self.model(dev)
-            out["h2d_ms"] = round(float(np.median(_cuda_times(lambda: host.to(self.device, non_blocking=True)))), 4)
-            out["d2h_ms"] = round(float(np.median(_cuda_times(lambda: y.to("cpu", non_blocking=True)))), 4)
-            return out
+            yield (lambda: _cuda_ms(lambda: self.model(dev))), copies  # device time of the forward only
 
 
-def _cuda_times(fn, n: int = 20) -> list[float]:
-    times = []
-    for i in range(n + 3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        if i >= 3:
-            times.append(start.elapsed_time(end))
-    return times
+def _cuda_ms(fn) -> float:
+    """Device time (ms) of `fn()`'s CUDA work, with CUDA events."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
 
 
-class _threads:
-    """Set torch's intra-op thread count for a block, then restore it."""
-
-    def __init__(self, n: int | None):
-        self.n, self.old = n, None
-
-    def __enter__(self):
-        if self.n:
-            self.old = torch.get_num_threads()
-            torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc):
-        if self.old is not None:
-            torch.set_num_threads(self.old)
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """torch's intra-op thread count set to `n` for a block (unchanged when None), then restored."""
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n:
+            torch.set_num_threads(old)
 
 
 def torch_artifact(run_dir: Path, model: nn.Module) -> dict:

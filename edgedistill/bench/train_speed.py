@@ -10,7 +10,8 @@ trainer's optimizers, bf16 autocast + channels_last on CUDA, optional torch.comp
 
 Per mode: warm-up steps, then timed steps; each step is timed from asking the loader for a
 batch to the end of the optimizer step, synchronised on CUDA, and the median is reported
-(images/s = batch / median step; the mean over the timed window is kept too). The teacher's
+(images/s = batch / median step; images/s from the mean step is kept too). The timing loop and the
+statistics are the device kit's (`edgekit.time_calls`, `edgekit.latency_stats`). The teacher's
 share of the step is its forward on both views (the same autocast / memory format), timed
 separately with CUDA events on GPU (perf_counter on CPU), divided by the median step time of
 the synthetic mode. Peak GPU memory is `torch.cuda.max_memory_allocated` per mode. Absent
@@ -23,12 +24,25 @@ Only light imports at module level: the CLI imports this module for every comman
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-MODES = ("synthetic", "dali-gpu", "dali-cpu", "torchvision")
+from edgedistill.cli_helpers import choices, comma_list, handle_errors
+
+
+class Mode(str, Enum):
+    """Where the training batches come from (`bench-train --modes`)."""
+
+    synthetic = "synthetic"
+    dali_gpu = "dali-gpu"
+    dali_cpu = "dali-cpu"
+    torchvision = "torchvision"
+
+
+MODES = tuple(m.value for m in Mode)
 DEFAULT_OUT = Path("bench/results/train_speed.json")
 
 
@@ -115,70 +129,63 @@ class _Stepper:
                 opt.step()
 
     def teacher_ms(self, views, reps: int) -> float:
-        """Median time (ms) of the teacher's forward on all views, as inside the DisCo step."""
-        import statistics
-        import time
-
+        """Median time (ms) of the teacher's forward on all views, as inside the DisCo step (CUDA
+        events on the GPU, the host clock on the CPU; two warm-up repetitions)."""
         import torch
 
+        from edgedistill.kit import load_kit_module
+
+        kit = load_kit_module("edgekit")
         views = self.prepare(views)
-        times = []
-        for i in range(reps + 2):
-            if self.device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                with self.autocast():
-                    for v in views:
-                        self.method.teacher(v)
-                end.record()
-                end.synchronize()
-                ms = start.elapsed_time(end)
-            else:
-                t0 = time.perf_counter()
-                with self.autocast():
-                    for v in views:
-                        self.method.teacher(v)
-                ms = (time.perf_counter() - t0) * 1e3
-            if i >= 2:  # two warm-up repetitions
-                times.append(ms)
-        return statistics.median(times)
+
+        def forward():
+            with self.autocast():
+                for v in views:
+                    self.method.teacher(v)
+
+        def step():
+            if self.device.type != "cuda":
+                forward()
+                return None  # host wall time
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            forward()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+
+        return kit.median_ms(kit.time_calls(step, warmup=2, runs=reps))
 
 
 def _time_mode(stepper, batches, batch_size: int, warmup: int, steps: int) -> dict:
-    import statistics
-    import time
-
     import torch
 
+    from edgedistill.kit import load_kit_module
+
+    kit = load_kit_module("edgekit")
     device = stepper.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(warmup):
+
+    def step():  # from asking the loader for a batch to the end of the (synchronised) optimizer step
         stepper.step(*next(batches))
-    _sync(device)
-    times = []
-    t_window = time.perf_counter()
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        views, labels = next(batches)
-        stepper.step(views, labels)
         _sync(device)
-        times.append(time.perf_counter() - t0)
-    window = time.perf_counter() - t_window
-    median = statistics.median(times)
+
+    lat = kit.latency_stats(kit.time_calls(step, warmup=warmup, runs=steps))
     return {
         "status": "ok",
-        "images_per_s": round(batch_size / median, 2),
-        "images_per_s_mean": round(batch_size * steps / window, 2),
-        "step_ms_median": round(median * 1e3, 3),
-        "step_ms_p90": round(sorted(times)[min(len(times) - 1, int(0.9 * len(times)))] * 1e3, 3),
+        "images_per_s": round(batch_size * 1000.0 / lat["p50"], 2),
+        "images_per_s_mean": round(batch_size * 1000.0 / lat["mean"], 2),
+        "step_ms_median": round(lat["p50"], 3),
+        "step_ms_p90": round(lat["p90"], 3),
         "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None,
     }
 
 
-def _ratio(a: dict, b: dict) -> float | None:
-    if a.get("status") == "ok" and b.get("status") == "ok":
-        return round(a["images_per_s"] / b["images_per_s"], 3)
+def _ratio(mode: dict, reference: dict) -> float | None:
+    """images/s of `mode` over that of `reference`, when both ran."""
+    if mode.get("status") == "ok" and reference.get("status") == "ok":
+        return round(mode["images_per_s"] / reference["images_per_s"], 3)
     return None
 
 
@@ -198,7 +205,7 @@ def run_bench(teacher_arch: str, student_arch: str, teacher_checkpoint: str | No
 
     unknown = [m for m in modes if m not in MODES]
     if unknown:
-        raise UserError(f"--modes: unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
+        raise UserError(f"--modes: unknown mode(s) {', '.join(unknown)}; choose from {choices(Mode)}")
     if warmup < 0 or steps < 1:
         raise UserError("--steps must be at least 1 and --warmup at least 0")
     device = resolve_device(device_spec)
@@ -276,7 +283,8 @@ def run_bench(teacher_arch: str, student_arch: str, teacher_checkpoint: str | No
         teacher = {"status": "ok", "forward_ms_both_views": round(ms, 3), "share_of_step": round(ms / step_ms, 4),
                    "timer": "cuda events" if device.type == "cuda" else "perf_counter"}
 
-    b, a, c, d = (results.get(m, {}) for m in ("dali-gpu", "synthetic", "dali-cpu", "torchvision"))
+    dali_gpu, synthetic, dali_cpu, torchvision = (results.get(m.value, {}) for m in
+                                                  (Mode.dali_gpu, Mode.synthetic, Mode.dali_cpu, Mode.torchvision))
     return {
         "benchmark": "train_speed",
         "method": "disco",
@@ -298,15 +306,15 @@ def run_bench(teacher_arch: str, student_arch: str, teacher_checkpoint: str | No
         "modes": results,
         "teacher_share": teacher,
         "ratios": {
-            "dali_gpu_over_synthetic": _ratio(b, a),
-            "dali_gpu_over_torchvision": _ratio(b, d),
-            "dali_cpu_over_synthetic": _ratio(c, a),
-            "dali_cpu_over_torchvision": _ratio(c, d),
+            "dali_gpu_over_synthetic": _ratio(dali_gpu, synthetic),
+            "dali_gpu_over_torchvision": _ratio(dali_gpu, torchvision),
+            "dali_cpu_over_synthetic": _ratio(dali_cpu, synthetic),
+            "dali_cpu_over_torchvision": _ratio(dali_cpu, torchvision),
         },
         # Load on this machine while measuring: a shared or busy machine makes CPU numbers low.
         "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "config": to_dict(cfg) | {"teacher": {**to_dict(cfg)["teacher"], "checkpoint": None if random_teacher else teacher_checkpoint}},
-        "environment": environment(),
+        "environment": environment(threads),
     }
 
 
@@ -336,46 +344,34 @@ def print_table(result: dict) -> None:
         console.print(f"ratios: {ratios}")
 
 
-def register(app) -> None:
-    """Add `bench-train` to the Typer app."""
+@handle_errors
+def bench_train(
+    teacher_arch: Annotated[str, typer.Option(help="Teacher architecture (timm name).")] = "resnet50",
+    student_arch: Annotated[str, typer.Option(help="Student architecture (timm name).")] = "efficientnet_b0",
+    teacher_checkpoint: Annotated[Optional[str], typer.Option(
+        help="Teacher checkpoint; omitted = random weights (throughput only).")] = None,
+    img_size: Annotated[int, typer.Option(help="Crop size.")] = 224,
+    batch_size: Annotated[int, typer.Option(help="Images per step (each gives 2 views).")] = 256,
+    data: Annotated[str, typer.Option(help="ImageFolder directory, or embedded:digits.")] = "embedded:digits",
+    modes: Annotated[str, typer.Option(help=f"Comma-separated subset of {','.join(MODES)}.")] = ",".join(MODES),
+    warmup: Annotated[int, typer.Option(help="Untimed warm-up steps per mode.")] = 10,
+    steps: Annotated[int, typer.Option(help="Timed steps per mode.")] = 30,
+    compile_: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the method.")] = False,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    workers: Annotated[Optional[int], typer.Option(help="Loader threads/workers (default: all cores).")] = None,
+    threads: Annotated[Optional[int], typer.Option(
+        help="torch intra-op threads for the step (default: torch's choice; 1 is steadier on a busy CPU).")] = None,
+    stem_stride: Annotated[Optional[int], typer.Option(help="First-conv stride of both models (1 for tiny inputs).")] = None,
+    out: Annotated[Path, typer.Option(help="JSON result file.")] = DEFAULT_OUT,
+):
+    """Training throughput (images/s), peak GPU memory and the teacher's share of the step for DisCo: synthetic batches vs DALI GPU vs DALI CPU vs torchvision loaders."""
+    from edgedistill.fileio import write_json
+    from edgedistill.ui import console, setup_logging
 
-    @app.command("bench-train")
-    def bench_train(
-        teacher_arch: Annotated[str, typer.Option(help="Teacher architecture (timm name).")] = "resnet50",
-        student_arch: Annotated[str, typer.Option(help="Student architecture (timm name).")] = "efficientnet_b0",
-        teacher_checkpoint: Annotated[Optional[str], typer.Option(
-            help="Teacher checkpoint; omitted = random weights (throughput only).")] = None,
-        img_size: Annotated[int, typer.Option(help="Crop size.")] = 224,
-        batch_size: Annotated[int, typer.Option(help="Images per step (each gives 2 views).")] = 256,
-        data: Annotated[str, typer.Option(help="ImageFolder directory, or embedded:digits.")] = "embedded:digits",
-        modes: Annotated[str, typer.Option(help=f"Comma-separated subset of {','.join(MODES)}.")] = ",".join(MODES),
-        warmup: Annotated[int, typer.Option(help="Untimed warm-up steps per mode.")] = 10,
-        steps: Annotated[int, typer.Option(help="Timed steps per mode.")] = 30,
-        compile_: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the method.")] = False,
-        device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
-        workers: Annotated[Optional[int], typer.Option(help="Loader threads/workers (default: all cores).")] = None,
-        threads: Annotated[Optional[int], typer.Option(
-            help="torch intra-op threads for the step (default: torch's choice; 1 is steadier on a busy CPU).")] = None,
-        stem_stride: Annotated[Optional[int], typer.Option(help="First-conv stride of both models (1 for tiny inputs).")] = None,
-        out: Annotated[Path, typer.Option(help="JSON result file.")] = DEFAULT_OUT,
-    ):
-        """Training throughput (images/s), peak GPU memory and the teacher's share of the step for
-        DisCo: synthetic batches vs DALI GPU vs DALI CPU vs torchvision loaders."""
-        from edgedistill.cli import handle_errors
-        from edgedistill.ui import console, setup_logging
-
-        @handle_errors
-        def _run():
-            setup_logging()
-            result = run_bench(teacher_arch, student_arch, teacher_checkpoint, img_size, batch_size, data,
-                               [m.strip() for m in modes.split(",") if m.strip()], warmup, steps, compile_, device,
-                               workers, stem_stride, threads=threads,
-                               log=lambda msg: console.print(msg, highlight=False))
-            print_table(result)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            from edgedistill.fileio import write_json
-
-            write_json(out, result)
-            console.print(f"written: {out}")
-
-        _run()
+    setup_logging()
+    result = run_bench(teacher_arch, student_arch, teacher_checkpoint, img_size, batch_size, data, comma_list(modes),
+                       warmup, steps, compile_, device, workers, stem_stride, threads=threads,
+                       log=lambda msg: console.print(msg, highlight=False))
+    print_table(result)
+    write_json(out, result)
+    console.print(f"written: {out}")

@@ -11,7 +11,7 @@ import typer
 
 def register(app) -> None:
     """Add this module's commands to the Typer app."""
-    from edgedistill.cli import handle_errors
+    from edgedistill.cli_helpers import handle_errors
 
     @app.command("export")
     @handle_errors

@@ -15,7 +15,6 @@ Paths are relative to the export folder.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -43,15 +42,3 @@ def file_entries(root: Path) -> list[dict]:
                 continue
             entries.append({"path": rel, "sha256": sha256(path), "bytes": path.stat().st_size})
     return entries
-
-
-def read_manifest(export_dir: Path) -> dict:
-    from edgedistill.errors import UserError
-
-    path = Path(export_dir) / MANIFEST_FILE
-    if not path.is_file():
-        raise UserError(f"{path} is missing: {export_dir} is not an edgedistill export folder (run `edgedistill export RUN`)")
-    data = json.loads(path.read_text())
-    if data.get("schema") != SCHEMA:
-        raise UserError(f"{path}: schema {data.get('schema')!r}, expected {SCHEMA!r}: re-export with this edgedistill")
-    return data

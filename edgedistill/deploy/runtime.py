@@ -3,17 +3,16 @@ the INT8 format for the CPU at hand."""
 
 from __future__ import annotations
 
-import os
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 
+from edgedistill.kit import load_kit_module
+
 
 def cpu_threads() -> int:
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(n, 4))
+    """Threads of the sessions made here: the device kit's default (available cores, at most 4)."""
+    return load_kit_module("edgekit").default_threads()
 
 
 def session(path: Path, threads: int | None = None):
@@ -78,23 +77,12 @@ def output_divergence(ref: np.ndarray, out: np.ndarray, kind: str) -> float:
 def latency_ms(path_or_session, sample: np.ndarray, threads: int | None = None, budget_s: float = 1.0,
                min_runs: int = 10, max_runs: int = 200, warmup: int = 5) -> dict:
     """Median / p90 batch-1 latency of an ONNX file (or an open session) on the CPU, within about
-    `budget_s` seconds."""
+    `budget_s` seconds: the device kit's timing loop and statistics (`time_calls`, `latency_stats`)."""
+    kit = load_kit_module("edgekit")
     sess = session(path_or_session, threads) if isinstance(path_or_session, (str, Path)) else path_or_session
-    name = sess.get_inputs()[0].name
-    x = sample[:1]
-    for _ in range(warmup):
-        sess.run(None, {name: x})
-    times: list[float] = []
-    deadline = time.perf_counter() + budget_s
-    while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() < deadline):
-        t0 = time.perf_counter()
-        sess.run(None, {name: x})
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return {
-        "median_ms": round(statistics.median(times), 4),
-        "p90_ms": round(times[int(0.9 * (len(times) - 1))], 4),
-        "runs": len(times),
-        "batch": 1,
-        "threads": threads or cpu_threads(),
-    }
+    feed = {sess.get_inputs()[0].name: sample[:1]}
+    times = kit.time_calls(lambda: sess.run(None, feed), warmup, runs=None, time_s=budget_s, min_runs=min_runs,
+                           max_runs=max_runs)
+    lat = kit.latency_stats(times)
+    return {"median_ms": lat["p50"], "p90_ms": lat["p90"], "runs": len(times), "batch": 1,
+            "threads": threads or cpu_threads()}

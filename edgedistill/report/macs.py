@@ -6,7 +6,9 @@ percent of the MACs of a CNN). A convolution costs out_elements * (in_channels /
 MACs, a linear layer in_features * out_features per row.
 
 Two counters that agree on the fp32 graph (a test checks it):
-- `torch_macs`: forward hooks on nn.Conv2d / nn.Linear of the torch model;
+- `torch_macs`: torch's own counter (`torch.utils.flop_counter.FlopCounterMode`) on one forward;
+  it counts the convolutions and matrix products (2 FLOPs per multiply-accumulate) and nothing
+  else, so its FLOPs / 2 are the MACs above;
 - `onnx_macs`: from the ONNX graph (Conv, Gemm, MatMul with a constant weight) after shape
   inference; weights behind a DequantizeLinear (QDQ INT8 graphs) are followed to their
   initializer, so INT8 artifacts are counted too (quantization changes precision, not the count).
@@ -21,35 +23,17 @@ from pathlib import Path
 def torch_macs(model, input_shape) -> int:
     """MACs of `model` on one input of shape (C, H, W) or (1, C, H, W)."""
     import torch
-    import torch.nn as nn
+    from torch.utils.flop_counter import FlopCounterMode
 
     shape = (1, *(int(s) for s in list(input_shape)[-3:]))  # the batch entry may be -1 or "batch"
-    total = [0]
-
-    def conv_hook(mod: nn.Conv2d, _inp, out):
-        kh, kw = mod.kernel_size
-        total[0] += out.numel() * (mod.in_channels // mod.groups) * kh * kw
-
-    def linear_hook(mod: nn.Linear, inp, out):
-        total[0] += out.numel() * mod.in_features
-
-    handles = []
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            handles.append(m.register_forward_hook(conv_hook))
-        elif isinstance(m, nn.Linear):
-            handles.append(m.register_forward_hook(linear_hook))
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            device = next(model.parameters()).device
-            model(torch.zeros(shape, device=device))
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(torch.zeros(shape, device=next(model.parameters()).device))
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
-    return int(total[0])
+    return int(counter.get_total_flops()) // 2
 
 
 def onnx_macs(path: str | Path) -> int:
