@@ -322,17 +322,28 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def read_json_object(path, fix: str, missing: str | None = None) -> dict:
+    """The JSON object in `path`, or a KitError naming the file and the fix: missing (`missing`, else
+    `fix`), not valid JSON, or not a JSON object."""
+    path = Path(path)
+    if not path.is_file():
+        raise KitError(f"{path} is missing: {missing or fix}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise KitError(f"{path} is not valid JSON ({e}): {fix}") from None
+    if not isinstance(data, dict):
+        raise KitError(f"{path} is not a JSON object: {fix}")
+    return data
+
+
 def load_export(export_dir) -> dict:
     """manifest.json + sample inputs/labels of an export folder (tolerant of small differences)."""
     export_dir = Path(export_dir)
     path = export_dir / MANIFEST
-    if not path.is_file():
-        raise KitError(f"{path} is missing: run `edgedistill export RUN` first (or pass the export folder)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise KitError(f"{path} is not valid JSON ({e}): re-run `edgedistill export`") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("artifacts", []), list):
+    manifest = read_json_object(path, "re-run `edgedistill export`",
+                                missing="run `edgedistill export RUN` first (or pass the export folder)")
+    if not isinstance(manifest.get("artifacts", []), list):
         raise KitError(f"{path} has no 'artifacts' list: re-run `edgedistill export`")
     schema = str(manifest.get("schema", MANIFEST_SCHEMA))
     if not schema.startswith("edgedistill.export/"):
@@ -469,7 +480,7 @@ class OrtRunner(Runner):
 # ----------------------------------------------------------------------------- TensorRT engines
 
 
-def _cudart():
+def cuda_runtime():
     """cuda-python's runtime bindings (cuda.bindings.runtime, or cuda.cudart before 12.8)."""
     try:
         from cuda.bindings import runtime as cudart
@@ -499,7 +510,7 @@ class TensorRTRunner(Runner):
     def __init__(self, path):
         import tensorrt as trt
 
-        self.trt, self.cudart = trt, _cudart()
+        self.trt, self.cudart = trt, cuda_runtime()
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.trt_runtime = trt.Runtime(self.logger)
         self.engine = self.trt_runtime.deserialize_cuda_engine(Path(path).read_bytes())
@@ -626,14 +637,15 @@ def available_runtimes() -> dict[str, str | None]:
     try:
         import tensorrt  # noqa: F401
 
-        _cudart()
+        cuda_runtime()
         out["tensorrt"] = None if gpus else "no NVIDIA GPU visible"
     except ImportError as e:
         out["tensorrt"] = f"TensorRT runtime not importable ({e.name or e}); pip install tensorrt cuda-python on the device"
     return out
 
 
-def _make_runner(runtime: str, path: Path, threads: int | None, precision: str | None = None):
+def make_runner(runtime: str, path: Path, threads: int | None, precision: str | None = None) -> Runner:
+    """The runner of one artifact on one kit runtime ("ort-cpu", "ort-cuda", "ort-trt", "tensorrt")."""
     if runtime.startswith("ort-"):
         return OrtRunner(path, runtime[4:], threads, precision=precision)
     if runtime == "tensorrt":
@@ -682,7 +694,7 @@ def bench_export(export_dir, runtimes=("ort-cpu",), batches=(1, 8, 32), threads:
                 log(f"skip {art['name']} on {runtime}: {path} is missing")
                 continue
             try:
-                runner = _make_runner(runtime, path, threads, art.get("precision"))
+                runner = make_runner(runtime, path, threads, art.get("precision"))
             except Exception as e:  # a provider that cannot load this graph: say so, go on
                 reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
                 skipped.append({"artifact": art["name"], "runtime": runtime, "reason": reason})
@@ -775,15 +787,9 @@ def write_results(doc: dict, path) -> Path:
 
 def read_results(path) -> dict:
     """Read a results JSON, checking its schema (KitError naming the file otherwise)."""
-    path = Path(path)
-    if not path.is_file():
-        raise KitError(f"{path} does not exist: pass a results JSON written by edgekit.py or `edgedistill bench`")
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise KitError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(doc, dict) or str(doc.get("schema", "")).split("/")[0] != SCHEMA.split("/")[0]:
-        raise KitError(f"{path} has schema {doc.get('schema') if isinstance(doc, dict) else None!r}, expected {SCHEMA!r}")
+    doc = read_json_object(path, "pass a results JSON written by edgekit.py or `edgedistill bench`")
+    if str(doc.get("schema", "")).split("/")[0] != SCHEMA.split("/")[0]:
+        raise KitError(f"{path} has schema {doc.get('schema')!r}, expected {SCHEMA!r}")
     if doc["schema"] != SCHEMA:
         raise KitError(f"{path} has schema {doc['schema']!r}; this edgedistill reads {SCHEMA!r}")
     return doc

@@ -54,6 +54,30 @@ def test_bench_export_api(export_dir, tmp_path):
     assert doc["settings"]["batches"] == [1, 4]
 
 
+def test_torch_runner_sets_its_threads():
+    import torch
+    import torch.nn as nn
+
+    from edgedistill.bench.torch_runtime import TorchRunner
+    from edgedistill.kit import load_kit_module
+
+    kit = load_kit_module("edgekit")
+    before = torch.get_num_threads()
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append(torch.get_num_threads())
+            return x.flatten(1)
+
+    runner = TorchRunner(Probe(), "torch-cpu")
+    assert isinstance(runner, kit.Runner) and runner.threads == kit.default_threads()  # explicit, not torch's
+    stats = kit.measure(runner, np.ones((2, 3, 4, 4), np.float32), warmup=1, runs=3, time_s=None)
+    assert set(seen) == {runner.threads} and stats["runs"] == 3 and "unreliable" in stats
+    assert torch.get_num_threads() == before  # restored
+    assert TorchRunner(Probe(), "torch-cpu", threads=1).threads == 1
+
+
 def test_bench_cli_skips_absent_runtimes(export_dir, tmp_path):
     out = tmp_path / "b.json"
     result = CliRunner().invoke(app, ["bench", str(export_dir), "--runtime", "ort-cpu,ort-cuda,tensorrt", "--batch", "2",

@@ -112,6 +112,63 @@ def test_statistics_and_time_budget(kit):
         kit.summarize([], 1)
 
 
+def test_statistics_are_numpy_percentiles(kit):
+    rng = np.random.default_rng(0)
+    times = rng.gamma(2.0, 1.5, size=37)
+    lat = kit.latency_stats(times)
+    for q in (50, 90, 99):
+        assert lat[f"p{q}"] == round(float(np.percentile(times, q)), 4)
+    assert lat["std"] == round(float(times.std()), 4) and kit.median_ms(times) == lat["p50"]
+
+
+class _Scripted:
+    """A runner of the kit's interface whose `timing` step returns scripted device times (ms)."""
+
+    def __init__(self, kit, rounds):
+        class Scripted(kit.Runner):
+            runtime, provider = "scripted", "test"
+
+            def __init__(self):
+                self.rounds, self.calls = list(rounds), 0
+
+            def predict(self, x):
+                return np.zeros((x.shape[0], 2), np.float32)
+
+            def timing(self, x):
+                import contextlib
+
+                times = iter(self.rounds.pop(0))
+                self.calls += 1
+
+                @contextlib.contextmanager
+                def cm():
+                    yield (lambda: next(times)), (lambda n: {"h2d_ms": 0.5, "d2h_ms": 0.25})
+
+                return cm()
+
+        self.runner = Scripted()
+
+
+def test_runner_interface_and_remeasuring(kit):
+    assert issubclass(kit.OrtRunner, kit.Runner) and issubclass(kit.TensorRTRunner, kit.Runner)
+    x = np.zeros((4, 3, 8, 8), np.float32)
+    steady, noisy = [0.0] + [1.0] * 10, [0.0] + [1.0] * 7 + [3.0] * 3  # first value: the warm-up call
+    runner = _Scripted(kit, [steady]).runner
+    stats = kit.measure(runner, x, warmup=1, runs=10, time_s=None)
+    assert stats["latency_ms"]["p50"] == 1.0 and stats["runs"] == 10 and stats["throughput_ips"] == 4000.0
+    assert stats["h2d_ms"] == 0.5 and stats["d2h_ms"] == 0.25  # copies() of the runner, after the timed runs
+    assert stats["measurements"] == 1 and not stats["unreliable"] and stats["spread_p90_p50"] == 1.0
+    # Disturbed once: measured again, the steady measurement is kept.
+    runner = _Scripted(kit, [noisy, steady]).runner
+    stats = kit.measure(runner, x, warmup=1, runs=10, time_s=None)
+    assert runner.calls == 2 and stats["measurements"] == 2 and not stats["unreliable"]
+    # Disturbed every time: kept, but marked unreliable (the JSON says so).
+    runner = _Scripted(kit, [noisy] * (kit.REMEASURE + 1)).runner
+    stats = kit.measure(runner, x, warmup=1, runs=10, time_s=None)
+    assert stats["unreliable"] and stats["spread_p90_p50"] > kit.SPREAD_LIMIT
+    assert stats["measurements"] == kit.REMEASURE + 1
+
+
 def test_inputs_are_real_samples_tiled(kit, export_dir, monkeypatch):
     samples = np.load(export_dir / "sample_inputs.npy")
     tiled = kit.tile_batch(samples[:3], 7)
@@ -132,7 +189,7 @@ def test_inputs_are_real_samples_tiled(kit, export_dir, monkeypatch):
             seen.append(x.copy())
             return kit.summarize([1.0, 2.0], x.shape[0])
 
-    monkeypatch.setattr(kit, "_make_runner", lambda runtime, path, threads, precision=None: Recorder())
+    monkeypatch.setattr(kit, "make_runner", lambda runtime, path, threads, precision=None: Recorder())
     doc = kit.bench_export(export_dir, ["ort-cpu"], [1, 40], warmup=0, runs=2, log=lambda m: None)
     assert doc["results"] and seen
     for x in seen:
@@ -292,7 +349,7 @@ def test_tensorrt_runner_with_fakes(kit, export_dir, tmp_path, monkeypatch):
     (exp / "engines" / "model.int8.engine").write_bytes(b"fake engine")
     cudart = _FakeCudart()
     monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt())
-    monkeypatch.setattr(kit, "_cudart", lambda: cudart)
+    monkeypatch.setattr(kit, "cuda_runtime", lambda: cudart)
     monkeypatch.setattr(kit, "gpu_stamp", lambda: [{"name": "Fake GPU", "driver": "0", "memory_mib": "1",
                                                     "capability": "9.0"}])
     assert kit.available_runtimes()["tensorrt"] is None

@@ -119,6 +119,18 @@ def test_latency_on_another_machine_is_not_compared(tmp_path, baseline):
     assert "another machine" in result.output
 
 
+def test_unreliable_latency_is_not_compared(tmp_path, baseline):
+    rep = make_report(**{"latency.ort-cpu.onnx-int8-u8s8.1": 50.0})
+    for r in rep["latency"]:
+        r["unreliable"] = r["artifact"] == "onnx-int8-u8s8"  # what `bench` marks when p90/p50 stays high
+    result = gate(tmp_path, rep, baseline, "--format", "json")
+    assert result.exit_code == 0, result.output
+    checks = [c for c in json.loads(result.output)["checks"] if c["check"] == "latency-regression"]
+    skipped = [c for c in checks if c["artifact"] == "onnx-int8-u8s8"]
+    assert skipped and all(c["status"] == "skip" and "unreliable" in c["detail"] for c in skipped)
+    assert any(c["status"] == "pass" for c in checks)  # reliable rows are still compared
+
+
 def test_missing_artifact_fails(tmp_path, baseline):
     rep = make_report()
     rep["artifacts"] = [a for a in rep["artifacts"] if a["name"] != "onnx-int8-u8s8"]

@@ -99,6 +99,20 @@ def test_macs_torch_and_onnx_agree(evaluated_run, export_dir):
     assert torch_macs(model, shape) == onnx_macs(export_dir / fp32["file"]) > 1_000_000
 
 
+def test_torch_macs_are_conv_and_linear_multiply_accumulates():
+    """torch's FLOP counter (2 FLOPs per MAC) gives the usual conv + linear count, nothing else."""
+    import torch.nn as nn
+
+    from edgedistill.report.macs import torch_macs
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=4), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 10))
+    expected = 8 * 16 * 16 * 3 * 3 * 3 + 8 * 8 * 8 * (8 // 4) * 3 * 3 + 8 * 10
+    assert torch_macs(model, (3, 16, 16)) == torch_macs(model, (-1, 3, 16, 16)) == expected
+    assert model.training  # the model's mode is restored
+
+
 def test_teacher_side_by_side(evaluated_run, export_dir, tmp_path):
     from edgedistill.report import build_report
 

@@ -34,16 +34,15 @@ PLOT_LATENCY = "accuracy_vs_latency.png"
 TORCH_ARTIFACT = "torch-fp32"
 
 
-def _read_json(path: Path, what: str, fix: str) -> dict:
-    if not path.is_file():
-        raise UserError(f"{path} is missing: {fix}")
+def _read_json(path: Path, fix: str) -> dict:
+    """The device kit's JSON reader, its errors as UserError."""
+    from edgedistill.kit import load_kit_module
+
+    kit = load_kit_module("edgekit")
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}): {fix}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} is not a {what} (expected a JSON object): {fix}")
-    return data
+        return kit.read_json_object(path, fix)
+    except kit.KitError as e:
+        raise UserError(str(e)) from None
 
 
 def _bench_docs(export_dir: Path | None, device_results) -> list[tuple[str, dict]]:
@@ -83,6 +82,7 @@ def _latency_rows(docs) -> list[dict]:
                 "p50_ms": lat.get("p50"), "p90_ms": lat.get("p90"), "p99_ms": lat.get("p99"),
                 "mean_ms": lat.get("mean"), "std_ms": lat.get("std"), "throughput_ips": r.get("throughput_ips"),
                 "h2d_ms": r.get("h2d_ms"), "d2h_ms": r.get("d2h_ms"), "top1_samples": r.get("top1"),
+                "spread_p90_p50": r.get("spread_p90_p50"), "unreliable": bool(r.get("unreliable")),
             })
     return rows
 
@@ -147,6 +147,11 @@ def _notes(artifacts: list[dict], latency: list[dict], docs, manifest: dict | No
         load, cores = env.get("load_average"), cpu.get("affinity_cores")
         if load and cores and load[0] > 0.5 * cores:
             notes.append(f"{source}: measured with load average {load[0]} on {cores} cores: latencies are noisy.")
+        noisy = [f"{r['artifact']} on {r['runtime']} at batch {r['batch']}" for r in doc.get("results", [])
+                 if r.get("unreliable")]
+        if noisy:
+            notes.append(f"{source}: unreliable timings (p90/p50 still above the limit after re-measuring; the "
+                         f"machine was busy): {'; '.join(noisy)}.")
         isa = cpu.get("isa") or {}
         if isa and not isa.get("int8_dot", True) and any(r["precision"] == "int8" for r in doc.get("results", [])):
             notes.append(f"{source}: this CPU ({cpu.get('model')}) has no VNNI/AMX INT8 dot-product instructions, "
@@ -163,13 +168,13 @@ def build_report(run_dir, device_results=(), export_dir=None, out_dir=None) -> P
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir} is not a run folder: pass the folder written by `edgedistill train`")
-    ev = _read_json(run_dir / "eval.json", "eval.json", f"run `edgedistill eval {run_dir}` first")
+    ev = _read_json(run_dir / "eval.json", f"run `edgedistill eval {run_dir}` first")
     if "student" not in ev:
         raise UserError(f"{run_dir / 'eval.json'} has no 'student' entry: re-run `edgedistill eval {run_dir}`")
     export_dir = Path(export_dir) if export_dir else run_dir / "export"
     manifest = None
     if (export_dir / "manifest.json").is_file():
-        manifest = _read_json(export_dir / "manifest.json", "export manifest", f"re-run `edgedistill export {run_dir}`")
+        manifest = _read_json(export_dir / "manifest.json", f"re-run `edgedistill export {run_dir}`")
         if not str(manifest.get("schema", "edgedistill.export/1")).startswith("edgedistill.export/"):
             raise UserError(f"{export_dir / 'manifest.json'} has schema {manifest.get('schema')!r}, "
                             "expected 'edgedistill.export/1'")

@@ -7,7 +7,8 @@ Checks, per gated artifact (default: every artifact of the baseline; `--artifact
 - latency regression: p50 slower than the baseline's by more than `latency_tolerance` percent, for
   the same artifact / runtime / batch / threads, only when measured on the same kind of machine
   (same CPU model and GPU; otherwise the comparison is skipped with a notice: timings from two
-  machines say nothing about the model);
+  machines say nothing about the model), and skipped as well when the new timing is marked
+  unreliable (its spread p90/p50 said the machine was busy);
 - dominated: the baseline is at least as accurate *and* at least as small, and strictly better in
   one of them (accuracy ties within `accuracy_noise` points, size within 0.5 %): any loss of
   accuracy must buy a smaller model.
@@ -22,7 +23,6 @@ plus the budgets it was written with (flags given on the command line win). A fu
 from __future__ import annotations
 
 import datetime as _dt
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -70,18 +70,15 @@ class GateResult:
 
 
 def _load(path: Path, what: str) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        fix = "run `edgedistill report RUN` first" if what == "report" else \
-            "create it with `edgedistill gate REPORT --baseline FILE --update-baseline`"
-        raise UserError(f"{what} {path} does not exist: {fix}")
+    from edgedistill.kit import load_kit_module
+
+    kit = load_kit_module("edgekit")
+    missing = "run `edgedistill report RUN` first" if what == "report" else \
+        "create it with `edgedistill gate REPORT --baseline FILE --update-baseline`"
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{what} {path} is not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{what} {path} is not an edgedistill {what} (expected a JSON object)")
-    return data
+        return kit.read_json_object(path, f"not an edgedistill {what}", missing=missing)
+    except kit.KitError as e:
+        raise UserError(f"{what} {e}") from None
 
 
 def load_report(path) -> dict:
@@ -115,7 +112,7 @@ def normalize(report: dict) -> dict:
     for a in report["artifacts"]:
         arts[a["name"]] = {k: a.get(k) for k in ("format", "precision", "top1", "n", "bytes", "params", "macs")}
     latency = [{k: r.get(k) for k in ("artifact", "runtime", "host", "cpu", "gpu", "batch", "threads", "p50_ms",
-                                      "p99_ms", "throughput_ips")} for r in report.get("latency", [])]
+                                      "p99_ms", "throughput_ips", "unreliable")} for r in report.get("latency", [])]
     student = (report.get("models") or {}).get("student") or {}
     return {"schema": BASELINE_SCHEMA, "run": report.get("run"), "student_arch": student.get("arch"),
             "artifacts": arts, "latency": latency, "budgets": report.get("budgets", {})}
@@ -199,6 +196,11 @@ def run_gate(report_path, baseline_path, **flags) -> GateResult:
             if not same:
                 continue
             machine = [x for x in same if x.get("cpu") == r.get("cpu") and x.get("gpu") == r.get("gpu")]
+            if machine and r.get("unreliable"):
+                checks.append(Check("latency-regression", name, "skip", f"{r['p50_ms']:.3f} ms",
+                                    detail=f"{r['runtime']}: timing marked unreliable (the machine was busy): "
+                                           "not compared; re-run the benchmark on an idle machine"))
+                continue
             if not machine:
                 checks.append(Check("latency-regression", name, "skip", f"{r['p50_ms']:.3f} ms",
                                     detail=f"{r['runtime']}: baseline measured on another machine "
