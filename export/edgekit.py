@@ -74,6 +74,8 @@ ORT_PROVIDERS = {
     "cuda": "CUDAExecutionProvider",
     "trt": "TensorrtExecutionProvider",
 }
+# Runtime names on the command line and in results: ONNX Runtime per provider, TensorRT engines.
+RUNTIMES = tuple(f"ort-{short}" for short in ORT_PROVIDERS) + ("tensorrt",)
 _VERSIONED = ("numpy", "onnxruntime", "onnxruntime-gpu", "onnx", "tensorrt", "tensorrt-lean", "tensorrt-cu12",
               "tensorrt-cu13", "cuda-python", "cuda-bindings", "torch", "edgedistill")
 
@@ -860,7 +862,7 @@ def main(argv=None) -> int:
         return 0
     if args.providers == "auto":
         avail = available_runtimes()
-        runtimes = [r for r in ("ort-cpu", "ort-cuda", "ort-trt", "tensorrt") if avail.get(r) is None]
+        runtimes = [r for r in RUNTIMES if avail.get(r) is None]
     else:
         runtimes = [p if p == "tensorrt" or p.startswith("ort-") else f"ort-{p}" for p in args.providers.split(",")]
     try:

@@ -27,7 +27,7 @@ def bench(
         "--runtime", "-r",
         help=f"Comma list of {choices(Runtime)}; auto = every one present except torch.compile.")] = "auto",
     batch: Annotated[str, typer.Option(help="Batch sizes to sweep, e.g. 1,8,32.")] = "1,8,32",
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads (ORT intra-op, torch). Default: the runtime's choice.")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads (ORT intra-op, torch). Default: ONNX Runtime's choice; torch: the available cores, at most 4.")] = None,
     runs: Annotated[int, typer.Option(help="Timed runs per measurement.")] = 50,
     time_s: Annotated[Optional[float], typer.Option("--time", help="Time budget in seconds per measurement (instead of --runs).")] = None,
     warmup: Annotated[int, typer.Option(help="Untimed warm-up runs per measurement.")] = 10,

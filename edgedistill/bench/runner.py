@@ -43,17 +43,17 @@ ALIASES = {"ort": "ort-cpu", "onnxruntime": "ort-cpu", "torch": "torch-cpu", "tr
 BENCH_FILE = "bench.json"
 
 
-def parse_runtimes(spec: str | list[str] | tuple[str, ...] | None) -> tuple[list[str], bool]:
-    """'auto' or a comma list -> (runtimes, explicit). Unknown names are a UserError."""
+def parse_runtimes(spec: str | list[str] | tuple[str, ...] | None) -> list[str]:
+    """'auto' or a comma list (aliases allowed) -> runtimes. Unknown names are a UserError."""
     from edgedistill.cli_helpers import comma_list
 
     if spec is None or spec == "auto" or spec == ["auto"]:
-        return list(AUTO_RUNTIMES), False
+        return list(AUTO_RUNTIMES)
     items = [ALIASES.get(s, s) for s in comma_list(spec)]
     unknown = [s for s in items if s not in ALL_RUNTIMES]
     if unknown:
         raise UserError(f"unknown runtime(s) {', '.join(unknown)}: choose from {', '.join(ALL_RUNTIMES)} or auto")
-    return list(dict.fromkeys(items)), True
+    return list(dict.fromkeys(items))
 
 
 def bench_export(export_dir, runtimes="ort-cpu,torch-cpu", batches=(1,), threads: int | None = None,
@@ -83,7 +83,7 @@ def bench_export(export_dir, runtimes="ort-cpu,torch-cpu", batches=(1,), threads
         if unknown:
             raise UserError(f"unknown artifact(s) {', '.join(unknown)}: {export_dir / 'manifest.json'} has "
                             f"{', '.join(names)}")
-    wanted, _explicit = parse_runtimes(runtimes)
+    wanted = parse_runtimes(runtimes)
     avail = kit.available_runtimes()
     reasons = {r: (avail.get(r) if r in KIT_RUNTIMES else torch_unavailable(r)) for r in wanted}
     kit_rts = [r for r in wanted if r in KIT_RUNTIMES and reasons[r] is None]
