@@ -88,14 +88,14 @@ class TorchRunner(kit.Runner):
 
             def copies(n_timed: int) -> dict:
                 y = self.model(dev)
-                h2d = kit.time_calls(lambda: _cuda_ms(lambda: host.to(self.device, non_blocking=True)), 3, 20)
-                d2h = kit.time_calls(lambda: _cuda_ms(lambda: y.to("cpu", non_blocking=True)), 3, 20)
+                h2d = kit.time_calls(lambda: cuda_time_ms(lambda: host.to(self.device, non_blocking=True)), 3, 20)
+                d2h = kit.time_calls(lambda: cuda_time_ms(lambda: y.to("cpu", non_blocking=True)), 3, 20)
                 return {"h2d_ms": kit.median_ms(h2d), "d2h_ms": kit.median_ms(d2h)}
 
-            yield (lambda: _cuda_ms(lambda: self.model(dev))), copies  # device time of the forward only
+            yield (lambda: cuda_time_ms(lambda: self.model(dev))), copies  # device time of the forward only
 
 
-def _cuda_ms(fn) -> float:
+def cuda_time_ms(fn) -> float:
     """Device time (ms) of `fn()`'s CUDA work, with CUDA events."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()

@@ -131,29 +131,18 @@ class _Stepper:
     def teacher_ms(self, views, reps: int) -> float:
         """Median time (ms) of the teacher's forward on all views, as inside the DisCo step (CUDA
         events on the GPU, the host clock on the CPU; two warm-up repetitions)."""
-        import torch
-
+        from edgedistill.bench.torch_runtime import cuda_time_ms
         from edgedistill.kit import load_kit_module
 
         kit = load_kit_module("edgekit")
         views = self.prepare(views)
 
-        def forward():
+        def forward() -> None:  # returns None: the kit then takes the host wall time
             with self.autocast():
                 for v in views:
                     self.method.teacher(v)
 
-        def step():
-            if self.device.type != "cuda":
-                forward()
-                return None  # host wall time
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            forward()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end)
-
+        step = (lambda: cuda_time_ms(forward)) if self.device.type == "cuda" else forward
         return kit.median_ms(kit.time_calls(step, warmup=2, runs=reps))
 
 
