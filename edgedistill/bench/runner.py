@@ -20,7 +20,6 @@ from edgedistill.errors import UserError
 log = logging.getLogger(__name__)
 
 
-
 class Runtime(str, Enum):
     """The runtimes `edgedistill bench --runtime` knows (the first four are the device kit's)."""
 

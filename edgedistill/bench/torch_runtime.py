@@ -5,7 +5,8 @@ TensorRT runners, so `edgedistill bench` times torch and the exported artifacts 
 loop (`time_calls`), statistics (`latency_stats`) and spread check (`measure`). On the CPU it sets
 torch's intra-op thread count explicitly (`--threads`, else the kit's `default_threads()`): left to
 itself, torch may start more threads than there are free cores and a batch-1 forward then waits
-on the slowest of them (oversubscription: a 30x slower batch 1 on a loaded machine).
+on the slowest of them (oversubscription: on a loaded machine a batch of 1 once took 30 times as
+long as a batch of 32 of the same model).
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ def torch_unavailable(runtime: str) -> str | None:
 
 
 class TorchRunner(kit.Runner):
+    """The torch student on "torch-cpu", "torch-compile", "torch-cuda" or "torch-compile-cuda"."""
+
     def __init__(self, model: nn.Module, runtime: str, threads: int | None = None):
         self.runtime = runtime
         self.device = torch.device("cuda" if runtime.endswith("cuda") else "cpu")
