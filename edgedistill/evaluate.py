@@ -93,6 +93,8 @@ class EvalResult:
     knn_k: int
     # "frozen", or "paper" (then both linear_top1 and paper_linear_top1 are reported).
     protocol: str = "frozen"
+    # DoGo's second model (peer.safetensors), scored like the student.
+    peer: ModelScores | None = None
     environment: dict = field(default_factory=dict)
 
 
@@ -345,8 +347,15 @@ def evaluate_run(run: str | Path, with_teacher: bool = False, overrides: list[st
         if cfg.teacher is None:
             raise UserError(f"{run} was trained without a teacher: drop --teacher")
         teacher, _ = score_backbone(load_encoder(cfg.teacher).backbone, cfg.teacher.arch, train, val, cfg, device, "teacher")
+    peer = None
+    peer_file = run / "peer.safetensors"
+    peer_cfg = getattr(cfg.method, "peer", None)
+    if peer_file.is_file() and peer_cfg is not None:
+        peer_backbone = create_backbone(peer_cfg)
+        load_into(peer_backbone, load_file(str(peer_file)), str(peer_file), allow_mismatch=False)
+        peer, _ = score_backbone(peer_backbone.eval(), peer_cfg.arch, train, val, cfg, device, "peer")
     result = EvalResult(str(run), student, teacher, train.classes, len(train), len(val), cfg.eval.knn_k,
-                        cfg.eval.protocol, environment())
+                        cfg.eval.protocol, peer, environment())
     if dist_utils.is_main():
         write_json(run / EVAL_FILE, asdict(result))
     dist_utils.barrier()
@@ -361,7 +370,7 @@ def print_eval(result: EvalResult) -> None:
     columns = ["model", "arch", "params (M)", f"kNN top-1 (k={result.knn_k})", "linear top-1 (frozen)"]
     for col in columns + (["linear top-1 (paper)"] if paper else []):
         table.add_column(col, justify="right" if col != "model" else "left")
-    for name, s in (("student", result.student), ("teacher", result.teacher)):
+    for name, s in (("student", result.student), ("peer", result.peer), ("teacher", result.teacher)):
         if s is not None:
             row = [name, s.arch, f"{s.params / 1e6:.2f}", f"{s.knn_top1:.2f}", f"{s.linear_top1:.2f}"]
             if paper:

@@ -228,7 +228,8 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: bool = False) -
     optimizers = build_optimizers(method, cfg, world)
     amp_dtype = _precision(cfg, device)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    total = cfg.train.max_steps or cfg.train.epochs * loader.steps_per_epoch
+    # max_steps 0 saves the initialised student untrained (the "untrained" baseline row of `compare`).
+    total = cfg.train.max_steps if cfg.train.max_steps is not None else cfg.train.epochs * loader.steps_per_epoch
     total = min(total, cfg.train.epochs * loader.steps_per_epoch)
 
     schedulers = [build_scheduler(opt, total, cfg.train.warmup_steps, cfg.train.schedule) for opt in optimizers]
