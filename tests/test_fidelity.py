@@ -59,8 +59,8 @@ class TaggedBN(nn.Module):
         return torch.cat([x[:, :1], self.bn(x[:, 1:])], dim=1)
 
 
-def test_auto_splits_keep_32_samples_per_group():
-    assert [auto_shuffle_bn_splits(b) for b in (16, 32, 48, 64, 96, 128, 256, 512)] == [1, 1, 1, 2, 3, 4, 8, 8]
+def test_auto_splits_keep_64_samples_per_group():
+    assert [auto_shuffle_bn_splits(b) for b in (16, 32, 64, 96, 128, 192, 256, 512, 1024)] == [1, 1, 1, 1, 2, 3, 4, 8, 8]
     assert resolve_shuffle_bn_splits(4, 64) == 4
     with pytest.raises(UserError, match="method.shuffle_bn_splits=3.*divisor"):
         resolve_shuffle_bn_splits(3, 64)
@@ -88,9 +88,10 @@ def test_shuffle_bn_uses_per_split_statistics_and_restores_order():
 def test_mocov2_key_encoder_runs_in_groups_and_query_encoder_in_one(teacher_ckpt):
     from edgedistill.methods import create_method
 
-    cfg = load_config(None, tiny_overrides(**{"method.name": "mocov2", **FAST}))
+    assert create_method(load_config(None, tiny("mocov2")), 10).shuffle_bn.splits == 1  # batch 64: off by default
+    cfg = load_config(None, tiny("mocov2", **{"method.shuffle_bn_splits": 2}))
     m = create_method(cfg, num_classes=10)
-    assert m.shuffle_bn.splits == 2  # batch 64: two groups of 32
+    assert m.shuffle_bn.splits == 2  # two groups of 32
     key_bn = next(mod for mod in m.encoder_k.modules() if isinstance(mod, nn.BatchNorm2d))
     query_bn = next(mod for mod in m.encoder_q.modules() if isinstance(mod, nn.BatchNorm2d))
     sizes = {"key": [], "query": []}

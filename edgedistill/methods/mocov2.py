@@ -5,7 +5,7 @@ shuffle-BN (`components.ShuffleBN`), as in both the MoCo and the DisCo reference
 process the shuffled key batch is encoded in `method.shuffle_bn_splits` groups with their own BN
 statistics (how MoCo's single-GPU CIFAR notebook simulates several GPUs); under DDP the keys are
 also shuffled across ranks. Unset, the split count is the largest up to 8 that keeps every group
-at >= 32 samples (1 = off, which is what batches below 64 get). The query encoder's BN is
+at >= 64 samples (1 = off, which is what batches below 128 get). The query encoder's BN is
 unchanged. Under DDP the keys are gathered from every rank before they enter the queue.
 """
 
@@ -34,8 +34,8 @@ class MoCoConfig(MethodConfig):
     proj_dim: int | None = 128
     # Projection MLP hidden width; None = the backbone's feature width (MoCo v2's choice).
     proj_hidden: int | None = None
-    # Key-encoder BN groups (shuffle-BN); None = the largest count <= 8 keeping >= 32 samples per
-    # group (8 at a per-process batch of 256, 2 at 64, 1 = off below 64); 1 turns it off.
+    # Key-encoder BN groups (shuffle-BN); None = the largest count <= 8 keeping >= 64 samples per
+    # group (8 at a per-process batch of 512, 4 at 256, 2 at 128, off below 128); 1 turns it off.
     shuffle_bn_splits: int | None = None
 
 
