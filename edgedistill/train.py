@@ -174,8 +174,8 @@ def tensorboard_writer(run_dir: Path):
     import importlib.util
 
     if importlib.util.find_spec("tensorboard") is None:
-        raise UserError("train.tensorboard: true needs the tensorboard package: pip install tensorboard "
-                        "(or pip install 'edgedistill[tensorboard]'), or set train.tensorboard=false")
+        raise UserError("train.tensorboard: true needs the tensorboard package: pip install tensorboard, "
+                        "or set train.tensorboard=false")
     from torch.utils.tensorboard import SummaryWriter
 
     return SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR))
