@@ -10,6 +10,10 @@ Output folder (default runs/compare): one run folder per recipe (the usual `trai
 contents) and
     compare.json   machine-readable rows (schema edgedistill.compare/1) + the shared settings
     compare.md     the same as a Markdown table
+    compare.png    per method the losses per step (contrastive, against ln(K+1) for queue
+                   methods; distillation term) and the final linear top-1
+A DoGo run adds a row for its peer; `--untrained` adds the student as initialised (0 steps), the
+floor every method must clear. `eval.protocol: paper` adds the papers' linear protocol column.
 A finished run folder whose config.yaml equals the recipe's resolved config is reused (trained
 and evaluated once); an interrupted one is resumed from its checkpoint.
 """
@@ -23,6 +27,8 @@ import typer
 
 COMPARE_JSON = "compare.json"
 COMPARE_MD = "compare.md"
+COMPARE_PNG = "compare.png"
+UNTRAINED = "untrained"
 SCHEMA = "edgedistill.compare/1"
 
 # The same `--set` as the other commands (defined here: annotations are evaluated in this module).
@@ -82,6 +88,8 @@ def check_agreement(configs: list[tuple[str, object]]) -> None:
 
 
 def _teacher_label(cfg) -> str:
+    if cfg.method.name == UNTRAINED:
+        return "-"
     if cfg.method.name == "dogo":
         return f"{cfg.method.peer.arch} (peer, from scratch)"
     if cfg.teacher is not None:
@@ -119,14 +127,71 @@ def _train_and_eval(cfg, run_dir: Path, reuse: bool) -> tuple[dict, dict, bool]:
             return json.loads(run_file.read_text()), json.loads(eval_file.read_text()), True
         resume = not finished and (run_dir / CHECKPOINT_FILE).is_file()
     if not (run_file.is_file() and json.loads(run_file.read_text()).get("status") == "complete"):
-        train(cfg, run_dir, resume=resume)
+        train(cfg, run_dir, resume=resume and cfg.train.max_steps != 0)
     evaluate_run(run_dir)
     return json.loads(run_file.read_text()), json.loads(eval_file.read_text()), False
 
 
+def _untrained_config(cfg):
+    """The first recipe at 0 steps: its student exactly as initialised (seeded), no teacher."""
+    import copy
+
+    from edgedistill.methods import method_config_class
+
+    untrained = copy.deepcopy(cfg)
+    untrained.name = UNTRAINED
+    untrained.teacher = None
+    untrained.train.max_steps = 0
+    untrained.method = method_config_class("supervised")()
+    untrained.method.name = "supervised"
+    return untrained
+
+
+def _row(recipe: str, run_dir: Path, method: str, teacher: str, cfg, scores: dict, run: dict, ev: dict,
+         reused: bool, wall: float) -> dict:
+    return {
+        "recipe": recipe,
+        "run": str(run_dir),
+        "method": method,
+        "teacher": teacher,
+        "student": scores["arch"],
+        "params": scores["params"],
+        "knn_top1": scores["knn_top1"],
+        "linear_top1": scores["linear_top1"],
+        "paper_linear_top1": scores.get("paper_linear_top1"),
+        "images_per_s": run.get("images_per_s"),
+        "train_wall_s": run.get("wall_s"),
+        "steps": run.get("steps"),
+        "queue_size": getattr(cfg.method, "queue_size", None) if method in ("mocov2", "disco") else None,
+        "eval_images": {"train": ev.get("n_train"), "val": ev.get("n_val")},
+        "final_losses": run.get("final_losses", {}),
+        "reused": reused,
+        "wall_s": round(wall, 2),
+    }
+
+
+def draw_curves(result: dict, path: Path) -> Path | None:
+    """compare.png from the rows' metrics.jsonl (None when matplotlib is missing)."""
+    import json
+
+    try:
+        from edgedistill.report.plots import training_curves
+    except ImportError:  # pragma: no cover - matplotlib is a dependency
+        return None
+    curves = []
+    for row in result["rows"]:
+        metrics = Path(row["run"]) / "metrics.jsonl"
+        records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+        label = row["method"] if row["method"] != "dogo (peer)" else "dogo peer"
+        curves.append({"label": label, "records": records if row["method"] != "dogo (peer)" else [],
+                       "queue_size": row.get("queue_size"), "linear_top1": row.get("linear_top1"),
+                       "paper_linear_top1": row.get("paper_linear_top1")})
+    return training_curves(curves, path)
+
+
 def run_compare(recipes: list[Path], overrides: list[str] | None = None, out: Path = Path("runs/compare"),
-                reuse: bool = True) -> dict:
-    """Train + evaluate every recipe at the same budget; write compare.json / compare.md."""
+                reuse: bool = True, untrained: bool = False) -> dict:
+    """Train + evaluate every recipe at the same budget; write compare.json / .md / .png."""
     import time
 
     from edgedistill.config import load_config
@@ -151,31 +216,24 @@ def run_compare(recipes: list[Path], overrides: list[str] | None = None, out: Pa
         "environment": environment(),
     }
     rows = result["rows"]
-    for (recipe, cfg), run_dir in zip(configs, _run_dirs(configs, out)):
+    todo = list(zip(configs, _run_dirs(configs, out)))
+    if untrained:
+        todo.insert(0, ((UNTRAINED, _untrained_config(configs[0][1])), out / UNTRAINED))
+        result["recipes"].insert(0, UNTRAINED)
+    for (recipe, cfg), run_dir in todo:
         start = time.perf_counter()
         run, ev, reused = _train_and_eval(cfg, run_dir, reuse)
-        student = ev["student"]
-        rows.append({
-            "recipe": recipe,
-            "run": str(run_dir),
-            "method": cfg.method.name,
-            "teacher": _teacher_label(cfg),
-            "student": cfg.student.arch,
-            "params": student["params"],
-            "knn_top1": student["knn_top1"],
-            "linear_top1": student["linear_top1"],
-            "images_per_s": run.get("images_per_s"),
-            "train_wall_s": run.get("wall_s"),
-            "steps": run.get("steps"),
-            "eval_images": {"train": ev.get("n_train"), "val": ev.get("n_val")},
-            "final_losses": run.get("final_losses", {}),
-            "reused": reused,
-            "wall_s": round(time.perf_counter() - start, 2),
-        })
+        wall = time.perf_counter() - start
+        method = UNTRAINED if recipe == UNTRAINED else cfg.method.name
+        rows.append(_row(recipe, run_dir, method, _teacher_label(cfg), cfg, ev["student"], run, ev, reused, wall))
+        if ev.get("peer"):
+            rows.append(_row(recipe, run_dir, "dogo (peer)", f"{cfg.student.arch} (student)", cfg, ev["peer"], run,
+                             ev, reused, 0.0))
         # Written after every run: a long comparison that is stopped still leaves its table.
-        result["complete"] = len(rows) == len(configs)
+        result["complete"] = len({r["recipe"] for r in rows}) == len(todo)
         write_json(out / COMPARE_JSON, result)
         (out / COMPARE_MD).write_text(markdown_table(result))
+        draw_curves(result, out / COMPARE_PNG)
     return result
 
 
@@ -188,22 +246,37 @@ def markdown_table(result: dict) -> str:
     budget = f"{s.get('train.epochs')} epoch(s)"
     if s.get("train.max_steps"):
         budget += f", at most {s['train.max_steps']} steps"
+    paper = s.get("eval.protocol") == "paper"
+    protocol = ("linear probe on frozen student features (frozen protocol) and the papers' protocol "
+                f"({s.get('eval.paper_epochs')} epochs of random-resized-crop + flip views, SGD, no weight decay)"
+                if paper else "linear probe on frozen student features (frozen protocol)")
     lines = [
         "# edgedistill compare",
         "",
         f"Same data ({s.get('data.train')}, {s.get('data.max_images') or 'all'} training images, "
         f"{s.get('data.img_size')}x{s.get('data.img_size')}), student {s.get('student.arch')}, budget {budget} "
-        f"of batch {s.get('train.batch_size')}, seed {s.get('seed')}. kNN (k={s.get('eval.knn_k')}) and linear "
-        "probe on frozen student features; images/s and wall time are training only.",
+        f"of batch {s.get('train.batch_size')}, seed {s.get('seed')}. kNN (k={s.get('eval.knn_k')}) and "
+        f"{protocol}; images/s and wall time are training only.",
         "",
-        "| method | teacher | student | parameters | kNN top-1 | linear top-1 | images/s | wall time (s) |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| method | teacher | student | parameters | kNN top-1 | linear top-1 |"
+        + (" linear top-1 (paper) |" if paper else "") + " images/s | wall time (s) |",
+        "|---|---|---|---:|---:|---:|" + ("---:|" if paper else "") + "---:|---:|",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['method']} | {r['teacher']} | {r['student']} | {r['params'] / 1e6:.2f}M | {_fmt(r['knn_top1'], '.2f')} "
-            f"| {_fmt(r['linear_top1'], '.2f')} | {_fmt(r['images_per_s'], '.1f')} | {_fmt(r['train_wall_s'], '.1f')} |"
+            f"| {_fmt(r['linear_top1'], '.2f')} |" + (f" {_fmt(r.get('paper_linear_top1'), '.2f')} |" if paper else "")
+            + f" {_fmt(r['images_per_s'], '.1f')} | {_fmt(r['train_wall_s'], '.1f')} |"
         )
+    moco = [r for r in result["rows"] if r["method"] in ("mocov2", "disco") and r.get("queue_size")]
+    for r in moco:
+        final = (r.get("final_losses") or {}).get("info_nce")
+        if final is not None:
+            import math
+
+            lines += ["", f"{r['method']}: final InfoNCE {final:.3f} against ln(K+1) = "
+                          f"{math.log(r['queue_size'] + 1):.3f} (K = {r['queue_size']}; an encoder that has learnt "
+                          "nothing sits at ln(K+1))."]
     if result.get("overrides"):
         lines += ["", "Shared overrides: " + " ".join(f"`--set {o}`" for o in result["overrides"])]
     if not result.get("complete", True):
@@ -237,16 +310,16 @@ def register(app) -> None:
         set_: SetOption = None,
         out: Annotated[Path, typer.Option(help="Folder for the runs and compare.md / compare.json.")] = Path("runs/compare"),
         reuse: Annotated[bool, typer.Option(help="Reuse (or resume) a run folder whose config matches.")] = True,
+        untrained: Annotated[bool, typer.Option(help="Add a row for the student as initialised (0 steps), the floor every method must clear.")] = False,
     ):
-        """Train and evaluate several recipes like for like (same data, student, budget, seed) and
-        write one table: method, teacher, student, parameters, kNN / linear top-1, images/s, wall time.
+        """Train and evaluate several recipes like for like (same data, student, budget, seed) and write one table (method, teacher, student, parameters, kNN / linear top-1, images/s, wall time) and a PNG of the training curves beside it.
 
-        Recipes that differ in data, student, epochs/steps, batch size, evaluation or seed are
-        refused; shared --set overrides apply to every recipe and can force them to agree.
+        Recipes that differ in data, student, epochs/steps, batch size, evaluation or seed are refused; shared --set overrides apply to every recipe and can force them to agree.
         """
         from edgedistill.ui import console, setup_logging
 
         setup_logging()
-        result = run_compare(recipes, set_ or [], out, reuse)
+        result = run_compare(recipes, set_ or [], out, reuse, untrained)
         print_compare(result)
-        console.print(f"table: [bold]{Path(out) / COMPARE_MD}[/] and {Path(out) / COMPARE_JSON}", highlight=False)
+        console.print(f"table: [bold]{Path(out) / COMPARE_MD}[/] and {Path(out) / COMPARE_JSON}; curves: "
+                      f"{Path(out) / COMPARE_PNG}", highlight=False)

@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -63,6 +63,10 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
 
 
+Schedule = Literal["cosine", "constant"]
+EvalProtocol = Literal["frozen", "paper"]
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 1
@@ -75,6 +79,11 @@ class TrainConfig:
     weight_decay: float = 1e-4
     sgd_momentum: float = 0.9
     warmup_steps: int = 0
+    # cosine: linear warm-up then cosine decay to zero (MoCo v2, DisCo, SEED). constant: linear
+    # warm-up then the base lr throughout (DoGo's reference: Adam 3e-4, no decay).
+    schedule: Schedule = "cosine"
+    # Also write TensorBoard event files into <run>/tensorboard (needs the `tensorboard` package).
+    tensorboard: bool = False
     # auto = bf16 autocast on CUDA, fp32 on CPU.
     precision: str = "auto"  # auto | bf16 | fp16 | fp32
     channels_last: str = "auto"  # auto (on CUDA) | true | false
@@ -94,6 +103,16 @@ class EvalConfig:
     # (see evaluate.choose_probe); a number fixes it.
     linear_weight_decay: float | None = None
     batch_size: int = 256
+    # frozen: features of the centre-cropped images extracted once, probe on standardised
+    # features (fast; `linear_top1`). paper: also the papers' protocol (`paper_linear_top1`):
+    # random-resized-crop + flip through the frozen backbone (BN frozen) every epoch, SGD momentum
+    # 0.9, no weight decay, lr paper_lr divided by 10 at 60% and 80% of paper_epochs (MoCo's
+    # schedule). eval.json then reports both.
+    protocol: EvalProtocol = "frozen"
+    # MoCo: 100 epochs; each epoch is a backbone forward over every training image (slow on a CPU).
+    paper_epochs: int = 100
+    # MoCo's linear-classification lr (30 for a batch of 256, scaled linearly with batch_size).
+    paper_lr: float = 30.0
 
 
 @dataclass
@@ -149,6 +168,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise UserError(f"{where}: expected a list, got {value!r}")
         return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
     if tp is Any:
+        return value
+    if origin is Literal:
+        options = typing.get_args(tp)
+        if value not in options:
+            raise UserError(f"{where}: {value!r} is not one of {', '.join(map(str, options))}")
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -219,7 +243,7 @@ def build_config(data: dict, source: str = "<recipe>") -> RunConfig:
         method = dict(method)
         name = method.pop("name", None)
         if name is None:
-            raise UserError("method.name is missing (one of mocov2, disco, seed, dogo, supervised)")
+            raise UserError("method.name is missing (one of mocov2, disco, seed, dogo, simclr, supervised)")
         cfg.method = from_dict(method_config_class(name), method, "method")
         cfg.method.name = name
         if method_class(name).needs_teacher and (cfg.teacher is None or not cfg.teacher.checkpoint):

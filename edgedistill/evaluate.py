@@ -77,6 +77,9 @@ class ModelScores:
     # "probe" (deployed: the linear probe) or "joint" (deployed: the classifier trained with the backbone)
     classifier: str = "probe"
     classifier_top1: float | None = None
+    # The papers' linear protocol (eval.protocol: paper), None when not run.
+    paper_linear_top1: float | None = None
+    paper_probe: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -88,6 +91,10 @@ class EvalResult:
     n_train: int
     n_val: int
     knn_k: int
+    # "frozen", or "paper" (then both linear_top1 and paper_linear_top1 are reported).
+    protocol: str = "frozen"
+    # DoGo's second model (peer.safetensors), scored like the student.
+    peer: ModelScores | None = None
     environment: dict = field(default_factory=dict)
 
 
@@ -181,6 +188,52 @@ def linear_probe(train_f, train_y, num_classes: int, epochs: int, lr: float, wei
     return folded
 
 
+def paper_linear_probe(backbone: nn.Module, train: ImageFolder, val_f: torch.Tensor, val_y: torch.Tensor,
+                       cfg: RunConfig, device: torch.device) -> tuple[float, dict]:
+    """The papers' linear protocol (MoCo, DisCo, SEED): a linear layer on the frozen backbone's
+    pooled features of random-resized-crop (scale 0.08-1) + horizontal-flip views, drawn afresh
+    every epoch, BN in eval mode; SGD momentum 0.9, no weight decay, lr `paper_lr` (per 256 images)
+    divided by 10 at 60% and 80% of `paper_epochs`. Scored on the centre-crop validation features
+    `val_f`. Returns (top-1 percent, settings)."""
+    import torchvision.transforms.v2 as T
+
+    from edgedistill.data.torch_loader import EvalDataset
+
+    ev = cfg.eval
+    data = cfg.data
+    transform = T.Compose([T.ToImage(), T.RandomResizedCrop(data.img_size, scale=(0.08, 1.0), antialias=True),
+                           T.RandomHorizontalFlip(), T.ToDtype(torch.float32, scale=True),
+                           T.Normalize(data.mean, data.std)])
+    gen = torch.Generator().manual_seed(cfg.seed)
+    loader = torch.utils.data.DataLoader(EvalDataset(train, transform), batch_size=ev.batch_size, shuffle=True,
+                                         drop_last=False, num_workers=data.workers, generator=gen)
+    backbone = backbone.to(device).eval()
+    fc = nn.Linear(val_f.shape[1], len(train.classes)).to(device)
+    with torch.no_grad():
+        fc.weight.normal_(0, 0.01, generator=torch.Generator().manual_seed(cfg.seed))
+        fc.bias.zero_()
+    lr = ev.paper_lr * ev.batch_size / 256
+    opt = torch.optim.SGD(fc.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
+    milestones = sorted({max(1, int(0.6 * ev.paper_epochs)), max(1, int(0.8 * ev.paper_epochs))})
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
+    with progress_bar(ev.paper_epochs * len(loader), "paper linear protocol", enabled=dist_utils.is_main(),
+                      show_loss=False) as bar:
+        for _ in range(ev.paper_epochs):
+            for images, target in loader:
+                with torch.no_grad():
+                    feats = backbone(images.to(device)).float()
+                loss = F.cross_entropy(fc(feats), target.to(device))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                bar.advance(1)
+            sched.step()
+    fc = fc.cpu()
+    score = round(top1(fc, val_f, val_y), 3)
+    return score, {"epochs": ev.paper_epochs, "lr": lr, "batch_size": ev.batch_size, "milestones": milestones,
+                   "weight_decay": 0.0, "crop_scale": [0.08, 1.0]}
+
+
 def quantize_features(feats: torch.Tensor, lo: float, hi: float, bits: int = NOISE_BITS) -> torch.Tensor:
     """Per-tensor asymmetric fake quantization of features over [lo, hi]."""
     step = max(hi - lo, 1e-12) / (2**bits - 1)
@@ -249,6 +302,10 @@ def score_backbone(backbone: nn.Module, arch: str, train: ImageFolder, val: Imag
                          round(top1(fc, val_f, val_y), 3), round(ips, 1), probe)
     log.info("%s %s: kNN top-1 %.2f%%, linear top-1 %.2f%% (probe weight decay %g)", what, arch, scores.knn_top1,
              scores.linear_top1, probe["weight_decay"])
+    if cfg.eval.protocol == "paper":
+        scores.paper_linear_top1, scores.paper_probe = paper_linear_probe(backbone, train, val_f, val_y, cfg, device)
+        log.info("%s %s: linear top-1 %.2f%% with the papers' protocol (%d epochs of augmented views)", what, arch,
+                 scores.paper_linear_top1, cfg.eval.paper_epochs)
     if joint is not None:
         scores.classifier, scores.classifier_top1 = "joint", round(top1(joint, val_f, val_y), 3)
         log.info("%s %s: jointly trained classifier top-1 %.2f%% (kept as the deployed classifier)", what, arch,
@@ -290,7 +347,15 @@ def evaluate_run(run: str | Path, with_teacher: bool = False, overrides: list[st
         if cfg.teacher is None:
             raise UserError(f"{run} was trained without a teacher: drop --teacher")
         teacher, _ = score_backbone(load_encoder(cfg.teacher).backbone, cfg.teacher.arch, train, val, cfg, device, "teacher")
-    result = EvalResult(str(run), student, teacher, train.classes, len(train), len(val), cfg.eval.knn_k, environment())
+    peer = None
+    peer_file = run / "peer.safetensors"
+    peer_cfg = getattr(cfg.method, "peer", None)
+    if peer_file.is_file() and peer_cfg is not None:
+        peer_backbone = create_backbone(peer_cfg)
+        load_into(peer_backbone, load_file(str(peer_file)), str(peer_file), allow_mismatch=False)
+        peer, _ = score_backbone(peer_backbone.eval(), peer_cfg.arch, train, val, cfg, device, "peer")
+    result = EvalResult(str(run), student, teacher, train.classes, len(train), len(val), cfg.eval.knn_k,
+                        cfg.eval.protocol, peer, environment())
     if dist_utils.is_main():
         write_json(run / EVAL_FILE, asdict(result))
     dist_utils.barrier()
@@ -301,9 +366,14 @@ def print_eval(result: EvalResult) -> None:
     from rich.table import Table
 
     table = Table(title=f"{result.run}  ({result.n_train} train / {result.n_val} val images)")
-    for col in ("model", "arch", "params (M)", f"kNN top-1 (k={result.knn_k})", "linear top-1"):
+    paper = result.protocol == "paper"
+    columns = ["model", "arch", "params (M)", f"kNN top-1 (k={result.knn_k})", "linear top-1 (frozen)"]
+    for col in columns + (["linear top-1 (paper)"] if paper else []):
         table.add_column(col, justify="right" if col != "model" else "left")
-    for name, s in (("student", result.student), ("teacher", result.teacher)):
+    for name, s in (("student", result.student), ("peer", result.peer), ("teacher", result.teacher)):
         if s is not None:
-            table.add_row(name, s.arch, f"{s.params / 1e6:.2f}", f"{s.knn_top1:.2f}", f"{s.linear_top1:.2f}")
+            row = [name, s.arch, f"{s.params / 1e6:.2f}", f"{s.knn_top1:.2f}", f"{s.linear_top1:.2f}"]
+            if paper:
+                row.append("-" if s.paper_linear_top1 is None else f"{s.paper_linear_top1:.2f}")
+            table.add_row(*row)
     console.print(table)

@@ -1,11 +1,32 @@
-"""Pure loss functions. Every embedding argument is expected L2-normalised unless said otherwise."""
+"""Pure loss functions. Every embedding argument is expected L2-normalised unless said otherwise.
+
+Every loss runs in fp32 with autocast disabled (`fp32_loss`), whatever precision the model ran
+in: under bf16 autocast a matmul would otherwise be computed in bf16, and SEED's 1e-4 teacher
+temperature turns bf16's ~3-digit cosines near 1 into logit shifts of tens.
+"""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 
 
+def fp32_loss(fn):
+    """Run `fn` with autocast off (CPU and CUDA) and its tensor arguments cast to float32."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        args = [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+        kwargs = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kwargs.items()}
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@fp32_loss
 def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
     """MoCo InfoNCE: cross-entropy over [q.k, q.queue] / T with the positive at index 0.
 
@@ -18,6 +39,7 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature:
     return F.cross_entropy(logits.float(), target)
 
 
+@fp32_loss
 def embedding_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """DisCo's distillation term: mean over the batch of ||s - t||^2 = 2 - 2cos(s, t).
 
@@ -28,6 +50,7 @@ def embedding_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Te
     return (student.float() - teacher.float()).pow(2).sum(dim=1).mean()
 
 
+@fp32_loss
 def seed_loss(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -50,6 +73,7 @@ def seed_loss(
     return -(target * F.log_softmax(s_logits, dim=1)).sum(dim=1).mean()
 
 
+@fp32_loss
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
     """SimCLR NT-Xent over 2N views: each view's positive is the other view of its image, its
     negatives the other 2N - 2 views; mean over the 2N views (the DoGo/SimCLR reference sums the
@@ -63,11 +87,13 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> tor
     return F.cross_entropy(sim, target)
 
 
+@fp32_loss
 def view_similarity_log_probs(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
     """Row-wise log-softmax of the N x N cosine-similarity matrix between two views / T (DoGo)."""
     return F.log_softmax((z1.float() @ z2.float().t()) / temperature, dim=1)
 
 
+@fp32_loss
 def mutual_kl(log_p_self: torch.Tensor, log_p_peer: torch.Tensor) -> torch.Tensor:
     """DoGo mutual learning: KL(P_peer || P_self) with the peer detached, mean over the N^2
     entries (the reference's `F.kl_div(..., reduction="mean")`, which is why its weight is 100).

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -81,18 +80,26 @@ def build_optimizers(method: Method, cfg: RunConfig, world: int) -> list[torch.o
             opt = torch.optim.AdamW(group.params, lr=lr, weight_decay=wd, **group.extra)
         else:
             raise UserError(f"unknown optimizer {kind!r} (sgd, adam, adamw)")
-        for pg in opt.param_groups:
-            pg["base_lr"] = lr
         optimizers.append(opt)
     return optimizers
 
 
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to zero."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+def build_scheduler(optimizer: torch.optim.Optimizer, total: int, warmup: int, schedule: str):
+    """Per-step lr schedule: linear warm-up from lr/warmup to lr over `warmup` steps, then cosine
+    decay to zero by step `total` ("cosine") or the base lr throughout ("constant")."""
+    from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LinearLR, SequentialLR
+
+    warmup = min(warmup, total)
+    if schedule == "constant":
+        if warmup <= 1:
+            return ConstantLR(optimizer, factor=1.0, total_iters=0)
+        return LinearLR(optimizer, start_factor=1.0 / warmup, end_factor=1.0, total_iters=warmup - 1)
+    decay = CosineAnnealingLR(optimizer, T_max=max(1, total - warmup), eta_min=0.0)
+    if warmup == 0:
+        return decay
+    ramp = (ConstantLR(optimizer, factor=1.0, total_iters=0) if warmup == 1
+            else LinearLR(optimizer, start_factor=1.0 / warmup, end_factor=1.0, total_iters=warmup - 1))
+    return SequentialLR(optimizer, [ramp, decay], milestones=[warmup])
 
 
 def _trainable_state(method: Method) -> dict:
@@ -100,7 +107,7 @@ def _trainable_state(method: Method) -> dict:
     return {k: v for k, v in method.state_dict().items() if not k.startswith(frozen)}
 
 
-def _save_checkpoint(path: Path, method, optimizers, scaler, step, epoch, step_in_epoch, cfg) -> None:
+def _save_checkpoint(path: Path, method, optimizers, scaler, step, epoch, step_in_epoch, cfg, schedulers=()) -> None:
     save_torch(
         {
             "step": step,
@@ -108,6 +115,7 @@ def _save_checkpoint(path: Path, method, optimizers, scaler, step, epoch, step_i
             "step_in_epoch": step_in_epoch,
             "method": _trainable_state(method),
             "optimizers": [o.state_dict() for o in optimizers],
+            "schedulers": [s.state_dict() for s in schedulers],
             "scaler": scaler.state_dict() if scaler is not None else None,
             "rng": torch.get_rng_state(),
             "config": to_dict(cfg),
@@ -117,7 +125,7 @@ def _save_checkpoint(path: Path, method, optimizers, scaler, step, epoch, step_i
     )
 
 
-def _load_checkpoint(path: Path, method, optimizers, scaler) -> tuple[int, int, int]:
+def _load_checkpoint(path: Path, method, optimizers, schedulers, scaler) -> tuple[int, int, int]:
     ckpt = load_torch_file(path)
     missing, unexpected = method.load_state_dict(ckpt["method"], strict=False)
     frozen = method.frozen_prefixes()
@@ -128,6 +136,10 @@ def _load_checkpoint(path: Path, method, optimizers, scaler) -> tuple[int, int, 
         raise UserError(f"{path} has {len(ckpt['optimizers'])} optimizer states, this method has {len(optimizers)}")
     for opt, state in zip(optimizers, ckpt["optimizers"]):
         opt.load_state_dict(state)
+    if "schedulers" not in ckpt:
+        raise UserError(f"{path} was written before lr schedulers were saved with the checkpoint: start the run again")
+    for sched, state in zip(schedulers, ckpt["schedulers"]):
+        sched.load_state_dict(state)
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     torch.set_rng_state(ckpt["rng"])
@@ -152,6 +164,21 @@ def _save_deployable(method: Method, run_dir: Path, cfg: RunConfig, classes: lis
         path = run_dir / {"student": STUDENT_FILE, "head": HEAD_FILE, "classifier": CLASSIFIER_FILE}.get(
             role, f"{role}.safetensors")
         save_safetensors(module.state_dict(), path, meta)
+
+
+TENSORBOARD_DIR = "tensorboard"
+
+
+def tensorboard_writer(run_dir: Path):
+    """A SummaryWriter writing into <run>/tensorboard, beside metrics.jsonl (`train.tensorboard: true`)."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        raise UserError("train.tensorboard: true needs the tensorboard package: pip install tensorboard, "
+                        "or set train.tensorboard=false")
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR))
 
 
 def _check_finite(losses: dict, step: int, ckpt: Path) -> None:
@@ -186,24 +213,30 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: bool = False) -
     with dist_utils.main_process_first():  # rank 0 materialises the dataset / verification cache
         folder = train_folder(cfg.data, cfg.seed)
     dist_utils.same_on_all_ranks(len(folder), f"the number of usable images in {folder.root}")
-    num_views = method_class(cfg.method.name).num_views
-    loader = build_train_loader(cfg.data, folder, num_views, cfg.train.batch_size, cfg.seed, device, rank, world)
+    kind = method_class(cfg.method.name)
+    loader = build_train_loader(cfg.data, folder, kind.num_views, cfg.train.batch_size, cfg.seed, device, rank, world,
+                                kind.augmentation)
     if loader.steps_per_epoch == 0:
         raise UserError(f"{folder.root}: not one full batch per epoch; lower train.batch_size")
     torch.manual_seed(cfg.seed)
     method = create_method(cfg, num_classes=len(folder.classes)).to(device)
+    with dist_utils.main_process_first():  # rank 0 computes data-dependent state (teacher centre), the rest reuse it
+        method.prepare(run_dir, folder, device)
     channels_last = _channels_last(cfg, device)
     if channels_last:
         method = method.to(memory_format=torch.channels_last)
     optimizers = build_optimizers(method, cfg, world)
     amp_dtype = _precision(cfg, device)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    total = cfg.train.max_steps or cfg.train.epochs * loader.steps_per_epoch
+    # max_steps 0 saves the initialised student untrained (the "untrained" baseline row of `compare`).
+    total = cfg.train.max_steps if cfg.train.max_steps is not None else cfg.train.epochs * loader.steps_per_epoch
     total = min(total, cfg.train.epochs * loader.steps_per_epoch)
+
+    schedulers = [build_scheduler(opt, total, cfg.train.warmup_steps, cfg.train.schedule) for opt in optimizers]
 
     step, start_epoch, skip = 0, 0, 0
     if resume:
-        step, start_epoch, skip = _load_checkpoint(ckpt_path, method, optimizers, scaler)
+        step, start_epoch, skip = _load_checkpoint(ckpt_path, method, optimizers, schedulers, scaler)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt_path, step, start_epoch, skip)
 
     model = dist_utils.wrap_ddp(method, device) if distributed else method
@@ -218,6 +251,7 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: bool = False) -
                  len(folder), len(folder.classes), len(folder.skipped), loader.steps_per_epoch, total)
 
     metrics = (run_dir / "metrics.jsonl").open("a") if main else None
+    board = tensorboard_writer(run_dir) if main and cfg.train.tensorboard else None
     images_per_step = cfg.train.batch_size * world
     method.train()
     t_start = t_log = time.perf_counter()
@@ -231,10 +265,7 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: bool = False) -
             for views, labels in loader.epoch(epoch, skip=skip):
                 if channels_last:
                     views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-                factor = lr_factor(step, total, cfg.train.warmup_steps)
-                for opt in optimizers:
-                    for pg in opt.param_groups:
-                        pg["lr"] = pg["base_lr"] * factor
+                step_lr = optimizers[0].param_groups[0]["lr"]
                 with autocast:
                     losses = forward(views, labels)
                 for opt in optimizers:
@@ -248,6 +279,8 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: bool = False) -
                     losses["loss"].backward()
                     for opt in optimizers:
                         opt.step()
+                for sched in schedulers:
+                    sched.step()
                 step += 1
                 step_in_epoch += 1
                 steps_since_log += 1
@@ -266,14 +299,20 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: bool = False) -
                     t_log, steps_since_log = now, 0
                     bar.update_fields(loss=last_losses["loss"], ips=ips)
                     if main:
-                        record = {"step": step, "epoch": epoch, "lr": optimizers[0].param_groups[0]["lr"],
+                        record = {"step": step, "epoch": epoch, "lr": step_lr,
                                   **last_losses, "images_per_s": round(ips, 2), "time_s": round(now - t_start, 3)}
                         metrics.write(json.dumps(record) + "\n")
                         metrics.flush()
+                        if board is not None:
+                            for key, value in record.items():
+                                if key not in ("step", "epoch"):
+                                    board.add_scalar(f"train/{key}", value, step)
+                            board.flush()
                 if ckpt_now and main:
                     at_epoch_end = step_in_epoch == loader.steps_per_epoch
                     _save_checkpoint(ckpt_path, method, optimizers, scaler, step,
-                                     epoch + 1 if at_epoch_end else epoch, 0 if at_epoch_end else step_in_epoch, cfg)
+                                     epoch + 1 if at_epoch_end else epoch, 0 if at_epoch_end else step_in_epoch, cfg,
+                                     schedulers)
                 if step >= total:
                     break
             epoch, skip = epoch + 1, 0
@@ -281,6 +320,8 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: bool = False) -
     wall = time.perf_counter() - t_start
     if metrics:
         metrics.close()
+    if board is not None:
+        board.close()
     ips = (step - start_step) * images_per_step / max(wall, 1e-9)
     result = TrainResult(run_dir, step, loader.name, ips, wall, last_losses)
     if main:

@@ -64,6 +64,9 @@ def test_compare_two_recipes_writes_one_table(tmp_path):
     md = (out / "compare.md").read_text()
     assert "| method | teacher | student | parameters | kNN top-1 | linear top-1 | images/s | wall time (s) |" in md
     assert md.count("| mocov2 |") == 1 and md.count("| supervised |") == 1
+    assert "final InfoNCE" in md and "ln(K+1) = 4.174" in md  # K = 64
+    png = out / "compare.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
     # A second call reuses the finished runs instead of training again.
     again = run_compare([a, b], ["seed=1"], out)
@@ -71,6 +74,31 @@ def test_compare_two_recipes_writes_one_table(tmp_path):
     # ... but refuses to overwrite a run folder made with other settings.
     with pytest.raises(UserError, match="differs"):
         run_compare([a, b], ["seed=2"], out)
+
+
+def test_untrained_row_dogo_peer_row_and_curves(tmp_path, monkeypatch):
+    from edgedistill.report import plots
+
+    drawn = {}
+    original = plots.training_curves
+
+    def spy(curves, path):
+        drawn["curves"] = curves
+        return original(curves, path)
+
+    monkeypatch.setattr(plots, "training_curves", spy)
+    a = _recipe(tmp_path, "dogo", {"name": "dogo", "peer": {"arch": "resnet20_cifar"}})
+    out = tmp_path / "cmp"
+    result = run_compare([a], [], out, untrained=True)
+    assert [r["method"] for r in result["rows"]] == ["untrained", "dogo", "dogo (peer)"]
+    untrained, student, peer = result["rows"]
+    assert untrained["steps"] == 0 and untrained["student"] == student["student"] == "mobilenetv3_small_100"
+    assert peer["student"] == "resnet20_cifar" and peer["params"] != student["params"]
+    assert result["complete"] is True
+    curves = {c["label"]: c for c in drawn["curves"]}
+    assert [r["step"] for r in curves["dogo"]["records"]] == [1, 2]
+    assert "ntxent_student" in curves["dogo"]["records"][0] and "kl_student" in curves["dogo"]["records"][0]
+    assert (out / "compare.png").is_file()
 
 
 def test_markdown_marks_an_incomplete_comparison():

@@ -35,7 +35,7 @@ FAST = {"train.batch_size": 16, "train.max_steps": 2, "student.stem_stride": "nu
 
 def _overrides(method: str, teacher: Path | None, **extra) -> list[str]:
     items = tiny_overrides(**{"method.name": method, **FAST, **extra})
-    if method in ("supervised", "dogo"):  # no queue in these methods
+    if method in ("supervised", "dogo", "simclr"):  # no queue in these methods
         items = [i for i in items if not i.startswith("method.queue_size=")]
     if teacher is not None:
         items += ["teacher.arch=resnet20_cifar", f"teacher.checkpoint={teacher}"]
@@ -56,6 +56,7 @@ CASES = {
     "disco": {"teacher": True},
     "seed": {"teacher": True},
     "dogo": {"method.peer.arch": "resnet20_cifar"},
+    "simclr": {},
     "supervised": {},
 }
 
@@ -123,12 +124,12 @@ def test_dogo_two_optimizers_and_separate_gradients():
     assert set(m.deployable()) == {"student", "head", "peer"}
 
     # The KL terms move each model only: the peer's KL gives the student no gradient.
-    x1, x2 = torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)
-    out = m([x1, x2], torch.zeros(8, dtype=torch.long))
+    x1, x2, x3, x4 = (torch.randn(8, 3, 32, 32) for _ in range(4))
+    out = m([x1, x2, x3, x4], torch.zeros(8, dtype=torch.long))
     assert torch.isfinite(out["loss"])
     m.zero_grad()
     s = [F.normalize(m.student(x), dim=1) for x in (x1, x2)]
-    p = [F.normalize(m.peer(x), dim=1) for x in (x1, x2)]
+    p = [F.normalize(m.peer(x), dim=1) for x in (x3, x4)]
     kl_p = mutual_kl(view_similarity_log_probs(*p), view_similarity_log_probs(*s))
     kl_p.backward()
     assert all(q.grad is None for q in m.student.parameters())

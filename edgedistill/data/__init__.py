@@ -57,7 +57,7 @@ def val_folder(cfg: DataConfig) -> ImageFolder:
 
 
 def build_train_loader(cfg: DataConfig, folder: ImageFolder, num_views: int, batch_size: int, seed: int,
-                       device: torch.device, rank: int = 0, world: int = 1):
+                       device: torch.device, rank: int = 0, world: int = 1, augmentation: str = "mocov2"):
     if len(folder) < batch_size * world:
         raise UserError(
             f"{folder.root} has {len(folder)} usable images, fewer than one global batch of {batch_size * world}: "
@@ -67,10 +67,11 @@ def build_train_loader(cfg: DataConfig, folder: ImageFolder, num_views: int, bat
     if kind == "torchvision":
         from edgedistill.data.torch_loader import TorchvisionTrainLoader
 
-        return TorchvisionTrainLoader(folder, cfg, num_views, batch_size, seed, device, rank, world)
+        return TorchvisionTrainLoader(folder, cfg, num_views, batch_size, seed, device, rank, world, augmentation)
     from edgedistill.data.dali_loader import DaliTrainLoader
 
-    return DaliTrainLoader(folder, cfg, num_views, batch_size, seed, device, rank, world, gpu=kind == "dali-gpu")
+    return DaliTrainLoader(folder, cfg, num_views, batch_size, seed, device, rank, world, gpu=kind == "dali-gpu",
+                           augmentation=augmentation)
 
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""The DALI path: `fn.readers.file` -> `fn.decoders.image` -> MoCo v2 aug-plus, per view.
+"""The DALI path: `fn.readers.file` -> `fn.decoders.image` -> the method's augmentation, per view.
 
 Two flavours behind one class:
 
@@ -15,7 +15,8 @@ sharded round-robin by global rank) as an explicit file list, so both loaders vi
 same images in the same order and every image is seen once per epoch across ranks. Because the
 list is a whole number of batches there is no padded or wrapped last batch.
 
-Augmentation (the same recipe as `torch_loader.mocov2_transform`), per view:
+Augmentation (the same recipes as `torch_loader.view_transform`: MoCo v2 aug-plus shown here,
+SimCLR's for DoGo/simclr differs only in its numbers, and skips the blur below 96 px), per view:
 `random_resized_crop` (area min_scale..1, aspect 3/4..4/3, 10 attempts then a centre crop, as
 torchvision), colour jitter with p=0.8, grayscale p=0.2, Gaussian blur p=0.5 (sigma 0.1..2,
 window `blur_kernel_size(img_size)`), horizontal flip p=0.5, then `crop_mirror_normalize` to float
@@ -57,16 +58,15 @@ import torch
 
 from edgedistill.config import DataConfig
 from edgedistill.data.folder import ImageFolder
-from edgedistill.data.torch_loader import blur_kernel_size, epoch_order
+from edgedistill.data.torch_loader import Augmentation, augmentation_recipe, blur_kernel_size, epoch_order
 from edgedistill.errors import UserError
 
 log = logging.getLogger(__name__)
 
-# torchvision ColorJitter(0.4, 0.4, 0.4, 0.1): factors uniform in [0.6, 1.4], hue shift in
-# [-0.1, 0.1] of the hue circle = [-36, 36] degrees (DALI's color_twist takes degrees).
-JITTER = 0.4
-HUE_DEGREES = 0.1 * 360.0
-P_JITTER, P_GRAY, P_BLUR, P_FLIP = 0.8, 0.2, 0.5, 0.5
+# The recipe numbers come from `torch_loader.augmentation_recipe`: e.g. ColorJitter(0.4, 0.4, 0.4,
+# 0.1) = factors uniform in [0.6, 1.4], hue shift in [-0.1, 0.1] of the hue circle = [-36, 36]
+# degrees (DALI's color_twist takes degrees).
+P_FLIP = 0.5
 SIGMA = (0.1, 2.0)
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
@@ -77,9 +77,11 @@ def pipeline_seed(seed: int, epoch: int) -> int:
 
 
 def _build_pipeline(files: list[str], labels: list[int], cfg: DataConfig, num_views: int, batch_size: int,
-                    seed: int, gpu: bool, device_id: int | None, num_threads: int):
+                    seed: int, gpu: bool, device_id: int | None, num_threads: int, augmentation: Augmentation = "mocov2"):
     from nvidia.dali import fn, pipeline_def, types
 
+    recipe = augmentation_recipe(augmentation, cfg)
+    jitter_lo, jitter_hi, hue_degrees = 1 - recipe.jitter, 1 + recipe.jitter, recipe.hue * 360.0
     size = cfg.img_size
     mean = [255.0 * m for m in cfg.mean]
     std = [255.0 * s for s in cfg.std]
@@ -91,14 +93,15 @@ def _build_pipeline(files: list[str], labels: list[int], cfg: DataConfig, num_vi
         images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
         outputs = []
         for _ in range(num_views):
-            view = fn.random_resized_crop(images, size=[size, size], random_area=[cfg.min_scale, 1.0],
+            view = fn.random_resized_crop(images, size=[size, size], random_area=[recipe.min_scale, 1.0],
                                           random_aspect_ratio=list(RATIO), num_attempts=10, antialias=True)
-            jitter = fn.random.coin_flip(probability=P_JITTER)  # int32 0/1; promoted to float below
-            keep_colour = 1.0 - fn.random.coin_flip(probability=P_GRAY)
-            brightness = fn.random.uniform(range=[1 - JITTER, 1 + JITTER])
-            contrast = fn.random.uniform(range=[1 - JITTER, 1 + JITTER])
-            saturation = fn.random.uniform(range=[1 - JITTER, 1 + JITTER])
-            hue = fn.random.uniform(range=[-HUE_DEGREES, HUE_DEGREES])
+            jitter = fn.random.coin_flip(probability=recipe.p_jitter)  # int32 0/1; promoted to float below
+            keep_colour = 1.0 - fn.random.coin_flip(probability=recipe.p_gray)
+            # Jitter factors are floored at 0 (torchvision's ColorJitter(0.8) draws from [0.2, 1.8]).
+            brightness = fn.random.uniform(range=[max(0.0, jitter_lo), jitter_hi])
+            contrast = fn.random.uniform(range=[max(0.0, jitter_lo), jitter_hi])
+            saturation = fn.random.uniform(range=[max(0.0, jitter_lo), jitter_hi])
+            hue = fn.random.uniform(range=[-hue_degrees, hue_degrees])
             view = fn.color_twist(
                 view,
                 brightness=1.0 + jitter * (brightness - 1.0),
@@ -106,10 +109,11 @@ def _build_pipeline(files: list[str], labels: list[int], cfg: DataConfig, num_vi
                 saturation=(1.0 + jitter * (saturation - 1.0)) * keep_colour,
                 hue=jitter * hue,
             )
-            blur = fn.random.coin_flip(probability=P_BLUR, dtype=types.BOOL)
-            sigma = fn.random.uniform(range=list(SIGMA))
-            if blur:
-                view = fn.gaussian_blur(view, window_size=window, sigma=sigma)
+            if recipe.p_blur > 0:
+                blur = fn.random.coin_flip(probability=recipe.p_blur, dtype=types.BOOL)
+                sigma = fn.random.uniform(range=list(SIGMA))
+                if blur:
+                    view = fn.gaussian_blur(view, window_size=window, sigma=sigma)
             flip = fn.random.coin_flip(probability=P_FLIP)
             view = fn.crop_mirror_normalize(view, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std,
                                             mirror=flip)
@@ -126,7 +130,8 @@ class DaliTrainLoader:
     """Yields `(views, labels)` like `TorchvisionTrainLoader`, from a DALI pipeline."""
 
     def __init__(self, folder: ImageFolder, cfg: DataConfig, num_views: int, batch_size: int, seed: int,
-                 device: torch.device, rank: int = 0, world: int = 1, gpu: bool = False):
+                 device: torch.device, rank: int = 0, world: int = 1, gpu: bool = False,
+                 augmentation: Augmentation = "mocov2"):
         try:
             import nvidia.dali  # noqa: F401
         except ImportError as e:
@@ -137,6 +142,7 @@ class DaliTrainLoader:
         self.folder, self.cfg, self.num_views = folder, cfg, num_views
         self.batch_size, self.seed, self.device = batch_size, seed, device
         self.rank, self.world, self.gpu = rank, world, gpu
+        self.augmentation = augmentation
         self.name = "dali-gpu" if gpu else "dali-cpu"
         self.steps_per_epoch = len(folder) // (batch_size * world)
         # DALI GPU pipelines run on this rank's GPU (torchrun: LOCAL_RANK -> cuda:LOCAL_RANK);
@@ -157,7 +163,8 @@ class DaliTrainLoader:
         files, labels = self._files(epoch)
         try:
             return _build_pipeline(files, labels, self.cfg, self.num_views, self.batch_size,
-                                   pipeline_seed(self.seed, epoch), self.gpu, self.device_id, self.cfg.workers)
+                                   pipeline_seed(self.seed, epoch), self.gpu, self.device_id, self.cfg.workers,
+                                   self.augmentation)
         except RuntimeError as e:
             where = f"GPU {self.device_id}" if self.gpu else "the CPU"
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -7,6 +7,8 @@ whatever the worker count, and `--resume` can skip already-seen batches without 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -23,20 +25,55 @@ def blur_kernel_size(img_size: int) -> int:
     return max(3, int(0.1 * img_size) // 2 * 2 + 1)
 
 
+# The training augmentation a method asks its loader for (`Method.augmentation`).
+Augmentation = Literal["mocov2", "simclr"]
+
+# SimCLR blurs only images of at least this size (its CIFAR runs skip the blur).
+SIMCLR_MIN_BLUR_SIZE = 96
+
+
+@dataclass(frozen=True)
+class AugmentationRecipe:
+    """The numbers of a view augmentation, shared by the torchvision and DALI loaders."""
+
+    min_scale: float
+    jitter: float  # brightness = contrast = saturation strength
+    hue: float  # fraction of the hue circle
+    p_jitter: float
+    p_gray: float
+    p_blur: float
+
+
+def augmentation_recipe(kind: Augmentation, cfg: DataConfig) -> AugmentationRecipe:
+    """MoCo v2 "aug-plus": crop scale data.min_scale..1, jitter 0.4/0.4/0.4/0.1 (p 0.8), grayscale
+    0.2, blur p 0.5. SimCLR (DoGo, simclr): crop scale 0.08..1 whatever data.min_scale says, jitter
+    0.8/0.8/0.8/0.2 (p 0.8), grayscale 0.2, blur p 0.5 only when img_size >= 96."""
+    if kind == "mocov2":
+        return AugmentationRecipe(cfg.min_scale, 0.4, 0.1, 0.8, 0.2, 0.5)
+    if kind == "simclr":
+        return AugmentationRecipe(0.08, 0.8, 0.2, 0.8, 0.2, 0.5 if cfg.img_size >= SIMCLR_MIN_BLUR_SIZE else 0.0)
+    raise ValueError(f"unknown augmentation {kind!r}")
+
+
+def view_transform(cfg: DataConfig, kind: Augmentation = "mocov2") -> T.Compose:
+    """One training view with the `kind` recipe (see `augmentation_recipe`); the DALI pipeline
+    implements the same recipes."""
+    recipe = augmentation_recipe(kind, cfg)
+    steps = [
+        T.ToImage(),
+        T.RandomResizedCrop(cfg.img_size, scale=(recipe.min_scale, 1.0), antialias=True),
+        T.RandomApply([T.ColorJitter(recipe.jitter, recipe.jitter, recipe.jitter, recipe.hue)], p=recipe.p_jitter),
+        T.RandomGrayscale(p=recipe.p_gray),
+    ]
+    if recipe.p_blur > 0:
+        steps.append(T.RandomApply([T.GaussianBlur(blur_kernel_size(cfg.img_size), sigma=(0.1, 2.0))], p=recipe.p_blur))
+    steps += [T.RandomHorizontalFlip(), T.ToDtype(torch.float32, scale=True), T.Normalize(cfg.mean, cfg.std)]
+    return T.Compose(steps)
+
+
 def mocov2_transform(cfg: DataConfig) -> T.Compose:
-    """MoCo v2 "aug-plus" (see README, Data loaders); the DALI pipeline implements the same recipe."""
-    return T.Compose(
-        [
-            T.ToImage(),
-            T.RandomResizedCrop(cfg.img_size, scale=(cfg.min_scale, 1.0), antialias=True),
-            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-            T.RandomGrayscale(p=0.2),
-            T.RandomApply([T.GaussianBlur(blur_kernel_size(cfg.img_size), sigma=(0.1, 2.0))], p=0.5),
-            T.RandomHorizontalFlip(),
-            T.ToDtype(torch.float32, scale=True),
-            T.Normalize(cfg.mean, cfg.std),
-        ]
-    )
+    """MoCo v2 "aug-plus" (see README, Data loaders)."""
+    return view_transform(cfg, "mocov2")
 
 
 def eval_transform(cfg: DataConfig) -> T.Compose:
@@ -108,11 +145,12 @@ class TorchvisionTrainLoader:
     name = "torchvision"
 
     def __init__(self, folder: ImageFolder, cfg: DataConfig, num_views: int, batch_size: int, seed: int,
-                 device: torch.device, rank: int = 0, world: int = 1):
+                 device: torch.device, rank: int = 0, world: int = 1, augmentation: Augmentation = "mocov2"):
         self.folder, self.cfg, self.num_views = folder, cfg, num_views
         self.batch_size, self.seed, self.device = batch_size, seed, device
         self.rank, self.world = rank, world
-        self.transform = mocov2_transform(cfg)
+        self.augmentation = augmentation
+        self.transform = view_transform(cfg, augmentation)
         self.steps_per_epoch = len(folder) // (batch_size * world)
 
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:

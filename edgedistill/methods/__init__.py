@@ -20,7 +20,7 @@ def register(name: str):
 
 def _load_all() -> None:
     # Import for their @register side effect; kept lazy so `config` can import this module.
-    from edgedistill.methods import disco, dogo, mocov2, seed, supervised  # noqa: F401
+    from edgedistill.methods import disco, dogo, mocov2, seed, simclr, supervised  # noqa: F401
 
 
 def available() -> list[str]:

@@ -6,6 +6,7 @@ and returns named losses ("loss" is the one to minimise). The trainer owns every
 
 - `Config`: a dataclass of the method's hyper-parameters (the recipe's `method:` section);
 - `num_views`: augmented views per image the loader must produce;
+- `augmentation`: the loaders' view recipe, "mocov2" (aug-plus) or "simclr";
 - `optimizer_groups()`: parameter groups, each optionally with its own optimizer settings
   (DoGo trains two peers with two optimizers);
 - `deployable()`: the modules saved at the end (the student backbone, and its projection head
@@ -22,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from edgedistill.config import RunConfig
+from edgedistill.data.torch_loader import Augmentation
 
 
 @dataclass
@@ -44,6 +46,7 @@ class OptimizerGroup:
 class Method(nn.Module):
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     num_views: ClassVar[int] = 2
+    augmentation: ClassVar[Augmentation] = "mocov2"
     needs_teacher: ClassVar[bool] = False
 
     def __init__(self, cfg: RunConfig, num_classes: int):
@@ -63,6 +66,11 @@ class Method(nn.Module):
         and `export` use) -> student.safetensors, "head" -> head.safetensors, any other role R
         (e.g. DoGo's second peer) -> R.safetensors."""
         raise NotImplementedError
+
+    def prepare(self, run_dir, folder, device: torch.device) -> None:
+        """Called once by the trainer before training (and again on resume) with the run folder and
+        the training images: where a method computes or reloads data-dependent state that is not
+        learnt (e.g. the teacher centre). Default: nothing."""
 
     def frozen_prefixes(self) -> tuple[str, ...]:
         """State-dict prefixes not saved in training checkpoints (rebuilt from their source)."""

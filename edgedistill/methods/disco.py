@@ -33,6 +33,10 @@ class DiscoConfig(MoCoConfig):
     # eval: frozen BN statistics (default, deterministic). train: batch statistics under no_grad,
     # as the reference code does.
     teacher_bn: str = "eval"
+    # Supervised teachers without a projection head: centre their pooled features with the
+    # training-set mean before normalising (see components.FrozenTeacher). Ignored for teachers
+    # with a head.
+    teacher_center: bool = True
 
 
 @register("disco")
@@ -41,7 +45,7 @@ class DisCo(MoCoV2):
     needs_teacher = True
 
     def __init__(self, cfg, num_classes):
-        teacher = FrozenTeacher(cfg.teacher, cfg.method.teacher_bn)
+        teacher = FrozenTeacher(cfg.teacher, cfg.method.teacher_bn, cfg.method.teacher_center)
         self._teacher_dim = teacher.out_dim
         if cfg.method.proj_dim not in (None, self._teacher_dim):
             raise UserError(
@@ -57,11 +61,14 @@ class DisCo(MoCoV2):
     def forward(self, views, labels):
         x_q, x_k = views
         q, k, contrastive = self.contrastive(x_q, x_k)
-        s_k = F.normalize(self.encoder_q(x_k), dim=1)
+        s_k = F.normalize(self.encoder_q(x_k).float(), dim=1)
         distill = embedding_distance(q, self.teacher(x_q)) + embedding_distance(s_k, self.teacher(x_k))
         self.queue.push(k)
         loss = contrastive + self.hp.distill_weight * distill
         return {"loss": loss, "info_nce": contrastive.detach(), "distill": distill.detach()}
+
+    def prepare(self, run_dir, folder, device):
+        self.teacher.prepare(run_dir, folder, self.cfg.data, self.cfg.seed, device)
 
     def frozen_prefixes(self):
         return ("teacher.",)

@@ -1,10 +1,11 @@
 """DoGo, "Distill on the Go" (Bhat et al., CVPR-W 2021): two peers learn from scratch together.
 
 No pretrained teacher. The student (`student:` in the recipe) and a peer (`method.peer`) each
-train with SimCLR's NT-Xent (T = 0.5) on the same pair of augmented views, each through its own
-projection head Linear(feat, 512, no bias) - BN - ReLU - Linear(512, 128) and its own optimizer
-(Adam, lr 3e-4, weight decay 1e-6 by default). Mutual distillation: for each model, P = the
-row-softmax of the N x N cosine-similarity matrix between its two views' embeddings / 0.1, and
+train with SimCLR's NT-Xent (T = 0.5), each through its own projection head Linear(feat, 512, no
+bias) - BN - ReLU - Linear(512, 128) and its own optimizer (Adam, lr 3e-4, weight decay 1e-6 by
+default; the reference keeps the lr constant: `train.schedule: constant`). Mutual distillation:
+for each model, P = the row-softmax of the N x N cosine-similarity matrix between its two views'
+embeddings / 0.1, and
 
     loss_student = NT-Xent(student) + student_kl_weight * KL(P_peer.detach() || P_student)
     loss_peer    = NT-Xent(peer)    + peer_kl_weight    * KL(P_student.detach() || P_peer)
@@ -13,17 +14,19 @@ with the KL averaged over the N^2 entries (`losses.mutual_kl`), hence the large 
 trainer minimises their sum: the detached targets keep the two graphs apart, so each optimizer
 sees exactly its own model's loss.
 
-Weights: the reference code (NeurAI-Lab/DoGo, `util/train_util.py`, `criterion_weight: [1, 1,
-100, 1]`) multiplies the KL of the *first* model by 100 and that of the second by 1. Here the
-student (the deployed, usually smaller model) takes the 100 and the peer the 1: with the
-mean-over-N^2 reduction a weight of 1 is a faint signal (1/N of the per-row KL), so the model
-that receives the 100 is the one that is effectively distilled into, and the point of the method
-is to improve the small model. Swap the two weights to reproduce a run where the peer is the
-first model.
+Views, as the paper and the reference code (NeurAI-Lab/DoGo, its MultiTransform) run it: SimCLR's
+augmentation (crop scale 0.08-1, colour jitter 0.8/0.8/0.8/0.2 with p 0.8, grayscale 0.2, blur
+only at >= 96 px), and each model gets its own pair of views of every image: the loader yields
+four views, the student takes views 0 and 1, the peer views 2 and 3. The two similarity matrices
+therefore compare the same images under different augmentations.
 
-Views: the reference draws a separate pair of augmentations for each model (its MultiTransform);
-here both peers see the same two views, which keeps the loader at two views
-and makes the two similarity matrices compare identical image pairs.
+Weights: the reference (`util/train_util.py`, `criterion_weight: [1, 1, 100, 1]`) puts 100 on the
+KL of one model and 1 on the other's. With the mean-over-N^2 reduction a weight of 1 is a faint
+signal (1/N of the per-row KL), so the model with the 100 is the one that is effectively
+distilled into. Here that is the student: the small, deployed model learns from the larger peer
+(`student_kl_weight: 100`), and the peer, which should be the larger model (the recipes pair a
+MobileNetV3-Small student with a MobileNetV3-Large peer), takes the 1. Swap the two weights to
+distil the other way.
 
 Both backbones are saved: student.safetensors (what `eval` and `export` use), head.safetensors
 (the student's projection head) and peer.safetensors (the peer backbone). Under DDP the NT-Xent
@@ -35,64 +38,48 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch.nn as nn
-import torch.nn.functional as F
 
 from edgedistill.config import ModelConfig
 from edgedistill.errors import UserError
 from edgedistill.losses import mutual_kl, nt_xent, view_similarity_log_probs
 from edgedistill.methods import register
-from edgedistill.methods.base import Method, MethodConfig, OptimizerGroup
-from edgedistill.models import Encoder, create_backbone, feature_dim, simclr_head
+from edgedistill.methods.base import Method, OptimizerGroup
+from edgedistill.methods.simclr import SimCLRConfig, check_optimizer, embed_pair, simclr_encoder
 
 
 @dataclass
-class DoGoConfig(MethodConfig):
-    # The second model, trained from scratch beside the student (no checkpoint).
-    peer: ModelConfig = field(default_factory=lambda: ModelConfig(arch="resnet18"))
-    # NT-Xent temperature (SimCLR, both models).
-    temperature: float = 0.5
+class DoGoConfig(SimCLRConfig):
+    # The second model, trained from scratch beside the student (no checkpoint); make it the
+    # larger of the two (the student learns from it).
+    peer: ModelConfig = field(default_factory=lambda: ModelConfig(arch="mobilenetv3_large_100"))
     # Temperature of the view-to-view similarity softmax that the peers match.
     kl_temperature: float = 0.1
-    # KL weights (mean over N^2 entries); the reference's [100, 1] with the student first.
+    # KL weights (mean over N^2 entries): the reference's 100 on the model that learns from the
+    # other (the student), 1 on the other (the peer).
     student_kl_weight: float = 100.0
     peer_kl_weight: float = 1.0
-    proj_hidden: int = 512
-    proj_dim: int = 128
-    # Each model's optimizer; None falls back to the recipe's `train:` section. lr is for a
-    # batch of 256 and scales linearly with train.batch_size, like every lr in edgedistill.
-    optimizer: str | None = "adam"
-    lr: float | None = 3e-4
-    weight_decay: float | None = 1e-6
-
-
-def _encoder(model_cfg: ModelConfig, hp: DoGoConfig) -> Encoder:
-    backbone = create_backbone(model_cfg)
-    return Encoder(backbone, simclr_head(feature_dim(backbone), hp.proj_hidden, hp.proj_dim))
 
 
 @register("dogo")
 class DoGo(Method):
     Config = DoGoConfig
-    num_views = 2
+    # A pair of views per model: student (0, 1), peer (2, 3).
+    num_views = 4
+    augmentation = "simclr"
 
     def __init__(self, cfg, num_classes):
         super().__init__(cfg, num_classes)
         hp = self.hp
         if hp.peer.checkpoint:
             raise UserError("method.peer.checkpoint: DoGo trains the peer from scratch; remove the checkpoint")
-        if hp.optimizer is not None and hp.optimizer not in ("sgd", "adam", "adamw"):
-            raise UserError(f"method.optimizer: {hp.optimizer!r} is not one of sgd, adam, adamw")
-        self.student = _encoder(cfg.student, hp)
-        self.peer = _encoder(hp.peer, hp)
-
-    def _embed(self, encoder: Encoder, x1, x2):
-        return F.normalize(encoder(x1), dim=1), F.normalize(encoder(x2), dim=1)
+        check_optimizer(hp)
+        self.student = simclr_encoder(cfg.student, hp)
+        self.peer = simclr_encoder(hp.peer, hp)
 
     def forward(self, views, labels):
-        x1, x2 = views
         hp = self.hp
-        s1, s2 = self._embed(self.student, x1, x2)
-        p1, p2 = self._embed(self.peer, x1, x2)
+        s1, s2 = embed_pair(self.student, views[0], views[1])
+        p1, p2 = embed_pair(self.peer, views[2], views[3])
         ntx_s = nt_xent(s1, s2, hp.temperature)
         ntx_p = nt_xent(p1, p2, hp.temperature)
         logp_s = view_similarity_log_probs(s1, s2, hp.kl_temperature)

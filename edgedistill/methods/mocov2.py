@@ -1,9 +1,12 @@
 """MoCo v2 (Chen et al. 2020): the SSL baseline, and the way to pretrain a teacher.
 
-Query encoder + momentum key encoder, a queue of negatives, InfoNCE. Single-process training
-uses plain BN (no shuffle-BN): with one GPU there is no cross-device leak to hide, and the DisCo
-reference ran its small students with per-GPU batches where the effect is small. Under DDP the
-keys are gathered from every rank before they enter the queue.
+Query encoder + momentum key encoder, a queue of negatives, InfoNCE. The key encoder runs under
+shuffle-BN (`components.ShuffleBN`), as in both the MoCo and the DisCo reference code: in one
+process the shuffled key batch is encoded in `method.shuffle_bn_splits` groups with their own BN
+statistics (how MoCo's single-GPU CIFAR notebook simulates several GPUs); under DDP the keys are
+also shuffled across ranks. Unset, the split count is the largest up to 8 that keeps every group
+at >= 64 samples (1 = off, which is what batches below 128 get). The query encoder's BN is
+unchanged. Under DDP the keys are gathered from every rank before they enter the queue.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch.nn.functional as F
 from edgedistill.losses import info_nce
 from edgedistill.methods import register
 from edgedistill.methods.base import Method, MethodConfig, OptimizerGroup
-from edgedistill.methods.components import EmbeddingQueue
+from edgedistill.methods.components import EmbeddingQueue, ShuffleBN, resolve_shuffle_bn_splits
 from edgedistill.models import Encoder, create_backbone, feature_dim, projection_head
 
 
@@ -31,6 +34,9 @@ class MoCoConfig(MethodConfig):
     proj_dim: int | None = 128
     # Projection MLP hidden width; None = the backbone's feature width (MoCo v2's choice).
     proj_hidden: int | None = None
+    # Key-encoder BN groups (shuffle-BN); None = the largest count <= 8 keeping >= 64 samples per
+    # group (8 at a per-process batch of 512, 4 at 256, 2 at 128, off below 128); 1 turns it off.
+    shuffle_bn_splits: int | None = None
 
 
 @register("mocov2")
@@ -47,6 +53,10 @@ class MoCoV2(Method):
         self.encoder_k = copy.deepcopy(self.encoder_q)
         self.encoder_k.requires_grad_(False)
         self.queue = EmbeddingQueue(self.hp.queue_size, out_dim)
+        self.shuffle_bn = ShuffleBN(resolve_shuffle_bn_splits(self.hp.shuffle_bn_splits, cfg.train.batch_size),
+                                    cfg.seed)
+        # Counts key-encoder calls: the shuffle permutation's seed, saved with the checkpoint.
+        self.register_buffer("shuffle_calls", torch.zeros((), dtype=torch.long))
 
     def _embedding_dim(self) -> int:
         return self.hp.proj_dim or 128
@@ -61,10 +71,11 @@ class MoCoV2(Method):
 
     def contrastive(self, x_q: torch.Tensor, x_k: torch.Tensor):
         """Returns (q, k, InfoNCE); q keeps its graph, k comes from the momentum encoder."""
-        q = F.normalize(self.encoder_q(x_q), dim=1)
+        q = F.normalize(self.encoder_q(x_q).float(), dim=1)
         with torch.no_grad():
             self._momentum_update()
-            k = F.normalize(self.encoder_k(x_k), dim=1)
+            k = F.normalize(self.shuffle_bn(self.encoder_k, x_k, int(self.shuffle_calls)).float(), dim=1)
+            self.shuffle_calls += 1
         loss = info_nce(q, k, self.queue.snapshot(), self.hp.temperature)
         return q, k, loss
 

@@ -41,6 +41,10 @@ class SeedConfig(MethodConfig):
     proj_hidden: int | None = None
     # eval: frozen BN statistics (default, deterministic). train: batch statistics under no_grad.
     teacher_bn: str = "eval"
+    # Supervised teachers without a projection head: centre their pooled features with the
+    # training-set mean before normalising (see components.FrozenTeacher). Ignored for teachers
+    # with a head.
+    teacher_center: bool = True
 
 
 @register("seed")
@@ -51,7 +55,7 @@ class SEED(Method):
 
     def __init__(self, cfg, num_classes):
         super().__init__(cfg, num_classes)
-        self.teacher = FrozenTeacher(cfg.teacher, self.hp.teacher_bn)
+        self.teacher = FrozenTeacher(cfg.teacher, self.hp.teacher_bn, self.hp.teacher_center)
         backbone = create_backbone(cfg.student)
         width = feature_dim(backbone)
         self.student = Encoder(backbone, projection_head(width, self.hp.proj_hidden or width, self.teacher.out_dim))
@@ -60,7 +64,7 @@ class SEED(Method):
     def forward(self, views, labels):
         x = views[0]
         t = self.teacher(x)
-        s = F.normalize(self.student(x), dim=1)
+        s = F.normalize(self.student(x).float(), dim=1)
         loss = seed_loss(s, t, self.queue.snapshot(), self.hp.teacher_temperature, self.hp.student_temperature)
         self.queue.push(t)
         return {"loss": loss, "seed_ce": loss.detach()}
@@ -70,6 +74,9 @@ class SEED(Method):
 
     def deployable(self) -> dict[str, nn.Module]:
         return {"student": self.student.backbone, "head": self.student.head}
+
+    def prepare(self, run_dir, folder, device):
+        self.teacher.prepare(run_dir, folder, self.cfg.data, self.cfg.seed, device)
 
     def frozen_prefixes(self):
         return ("teacher.",)

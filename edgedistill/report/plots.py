@@ -1,4 +1,4 @@
-"""The report's two PNGs (matplotlib, Agg backend: no display needed)."""
+"""The report's two PNGs and `compare`'s training curves (matplotlib, Agg backend: no display needed)."""
 
 from __future__ import annotations
 
@@ -119,3 +119,65 @@ def _pad(ax, xs, ys, logx: bool) -> None:
     ylo, yhi = min(ys), max(ys)
     span = max(yhi - ylo, 2.0)
     ax.set_ylim(ylo - 0.25 * span, yhi + 0.25 * span)
+
+
+# Loss keys drawn by `training_curves`: the contrastive term and the distillation term of each method.
+CONTRASTIVE_KEYS = ("info_nce", "ntxent_student")
+DISTILL_KEYS = ("distill", "seed_ce", "kl_student")
+
+
+def training_curves(curves: list[dict], path: Path) -> Path:
+    """`compare`'s PNG: per method, the contrastive loss per step (with ln(K+1), the InfoNCE of an
+    encoder that has learnt nothing, dashed for queue methods), the distillation term per step,
+    and the final linear top-1 (frozen and, where run, the papers' protocol).
+
+    curves: one dict per row with "label", "records" (metrics.jsonl records), optional
+    "queue_size", "linear_top1" and "paper_linear_top1"."""
+    import math
+
+    plt = _pyplot()
+    fig, (ax_c, ax_d, ax_a) = plt.subplots(1, 3, figsize=(15, 4.5), dpi=110)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, row in enumerate(curves):
+        colour = colours[i % len(colours)]
+        records = row.get("records") or []
+        steps = [r["step"] for r in records]
+        for key in CONTRASTIVE_KEYS:
+            if records and key in records[0]:
+                ax_c.plot(steps, [r[key] for r in records], color=colour, label=f"{row['label']} ({key})")
+        if row.get("queue_size"):
+            ax_c.axhline(math.log(row["queue_size"] + 1), color=colour, ls="--", lw=0.8,
+                         label=f"ln(K+1) = {math.log(row['queue_size'] + 1):.2f} (K={row['queue_size']})")
+        for key in DISTILL_KEYS:
+            if records and key in records[0]:
+                ax_d.plot(steps, [r[key] for r in records], color=colour, label=f"{row['label']} ({key})")
+    ax_c.set_title("contrastive loss per step", fontsize=10)
+    ax_d.set_title("distillation term per step", fontsize=10)
+    for ax in (ax_c, ax_d):
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "no such term", ha="center", va="center", transform=ax.transAxes)
+    labels = [row["label"] for row in curves]
+    frozen = [row.get("linear_top1") for row in curves]
+    paper = [row.get("paper_linear_top1") for row in curves]
+    xs = list(range(len(curves)))
+    width = 0.4 if any(v is not None for v in paper) else 0.8
+    ax_a.bar([x - (width / 2 if width < 0.8 else 0) for x in xs], [v or 0 for v in frozen], width, label="frozen probe")
+    if width < 0.8:
+        ax_a.bar([x + width / 2 for x in xs], [v or 0 for v in paper], width, label="papers' protocol")
+    for x, v in zip(xs, frozen):
+        if v is not None:
+            ax_a.annotate(f"{v:.1f}", (x - (width / 2 if width < 0.8 else 0), v), ha="center", va="bottom", fontsize=7)
+    ax_a.set_xticks(xs)
+    ax_a.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+    ax_a.set_ylabel("linear top-1 (%) after training")
+    ax_a.set_title("linear top-1", fontsize=10)
+    ax_a.legend(fontsize=7)
+    ax_a.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
