@@ -2,6 +2,7 @@
 batch-1 latency of fp32 and INT8 at 32 px and 224 px on this CPU.
 
     python bench/int8_quality.py quality runs/int8/sup_mnv3s [...]   # accuracy (one thread each is fine)
+    python bench/int8_quality.py quality --variants tuned-auto-qad runs/int8/sup_mnv3s  # only the QAD rows
     python bench/int8_quality.py latency runs/int8/sup_mnv3s [...]   # timing: run alone on an idle machine
     python bench/int8_quality.py table                              # merge -> bench/results/int8_quality.json
 
@@ -9,7 +10,9 @@ Variants, for each format (u8s8 = ONNX Runtime on x86, s8s8 = TensorRT's symmetr
 - `ort-default`: ONNX Runtime's stock `quant_pre_process` + `quantize_static`, MinMax (what
   edgedistill did before its INT8 tuning);
 - `tuned-auto`: edgedistill's preparation and placement, `--calibrator auto`, all INT8;
-- `tuned-auto-fallback`: the same with `--max-drop 0.5` (layers back in float only if needed).
+- `tuned-auto-fallback`: the same with `--max-drop 0.5` (layers back in float only if needed);
+- `tuned-auto-qad`: the all-INT8 model after 300 steps of quantization-aware distillation
+  (`--qad-steps 300`, the fp32 student as teacher; nothing kept in float).
 Every variant is the real `edgedistill export` (`export_run`); the numbers are read back from the
 manifest it writes.
 """
@@ -34,23 +37,30 @@ FORMATS = {"u8s8": {"target": "ort-cpu", "int8_format": "qdq-u8s8"}, "s8s8": {"t
 MAX_DROP = 0.5
 # One export per variant; `tuned-auto` is read from the fallback export's record of its all-INT8
 # model before any layer went back to float (the same file that export starts from).
+QAD_STEPS = 300
 VARIANTS = {
-    "ort-default": {"placement": "ort-default", "calibrator": "minmax"},
-    "tuned-auto-fallback": {"placement": "tuned", "calibrator": "auto", "max_drop": MAX_DROP},
+    "ort-default": {"placement": "ort-default", "calibrator": "minmax", "qad_steps": 0},
+    "tuned-auto-fallback": {"placement": "tuned", "calibrator": "auto", "max_drop": MAX_DROP, "qad_steps": 0},
+    "tuned-auto-qad": {"placement": "tuned", "calibrator": "auto", "qad_steps": QAD_STEPS},
 }
+ORDER = ["ort-default", "tuned-auto", "tuned-auto-fallback", "tuned-auto-qad"]
 
 
-def quality(runs: list[Path], formats: list[str]) -> None:
-    """Export every variant of `formats`; rows of other formats already measured are kept."""
+def quality(runs: list[Path], formats: list[str], variants: list[str]) -> None:
+    """Export `variants` of `formats`; rows already measured for other formats or variants are kept."""
     from edgedistill.deploy import export_run
     from edgedistill.deploy.exporter import ExportCheckFailed
 
     for run in runs:
         done = WORK / f"{run.name}.quality.json"
-        rows = [r for r in json.loads(done.read_text())["rows"] if r["format"] not in formats] if done.is_file() else []
+        remeasured = {(f, v) for f in formats for v in variants} | {(f, "tuned-auto") for f in formats
+                                                                    if "tuned-auto-fallback" in variants}
+        rows = [r for r in json.loads(done.read_text())["rows"] if (r["format"], r["variant"]) not in remeasured] \
+            if done.is_file() else []
         for fmt in formats:
             fmt_opts = FORMATS[fmt]
-            for variant, var_opts in VARIANTS.items():
+            for variant in variants:
+                var_opts = VARIANTS[variant]
                 out = WORK / run.name / f"{fmt}.{variant}"
                 t0 = time.perf_counter()
                 try:
@@ -62,8 +72,7 @@ def quality(runs: list[Path], formats: list[str]) -> None:
                     rows.append(_row(run, fmt, "tuned-auto", out, seconds, before_fallback=True))
                 rows.append(_row(run, fmt, variant, out, seconds))
                 print(json.dumps(rows[-1]), flush=True)
-        order = ["ort-default", "tuned-auto", "tuned-auto-fallback"]
-        rows.sort(key=lambda r: (list(FORMATS).index(r["format"]), order.index(r["variant"])))
+        rows.sort(key=lambda r: (list(FORMATS).index(r["format"]), ORDER.index(r["variant"])))
         _write(done, {"run": str(run), "rows": rows})
 
 
@@ -89,6 +98,13 @@ def _row(run: Path, fmt: str, variant: str, out: Path, seconds: float, before_fa
         "size_ratio": qz["size_ratio_vs_fp32"], "status": m["status"],
         "auto_scores": qz["calibration"].get("auto_scores"), "export_seconds": round(seconds, 1),
         "classifier_check": (m.get("int8") or {}).get("classifier_check"),
+        "delivered_by": "ptq" if before_fallback else (m.get("int8") or {}).get("delivered_by", "ptq"),
+        "qad": None if before_fallback or not (m.get("int8") or {}).get("qad") else {
+            "steps": m["int8"]["qad"]["steps"], "seconds": m["int8"]["qad"]["seconds"],
+            "images_per_s": m["int8"]["qad"]["images_per_s"], "ptq_drop": m["int8"]["ptq"]["drop"],
+            "ptq_kl_vs_fp32": m["int8"]["ptq"]["accuracy"]["kl_vs_fp32"],
+            "parity_match_share": m["int8"]["qad"]["parity"]["match_share"],
+            "activation_ranges": m["int8"]["qad"]["activation_ranges"]},
     }
 
 
@@ -204,9 +220,10 @@ def main() -> None:
     parser.add_argument("phase", choices=("quality", "latency", "table"))
     parser.add_argument("runs", nargs="*", type=Path)
     parser.add_argument("--formats", default=",".join(FORMATS), help="quality: formats to (re)measure")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="quality: variants to (re)measure")
     args = parser.parse_args()
     os.chdir(ROOT)
-    {"quality": lambda: quality(args.runs, args.formats.split(",")), "latency": lambda: latency(args.runs), "table": table}[args.phase]()
+    {"quality": lambda: quality(args.runs, args.formats.split(","), args.variants.split(",")), "latency": lambda: latency(args.runs), "table": table}[args.phase]()
 
 
 if __name__ == "__main__":

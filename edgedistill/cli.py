@@ -15,7 +15,7 @@ from edgedistill import compare as compare_commands
 from edgedistill.bench.commands import bench
 from edgedistill.bench.train_speed import bench_train
 from edgedistill.cli_helpers import SetOption, handle_errors
-from edgedistill.deploy import commands as deploy_commands
+from edgedistill.deploy.commands import export
 from edgedistill.report.commands import gate, report
 
 app = typer.Typer(
@@ -41,7 +41,7 @@ def train(
 
     Writes config.yaml, metrics.jsonl, checkpoint.pt and student.safetensors into the run folder. Data goes through DALI on the GPU when CUDA is present, DALI's CPU pipeline otherwise, and torchvision when DALI is missing (force one with --set data.loader=...).
     """
-    from edgedistill.config import load_config
+    from edgedistill.recipe import load_config
     from edgedistill.distributed import is_main
     from edgedistill.train import train as run_training
     from edgedistill.ui import console, setup_logging
@@ -97,7 +97,7 @@ def demo(
 # The commands that live beside the code they drive, in the order `--help` lists them. The
 # shared helpers (`handle_errors`, `--set`) are in `edgedistill.cli_helpers`, a leaf module, so
 # these modules never import this one.
-deploy_commands.register(app)  # export
+app.command()(export)
 app.command()(bench)
 app.command()(report)
 app.command()(gate)

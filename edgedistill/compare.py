@@ -194,7 +194,7 @@ def run_compare(recipes: list[Path], overrides: list[str] | None = None, out: Pa
     """Train + evaluate every recipe at the same budget; write compare.json / .md / .png."""
     import time
 
-    from edgedistill.config import load_config
+    from edgedistill.recipe import load_config
     from edgedistill.envinfo import environment
     from edgedistill.fileio import write_json
     from edgedistill.errors import UserError

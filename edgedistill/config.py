@@ -230,47 +230,5 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def build_config(data: dict, source: str = "<recipe>") -> RunConfig:
-    """Validate a recipe dict (after overrides) into a RunConfig; errors name `source`."""
-    from edgedistill.methods import method_class, method_config_class
-
-    data = dict(data)
-    method = data.pop("method", None) or {"name": "mocov2"}
-    if isinstance(method, str):
-        method = {"name": method}
-    try:
-        cfg = from_dict(RunConfig, data)
-        method = dict(method)
-        name = method.pop("name", None)
-        if name is None:
-            raise UserError("method.name is missing (one of mocov2, disco, seed, dogo, simclr, supervised)")
-        cfg.method = from_dict(method_config_class(name), method, "method")
-        cfg.method.name = name
-        if method_class(name).needs_teacher and (cfg.teacher is None or not cfg.teacher.checkpoint):
-            raise UserError(f"method {name} needs a teacher: add `teacher: {{arch: ..., checkpoint: <local file>}}`")
-    except UserError as e:
-        raise UserError(f"{source}: {e}") from None
-    return cfg
-
-
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Load a recipe file (or the defaults when path is None) and apply `--set` overrides."""
-    data: dict = {}
-    source = "<defaults>"
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"recipe {path} does not exist: pass a YAML file, e.g. recipes/demo_digits.yaml")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise UserError(f"{path}: a recipe is a mapping of sections (name, student, data, ...)")
-        source = str(path)
-    data = apply_overrides(data, overrides or [])
-    return build_config(data, source)
-
-
 def config_to_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)

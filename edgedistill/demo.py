@@ -15,7 +15,7 @@ import logging
 import time
 from pathlib import Path
 
-from edgedistill.config import build_config
+from edgedistill.recipe import build_config
 from edgedistill.errors import UserError
 from edgedistill.fileio import write_json
 from edgedistill.ui import console

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from edgedistill import distributed as dist_utils
-from edgedistill.config import RunConfig, apply_overrides, build_config
+from edgedistill.config import RunConfig, apply_overrides
+from edgedistill.recipe import build_config
 from edgedistill.data import ImageFolder, train_folder, val_folder
 from edgedistill.data.torch_loader import eval_loader
 from edgedistill.envinfo import environment, resolve_device, seed_everything

@@ -45,7 +45,7 @@ def tiny_overrides(**extra) -> list[str]:
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> Path:
     """A finished mocov2 run folder (no eval yet)."""
-    from edgedistill.config import load_config
+    from edgedistill.recipe import load_config
     from edgedistill.train import train
 
     out = tmp_path_factory.mktemp("runs") / "mocov2"

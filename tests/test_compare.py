@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from edgedistill.cli import app
 from edgedistill.compare import check_agreement, run_compare
-from edgedistill.config import load_config
+from edgedistill.recipe import load_config
 from edgedistill.errors import UserError
 
 TINY = {

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from edgedistill.config import load_config
+from edgedistill.recipe import load_config
 from edgedistill.errors import UserError
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))

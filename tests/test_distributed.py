@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
 
 RESUME_AND_EVAL = """
 import json, sys
-from edgedistill.config import load_config
+from edgedistill.recipe import load_config
 from edgedistill.evaluate import evaluate_run
 from edgedistill.train import train
 

@@ -177,7 +177,7 @@ def test_fallback_search_keeps_fewest_sensitive_layers():
     assert calls == list(range(1, 15))  # greedy: stops at the first k that fits
     # Not reachable within the cap: the best trial within it, reported as not reached.
     calls.clear()
-    excluded, _, drop, trials, reached = fallback(ranked, evaluate, max_drop=3.0, max_layers=4)
+    excluded, _, drop, _trials, reached = fallback(ranked, evaluate, max_drop=3.0, max_layers=4)
     assert not reached and excluded == ranked[:4] and drop == 8.0 and calls == [1, 2, 3, 4]
     excluded, _, drop, _, reached = fallback(ranked, lambda ex: ({"top1": 0}, 50.0), max_drop=1.0, max_layers=20)
     assert not reached and len(excluded) == 1
@@ -241,7 +241,7 @@ def test_max_drop_not_reachable_exits_1(evaluated_run, tmp_path, monkeypatch, be
 
     monkeypatch.setattr(q, "fallback", never)
     result = CliRunner().invoke(app, ["export", str(evaluated_run), "--int8", "--int8-format", "qdq-u8s8", "--max-drop", "0",
-                                      "--calib-count", "32", "--val-count", "48", "--out", str(tmp_path / "ex")])
+                                      "--qad-steps", "0", "--calib-count", "32", "--val-count", "48", "--out", str(tmp_path / "ex")])
     assert result.exit_code == 1, result.output
     assert "cannot be brought within --max-drop" in " ".join(result.output.split())
     m = _manifest(tmp_path / "ex")

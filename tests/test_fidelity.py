@@ -11,7 +11,8 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from conftest import tiny_overrides
-from edgedistill.config import DataConfig, load_config
+from edgedistill.config import DataConfig
+from edgedistill.recipe import load_config
 from edgedistill.errors import UserError
 from edgedistill.methods.components import (
     TEACHER_CENTER_FILE,

@@ -5,13 +5,13 @@ the probe's INT8-noise check, and the jointly trained classifier kept by `eval`.
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
+from int8util import calibration, export_mnv3
 from onnx import numpy_helper
 
 from edgedistill.deploy import quantize as q
@@ -19,15 +19,8 @@ from edgedistill.deploy import quantize as q
 
 @pytest.fixture(scope="module")
 def mnv3_onnx(tmp_path_factory) -> Path:
-    """A MobileNetV3-Small classifier (random weights, eval mode) exported as the exporter does."""
-    import timm
-
     path = tmp_path_factory.mktemp("mnv3") / "model.onnx"
-    model = timm.create_model("mobilenetv3_small_100", num_classes=10).eval()
-    with warnings.catch_warnings():  # the legacy exporter's deprecation notice (the exporter's choice too)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(model, (torch.zeros(2, 3, 32, 32),), str(path), opset_version=17, dynamo=False,
-                          input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "batch"}})
+    export_mnv3(path)
     return path
 
 
@@ -35,24 +28,6 @@ def mnv3_onnx(tmp_path_factory) -> Path:
 def prepared(mnv3_onnx, tmp_path_factory) -> tuple[Path, dict]:
     pre = tmp_path_factory.mktemp("pre") / "pre.onnx"
     return pre, q.prepare(mnv3_onnx, pre)
-
-
-def _calibration(pre: Path, tmp: Path, images: np.ndarray, settings=None) -> q.Calibration:
-    class Reader:
-        def __init__(self):
-            self.done = False
-
-        def get_next(self):
-            if self.done:
-                return None
-            self.done = True
-            return {"input": images}
-
-        def rewind(self):
-            self.done = False
-
-    return q.Calibration(pre, ["synthetic"], [["synthetic", 0, 0]], settings or q.QuantSettings("minmax"), {},
-                         tmp / "cache", Reader)
 
 
 def test_prepare_names_every_node_and_keeps_hardswish_whole(mnv3_onnx, prepared):
@@ -76,7 +51,7 @@ def test_prepare_names_every_node_and_keeps_hardswish_whole(mnv3_onnx, prepared)
 def test_ort_cpu_clips_hardswish_inputs_and_quantizes_weighted_layers(prepared, tmp_path):
     pre, _ = prepared
     images = np.random.default_rng(0).standard_normal((16, 3, 32, 32)).astype(np.float32) * 3
-    calib = _calibration(pre, tmp_path, images)
+    calib = calibration(pre, tmp_path, images)
     plan = q.make_plan("ort-cpu", pre)
     assert plan.clips and all(lo == pytest.approx(-3.0, abs=1e-5) for lo, _ in plan.clips.values())
     out = q.quantize(pre, tmp_path / "u8.onnx", "qdq-u8s8", calib, plan)
@@ -108,7 +83,7 @@ def test_ort_cpu_clips_hardswish_inputs_and_quantizes_weighted_layers(prepared, 
 def test_excluded_layer_stays_float_and_divergence_is_zero_for_identical_outputs(prepared, tmp_path):
     pre, _ = prepared
     images = np.random.default_rng(1).standard_normal((8, 3, 32, 32)).astype(np.float32)
-    calib = _calibration(pre, tmp_path, images)
+    calib = calibration(pre, tmp_path, images)
     name = q.weighted_nodes(pre)[-1]
     out = q.quantize(pre, tmp_path / "ex.onnx", "qdq-u8s8", calib, q.make_plan("ort-cpu", pre), [name])
     share = q.int8_share(pre, out)
@@ -170,7 +145,7 @@ def test_fallback_meets_the_budget_with_few_layers_in_float(evaluated_run, tmp_p
                       out=tmp_path / "base", cache_dir=tmp_path / "c", val_count=96, calib_count=32)
     art = next(a for a in json.loads((base / "manifest.json").read_text())["artifacts"] if a["precision"] == "int8")
     agreement = art["accuracy"]["agreement"]
-    out = export_run(evaluated_run, int8=True, int8_format="qdq-u8s8", calibrator="minmax",
+    out = export_run(evaluated_run, int8=True, int8_format="qdq-u8s8", calibrator="minmax", qad_steps=0,
                      max_drop=0.0, max_float_share=1.0, out=tmp_path / "fb", cache_dir=tmp_path / "c", val_count=96, calib_count=32)
     m = json.loads((out / "manifest.json").read_text())
     fb = m["int8"]["max_drop"]
@@ -186,8 +161,12 @@ def test_fallback_meets_the_budget_with_few_layers_in_float(evaluated_run, tmp_p
 
 
 def test_probe_choice_and_noise_check():
-    from edgedistill.evaluate import PROBE_WEIGHT_DECAYS, choose_probe, classifier_noise_check
     from edgedistill.config import EvalConfig
+    from edgedistill.evaluate import (
+        PROBE_WEIGHT_DECAYS,
+        choose_probe,
+        classifier_noise_check,
+    )
     from edgedistill.models import Classifier
 
     gen = torch.Generator().manual_seed(0)
@@ -201,7 +180,7 @@ def test_probe_choice_and_noise_check():
     fc, info = choose_probe(feats, labels, 3, EvalConfig(linear_epochs=20), seed=0)
     assert info["chosen"] and info["weight_decay"] in PROBE_WEIGHT_DECAYS
     assert set(info["candidates"]) == {f"{wd:g}" for wd in PROBE_WEIGHT_DECAYS}
-    fixed, info = choose_probe(feats, labels, 3, EvalConfig(linear_epochs=2, linear_weight_decay=0.5), seed=0)
+    _fixed, info = choose_probe(feats, labels, 3, EvalConfig(linear_epochs=2, linear_weight_decay=0.5), seed=0)
     assert info == {"weight_decay": 0.5, "chosen": False}
 
     class Features(torch.nn.Module):
@@ -219,14 +198,13 @@ def test_probe_choice_and_noise_check():
 
 
 def test_eval_keeps_a_jointly_trained_classifier(tmp_path):
+    from conftest import tiny_overrides
     from safetensors import safe_open
 
-    from edgedistill.config import load_config
+    from edgedistill.recipe import load_config
     from edgedistill.evaluate import evaluate_run
     from edgedistill.models import CLASSIFIER_FILE
     from edgedistill.train import train
-
-    from conftest import tiny_overrides
 
     overrides = [o for o in tiny_overrides(**{"method.name": "supervised", "method.embed_dim": 0})
                  if not o.startswith("method.queue_size")]

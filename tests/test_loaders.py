@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from edgedistill.config import DataConfig, load_config
+from edgedistill.config import DataConfig
+from edgedistill.recipe import load_config
 from edgedistill.data import build_train_loader, choose_loader, train_folder
 from edgedistill.errors import UserError
 

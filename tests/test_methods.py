@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import torch.nn.functional as F
 
-from edgedistill.config import load_config
+from edgedistill.recipe import load_config
 from edgedistill.losses import mutual_kl, view_similarity_log_probs
 from edgedistill.models import count_params, create_backbone, feature_dim, load_into
 from edgedistill.train import train

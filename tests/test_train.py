@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from conftest import tiny_overrides
 from edgedistill.cli import app
-from edgedistill.config import load_config
+from edgedistill.recipe import load_config
 from edgedistill.data.folder import embedded_digits
 from edgedistill.errors import TrainingDiverged, UserError
 from edgedistill.train import CHECKPOINT_FILE, train

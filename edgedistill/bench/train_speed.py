@@ -187,7 +187,8 @@ def run_bench(teacher_arch: str, student_arch: str, teacher_checkpoint: str | No
 
     import torch
 
-    from edgedistill.config import load_config, to_dict
+    from edgedistill.config import to_dict
+    from edgedistill.recipe import load_config
     from edgedistill.data import dali_available, train_folder
     from edgedistill.envinfo import environment, resolve_device
     from edgedistill.errors import UserError

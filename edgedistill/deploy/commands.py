@@ -3,68 +3,83 @@ real validation images. Heavy imports happen inside the command."""
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
+from edgedistill.cli_helpers import EXIT_CHECK_FAILED, handle_errors
+from edgedistill.deploy.quantize import CALIBRATORS, EXPORTERS, FORMATS, PLACEMENTS, TARGETS
 
-def register(app) -> None:
-    """Add this module's commands to the Typer app."""
-    from edgedistill.cli_helpers import handle_errors
 
-    @app.command("export")
-    @handle_errors
-    def export(
-        run: Annotated[Path, typer.Argument(help="Run folder (config.yaml, student.safetensors; classifier.safetensors from `edgedistill eval`).")],
-        int8: Annotated[bool, typer.Option("--int8", help="Also write an INT8 QDQ model (ONNX Runtime static PTQ).")] = False,
-        fp16: Annotated[bool, typer.Option("--fp16", help="Also write an fp16 ONNX model (fp32 input/output).")] = False,
-        target: Annotated[str, typer.Option(help="INT8 target: ort-cpu (format measured fastest on this CPU) or tensorrt (signed symmetric QDQ; engines where TensorRT + a GPU exist).")] = "ort-cpu",
-        int8_format: Annotated[str, typer.Option("--int8-format", help="auto (ort-cpu: time both), qdq-s8s8-sym or qdq-u8s8.")] = "auto",
-        calib_data: Annotated[Optional[Path], typer.Option("--calib-data", help="Folder of calibration images (default: the run's training images).")] = None,
-        calib_count: Annotated[Optional[int], typer.Option("--calib-count", help="Calibration images (default 512, capped by what exists; an explicit count larger than the folder is an error).")] = None,
-        calibrator: Annotated[str, typer.Option(help="auto (try Percentile 99.9/99.99/99.999, Entropy and MinMax; keep the one whose output diverges least from fp32 on held-out calibration images), minmax, entropy or percentile.")] = "auto",
-        percentile: Annotated[float, typer.Option(help="Percentile calibrator's percentile (asymmetric where the format allows).")] = 99.99,
-        placement: Annotated[str, typer.Option(help="tuned (only weighted layers and residual adds in INT8, HardSwish kept whole with clipped ranges, per-target Q/DQ placement) or ort-default (ONNX Runtime's stock quantize_static, for comparison).")] = "tuned",
-        entropy_bins: Annotated[int, typer.Option("--entropy-bins", help="Entropy calibrator histogram bins (TensorRT uses 2048; slower).")] = 512,
-        max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="INT8 top-1 drop budget in points: keep the layers whose float precision helps the network output most (end-to-end sensitivity) in float, the fewest that meet it.")] = None,
-        max_float_share: Annotated[float, typer.Option("--max-float-share", help="--max-drop keeps at most this share of the weighted layers in float (1 = no limit).")] = 0.1,
-        sensitivity: Annotated[bool, typer.Option("--sensitivity", help="Write the per-layer INT8 sensitivity report (sensitivity.json: each layer's effect on the network output) even without --max-drop.")] = False,
-        embedding: Annotated[bool, typer.Option("--embedding", help="Export the bare embedding model (pooled features), not the classifier.")] = False,
-        out: Annotated[Optional[Path], typer.Option(help="Export folder (default: RUN/export).")] = None,
-        opset: Annotated[int, typer.Option(help="ONNX opset (17 parses in ONNX Runtime and TensorRT 8.6+).")] = 17,
-        exporter: Annotated[str, typer.Option(help="legacy (TorchScript, fast) or dynamo (torch.export; opset >= 18).")] = "legacy",
-        val_count: Annotated[int, typer.Option("--val-count", help="Validation images every artifact is scored on (0 = all).")] = 1000,
-        tolerance: Annotated[float, typer.Option(help="fp32 parity: max |ONNX - torch| / max(1, max |torch|).")] = 1e-4,
-        tolerance_fp16: Annotated[float, typer.Option("--tolerance-fp16", help="fp16 parity tolerance (same measure).")] = 2e-2,
-        min_batch: Annotated[int, typer.Option(help="TensorRT profile: smallest batch.")] = 1,
-        opt_batch: Annotated[int, typer.Option(help="TensorRT profile: batch to optimise for.")] = 8,
-        max_batch: Annotated[int, typer.Option(help="TensorRT profile: largest batch.")] = 32,
-    ):
-        """Export a run: ONNX fp32 (+ fp16, + INT8 QDQ), checked against torch on real validation
-        images, with manifest.json, accuracy.json, sample inputs and the device kit.
+def _choice_enum(name: str, values: tuple[str, ...]) -> type[Enum]:
+    """A str Enum for a Typer option from the Literal values declared in deploy/quantize.py."""
+    return Enum(name, {v.replace("-", "_"): v for v in values}, type=str)
 
-        Exit codes: 0 ok, 1 a check failed (parity beyond tolerance, --max-drop not reachable),
-        2 bad input.
-        """
-        from edgedistill.deploy.exporter import ExportCheckFailed, export_run
-        from edgedistill.ui import console, setup_logging
 
-        setup_logging()
-        try:
-            folder = export_run(
-                run, int8=int8, fp16=fp16, target=target, int8_format=int8_format, calib_data=calib_data,
-                calib_count=calib_count, calibrator=calibrator, percentile=percentile, placement=placement, entropy_bins=entropy_bins, max_drop=max_drop, max_float_share=max_float_share,
-                sensitivity=sensitivity, embedding=embedding, out=out, opset=opset, exporter=exporter,
-                val_count=val_count or None, tolerance=tolerance, tolerance_fp16=tolerance_fp16,
-                batches=(min_batch, opt_batch, max_batch),
-            )
-        except ExportCheckFailed as e:
-            if e.export_dir is not None:
-                print_export(e.export_dir)
-            console.print(f"[bold red]check failed:[/] {e}", highlight=False)
-            raise typer.Exit(1) from None
-        print_export(folder)
+Target = _choice_enum("Target", TARGETS)
+Int8Format = _choice_enum("Int8Format", ("auto", *FORMATS))
+Calibrator = _choice_enum("Calibrator", CALIBRATORS)
+Placement = _choice_enum("Placement", PLACEMENTS)
+Exporter = _choice_enum("Exporter", EXPORTERS)
+
+
+@handle_errors
+def export(
+    run: Annotated[Path, typer.Argument(help="Run folder (config.yaml, student.safetensors; classifier.safetensors from `edgedistill eval`).")],
+    int8: Annotated[bool, typer.Option("--int8", help="Also write an INT8 QDQ model (ONNX Runtime static PTQ).")] = False,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Also write an fp16 ONNX model (fp32 input/output).")] = False,
+    target: Annotated[Target, typer.Option(help="INT8 target: ort-cpu (format measured fastest on this CPU) or tensorrt (signed symmetric QDQ; engines where TensorRT + a GPU exist).")] = Target("ort-cpu"),
+    int8_format: Annotated[Int8Format, typer.Option("--int8-format", help="auto (ort-cpu: time both), qdq-s8s8-sym or qdq-u8s8.")] = Int8Format("auto"),
+    calib_data: Annotated[Path | None, typer.Option("--calib-data", help="Folder of calibration images (default: the run's training images).")] = None,
+    calib_count: Annotated[int | None, typer.Option("--calib-count", help="Calibration images (default 512, capped by what exists; an explicit count larger than the folder is an error).")] = None,
+    calibrator: Annotated[Calibrator, typer.Option(help="auto (try Percentile 99.9/99.99/99.999, Entropy and MinMax; keep the one whose output diverges least from fp32 on held-out calibration images), minmax, entropy or percentile.")] = Calibrator("auto"),
+    percentile: Annotated[float, typer.Option(help="Percentile calibrator's percentile (asymmetric where the format allows).")] = 99.99,
+    placement: Annotated[Placement, typer.Option(help="tuned (only weighted layers and residual adds in INT8, HardSwish kept whole with clipped ranges, per-target Q/DQ placement) or ort-default (ONNX Runtime's stock quantize_static, for comparison).")] = Placement("tuned"),
+    entropy_bins: Annotated[int, typer.Option("--entropy-bins", help="Entropy calibrator histogram bins (TensorRT uses 2048; slower).")] = 512,
+    max_drop: Annotated[float | None, typer.Option("--max-drop", help="INT8 top-1 drop budget in points. When post-training quantization misses it: quantization-aware distillation (--qad-steps), then, as the last resort, the layers whose float precision helps the network output most (end-to-end sensitivity) kept in float, the fewest that meet it.")] = None,
+    max_float_share: Annotated[float, typer.Option("--max-float-share", help="--max-drop keeps at most this share of the weighted layers in float (1 = no limit).")] = 0.1,
+    sensitivity: Annotated[bool, typer.Option("--sensitivity", help="Write the per-layer INT8 sensitivity report (sensitivity.json: each layer's effect on the network output) even without --max-drop.")] = False,
+    qad_steps: Annotated[int | None, typer.Option("--qad-steps", help="Quantization-aware distillation after PTQ: fine-tune the INT8 model (fake quantization exactly as exported) against the fp32 model on unlabelled training images for N steps, then export the QDQ model with the trained weights. Default: 300 steps only when PTQ misses --max-drop; 0 = never.")] = None,
+    qad_lr: Annotated[float, typer.Option("--qad-lr", help="QAD learning rate, relative: each tensor moves by about this fraction of its RMS per step (Adam, cosine decay to 0).")] = 1e-3,
+    qad_batch: Annotated[int, typer.Option("--qad-batch", help="QAD batch size (images per step).")] = 64,
+    embedding: Annotated[bool, typer.Option("--embedding", help="Export the bare embedding model (pooled features), not the classifier.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Export folder (default: RUN/export).")] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset (17 parses in ONNX Runtime and TensorRT 8.6+).")] = 17,
+    exporter: Annotated[Exporter, typer.Option(help="legacy (TorchScript, fast) or dynamo (torch.export; opset >= 18).")] = Exporter("legacy"),
+    val_count: Annotated[int, typer.Option("--val-count", help="Validation images every artifact is scored on (0 = all).")] = 1000,
+    tolerance: Annotated[float, typer.Option(help="fp32 parity: max |ONNX - torch| / max(1, max |torch|).")] = 1e-4,
+    tolerance_fp16: Annotated[float, typer.Option("--tolerance-fp16", help="fp16 parity tolerance (same measure).")] = 2e-2,
+    min_batch: Annotated[int, typer.Option(help="TensorRT profile: smallest batch.")] = 1,
+    opt_batch: Annotated[int, typer.Option(help="TensorRT profile: batch to optimise for.")] = 8,
+    max_batch: Annotated[int, typer.Option(help="TensorRT profile: largest batch.")] = 32,
+):
+    """Export a run: ONNX fp32 (+ fp16, + INT8 QDQ), checked against torch on real validation images, with manifest.json, accuracy.json, sample inputs and the device kit.
+
+    INT8: post-training quantization; quantization-aware distillation when asked (--qad-steps) or when PTQ misses --max-drop; layers kept in float only as the last resort. The manifest says which of the three delivered the file.
+
+    Exit codes: 0 ok, 1 a check failed (parity beyond tolerance, --max-drop not reachable), 2 bad input.
+    """
+    from edgedistill.deploy.exporter import ExportCheckFailed, export_run
+    from edgedistill.ui import console, setup_logging
+
+    setup_logging()
+    try:
+        folder = export_run(
+            run, int8=int8, fp16=fp16, target=target.value, int8_format=int8_format.value, calib_data=calib_data,
+            calib_count=calib_count, calibrator=calibrator.value, percentile=percentile, placement=placement.value,
+            entropy_bins=entropy_bins, max_drop=max_drop, max_float_share=max_float_share, sensitivity=sensitivity,
+            qad_steps=qad_steps, qad_lr=qad_lr, qad_batch=qad_batch, embedding=embedding, out=out, opset=opset,
+            exporter=exporter.value, val_count=val_count or None, tolerance=tolerance, tolerance_fp16=tolerance_fp16,
+            batches=(min_batch, opt_batch, max_batch),
+        )
+    except ExportCheckFailed as e:
+        if e.export_dir is not None:
+            print_export(e.export_dir)
+        console.print(f"[bold red]check failed:[/] {e}", highlight=False)
+        raise typer.Exit(EXIT_CHECK_FAILED) from None
+    print_export(folder)
 
 
 def print_export(folder: Path) -> None:

@@ -25,12 +25,14 @@ import math
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
+from edgedistill.deploy.manifest import MANIFEST_FILE
 from edgedistill.errors import UserError
 from edgedistill.ui import progress_bar
 
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CALIB_COUNT = 512
 DEFAULT_VAL_COUNT = 1000
+DEFAULT_QAD_STEPS = 300
 SAMPLE_COUNT = 32
 
 
@@ -74,6 +77,13 @@ class ExportOptions:
     # longer an INT8 model (and the search would be chasing the drop's measurement noise).
     max_float_share: float = 0.1
     sensitivity: bool = False
+    # Quantization-aware distillation after PTQ (deploy/qad.py): None = only when --max-drop is
+    # missed by PTQ (then DEFAULT_QAD_STEPS), 0 = never, N = always N steps.
+    qad_steps: int | None = None
+    qad_lr: float = 1e-3
+    qad_batch: int = 64
+    qad_learn_scales: bool = True
+    qad_images: str = "clean"  # deploy/qad.py ImageSource
     embedding: bool = False
     out: Path | None = None
     opset: int = 17
@@ -98,7 +108,7 @@ class _State:
 
 
 def _validate(opts: ExportOptions) -> None:
-    from edgedistill.deploy.quantize import CALIBRATORS, FORMATS, PLACEMENTS, TARGETS
+    from edgedistill.deploy.quantize import CALIBRATORS, EXPORTERS, FORMATS, PLACEMENTS, TARGETS
 
     if opts.target not in TARGETS:
         raise UserError(f"--target {opts.target!r}: use one of {', '.join(TARGETS)}")
@@ -112,14 +122,18 @@ def _validate(opts: ExportOptions) -> None:
         raise UserError("--target tensorrt needs symmetric signed INT8 (qdq-s8s8-sym): drop --int8-format qdq-u8s8")
     if not 0.0 < opts.max_float_share <= 1.0:
         raise UserError(f"--max-float-share must be in (0, 1], got {opts.max_float_share}")
+    if opts.qad_steps is not None and opts.qad_steps < 0:
+        raise UserError(f"--qad-steps must be >= 0, got {opts.qad_steps}")
+    if not 0 < opts.qad_lr < 1 or opts.qad_batch < 1:
+        raise UserError(f"--qad-lr must be in (0, 1) and --qad-batch >= 1, got {opts.qad_lr} and {opts.qad_batch}")
     if opts.max_drop is not None and opts.max_drop < 0:
         raise UserError(f"--max-drop must be >= 0 (top-1 points), got {opts.max_drop}")
     if not 90.0 < opts.percentile <= 100.0:
         raise UserError(f"--percentile must be in (90, 100], got {opts.percentile}")
     if not 128 < opts.entropy_bins <= 8192:
         raise UserError(f"--entropy-bins must be in (128, 8192], got {opts.entropy_bins}")
-    if opts.exporter not in ("legacy", "dynamo"):
-        raise UserError(f"--exporter {opts.exporter!r}: use legacy or dynamo")
+    if opts.exporter not in EXPORTERS:
+        raise UserError(f"--exporter {opts.exporter!r}: use one of {', '.join(EXPORTERS)}")
     if (opts.calib_data is not None or opts.calib_count is not None or opts.max_drop is not None) and not opts.int8:
         log.warning("calibration / --max-drop options only apply with --int8: ignored")
     b = opts.batches
@@ -154,7 +168,7 @@ def _artifact(name, file, fmt, precision, target, out: Path, **extra) -> dict:
     return entry
 
 
-def _check(name: str, metrics: dict, kind: str, tol: float, min_agree: float, ref=None, out=None) -> tuple[bool, dict]:
+def _check(metrics: dict, kind: str, tol: float, min_agree: float, ref=None, out=None) -> tuple[bool, dict]:
     """Parity of an fp32/fp16 ONNX file with torch: max relative difference within `tol`, and
     top-1 agreement >= `min_agree` among the images whose fp32 decision is not a near-tie
     (top-1 minus top-2 logit larger than twice the measured difference, itself capped by the
@@ -198,22 +212,100 @@ def export_run(run_dir: str | Path, int8: bool = False, fp16: bool = False, **kw
     return _export(Path(run_dir), opts)
 
 
+@dataclass
+class _Export:
+    """What every artifact function reads (the run, the options, the validation images and the
+    torch reference) and writes (its artifact record, the state)."""
+
+    dep: object
+    opts: ExportOptions
+    out: Path
+    images: np.ndarray
+    labels: np.ndarray | None  # validation labels when the model is a classifier
+    ref: np.ndarray  # torch fp32 outputs on `images`
+    torch_metrics: dict
+    calib_files: tuple[list[str], str] | None
+    st: _State = field(default_factory=_State)
+    failures: list[str] = field(default_factory=list)  # parity failures: later artifacts are skipped
+
+    @property
+    def kind(self) -> str:
+        return self.dep.kind
+
+    def stamp(self, path: Path, artifact: dict) -> None:
+        from edgedistill.deploy.onnx_export import metadata_for, stamp_metadata
+
+        stamp_metadata(path, metadata_for(self.dep, artifact))
+
+    def check_float(self, name: str, file: str, precision: str, tol: float, min_agree: float, **extra) -> dict:
+        """Score one float ONNX file against torch, stamp it, and note a parity failure."""
+        from edgedistill.deploy import runtime
+
+        got = runtime.run(runtime.session(self.out / file), self.images)
+        m = runtime.compare(self.ref, got, self.labels, self.kind)
+        ok, parity = _check(m, self.kind, tol, min_agree, self.ref, got)
+        art = _artifact(name, file, "onnx", precision, "any", self.out, accuracy=m, parity=parity, **extra)
+        self.stamp(self.out / file, {k: art[k] for k in ("name", "precision", "target", "format")})
+        log.info("%s: %s", file, _summary(m))
+        if not ok:
+            self.failures.append(_fmt_parity(file, m, parity))
+        return art
+
+
+@dataclass(frozen=True)
+class ArtifactFormat:
+    """One row of the export table: an artifact, when it is made, and the function that makes it
+    (writes its file into the export folder and returns its record for the manifest, or None)."""
+
+    name: str
+    file: str
+    wanted: Callable[[ExportOptions], bool]
+    build: Callable[[_Export], dict | None]
+
+
+def export_formats() -> list[ArtifactFormat]:
+    """Every artifact `edgedistill export` can write, in the order they are made (each later one
+    is made only when the float ones passed their parity checks)."""
+    return [
+        ArtifactFormat("onnx-fp32", "model.onnx", lambda o: True, export_fp32),
+        ArtifactFormat("onnx-fp16", "model.fp16.onnx", lambda o: o.fp16, export_fp16),
+        ArtifactFormat("onnx-int8", "model.int8.<format>.onnx", lambda o: o.int8, export_int8),
+    ]
+
+
+def export_fp32(ctx: _Export) -> dict:
+    from edgedistill.deploy.onnx_export import export_onnx
+
+    t0 = time.perf_counter()
+    info = export_onnx(ctx.dep, ctx.out / "model.onnx", ctx.opts.opset, ctx.opts.exporter)
+    info["seconds"] = round(time.perf_counter() - t0, 2)
+    return ctx.check_float("onnx-fp32", "model.onnx", "fp32", ctx.opts.tolerance, ctx.opts.min_agreement, export=info)
+
+
+def export_fp16(ctx: _Export) -> dict:
+    from edgedistill.deploy.onnx_export import convert_fp16
+
+    info = convert_fp16(ctx.out / "model.onnx", ctx.out / "model.fp16.onnx")
+    return ctx.check_float("onnx-fp16", "model.fp16.onnx", "fp16", ctx.opts.tolerance_fp16, ctx.opts.min_agreement_fp16,
+                           conversion=info, io_dtype="float32")
+
+
+def _make(fmt: ArtifactFormat, ctx: _Export) -> None:
+    """The common wrapper: make one artifact, time and log it, record it in the state."""
+    t0 = time.perf_counter()
+    art = fmt.build(ctx)
+    if art is None:
+        return
+    art["seconds"] = round(time.perf_counter() - t0, 2)
+    ctx.st.artifacts.append(art)
+    ctx.st.paths[art["name"]] = art["file"]
+    log.debug("%s made in %.1f s", art["file"], art["seconds"])
+
+
 def _export(run_dir: Path, opts: ExportOptions) -> Path:
     from edgedistill.deploy import data as ddata
     from edgedistill.deploy import runtime
-    from edgedistill.deploy.manifest import ACCURACY_FILE, MANIFEST_FILE, SCHEMA, file_entries
-    from edgedistill.fileio import write_json
-    from edgedistill.deploy.onnx_export import (
-        INPUT_NAME,
-        convert_fp16,
-        export_onnx,
-        load_deployable,
-        metadata_for,
-        preprocess_spec,
-        stamp_metadata,
-    )
-    from edgedistill.envinfo import environment
-    from edgedistill.models import count_params
+    from edgedistill.deploy.onnx_export import load_deployable
 
     _validate(opts)
     t_start = time.perf_counter()
@@ -225,80 +317,66 @@ def _export(run_dir: Path, opts: ExportOptions) -> Path:
     out = Path(opts.out) if opts.out else run_dir / "export"
     out.mkdir(parents=True, exist_ok=True)
     _clean(out)
-    st = _State()
-    kind = dep.kind
 
     # Validation images: the same array for every artifact.
     images, labels, val_classes, val_total = ddata.validation_set(dep.cfg, opts.val_count)
     if dep.classes is not None and list(dep.classes) != list(val_classes):
         raise UserError(f"the classifier's classes {dep.classes[:5]}... differ from the validation folder's "
                         f"{val_classes[:5]}...: re-run `edgedistill eval {run_dir}`")
-    use_labels = labels if kind == "classifier" else None
+    use_labels = labels if dep.kind == "classifier" else None
     ref = ddata.torch_outputs(dep.model, images)
-    torch_metrics = runtime.compare(ref, ref, use_labels, kind)
-    st.artifacts.append(_artifact("torch-fp32", None, "pytorch", "fp32", "any", out,
-                                  source=[str(run_dir / "student.safetensors")] +
-                                  ([str(run_dir / "classifier.safetensors")] if kind == "classifier" else []),
-                                  accuracy=torch_metrics))
-    classes = dep.classes
-    base_meta = lambda art: metadata_for(dep, art)  # noqa: E731
-    failures: list[str] = []
-
-    # fp32 ONNX
-    fp32_path = out / "model.onnx"
-    t0 = time.perf_counter()
-    export_info = export_onnx(dep, fp32_path, opts.opset, opts.exporter)
-    export_info["seconds"] = round(time.perf_counter() - t0, 2)
-
-    def check_float(name: str, file: str, precision: str, tol: float, min_agree: float, **extra) -> None:
-        """Score one float ONNX file against torch, record it, and note a parity failure."""
-        path = out / file
-        got = runtime.run(runtime.session(path), images)
-        m = runtime.compare(ref, got, use_labels, kind)
-        ok, parity = _check(file, m, kind, tol, min_agree, ref, got)
-        art = _artifact(name, file, "onnx", precision, "any", out, accuracy=m, parity=parity, **extra)
-        st.artifacts.append(art)
-        st.paths[name] = file
-        stamp_metadata(path, base_meta({k: art[k] for k in ("name", "precision", "target", "format")}))
-        log.info("%s: %s", file, _summary(m))
-        if not ok:
-            failures.append(_fmt_parity(file, m, parity))
-
-    check_float("onnx-fp32", "model.onnx", "fp32", opts.tolerance, opts.min_agreement, export=export_info)
-
-    # fp16 ONNX
-    if opts.fp16 and not failures:
-        info = convert_fp16(fp32_path, out / "model.fp16.onnx")
-        check_float("onnx-fp16", "model.fp16.onnx", "fp16", opts.tolerance_fp16, opts.min_agreement_fp16,
-                    conversion=info, io_dtype="float32")
-
-    # INT8
-    if opts.int8 and not failures:
-        _int8(dep, opts, out, fp32_path, images, use_labels, ref, torch_metrics, st, base_meta, calib_files)
+    ctx = _Export(dep, opts, out, images, use_labels, ref, runtime.compare(ref, ref, use_labels, dep.kind), calib_files)
+    ctx.st.artifacts.append(_artifact("torch-fp32", None, "pytorch", "fp32", "any", out,
+                                      source=[str(run_dir / "student.safetensors")] +
+                                      ([str(run_dir / "classifier.safetensors")] if dep.kind == "classifier" else []),
+                                      accuracy=ctx.torch_metrics))
+    for fmt in export_formats():
+        if fmt.wanted(opts) and not ctx.failures:
+            _make(fmt, ctx)
 
     # Real sample inputs for torch-free benchmarks on the device.
     pick = np.sort(np.random.default_rng(0).permutation(len(images))[: min(SAMPLE_COUNT, len(images))])
     np.save(out / "sample_inputs.npy", np.ascontiguousarray(images[pick]))
     np.save(out / "sample_labels.npy", labels[pick])
+    trt = _kit_and_engines(ctx)
+    if ctx.failures:
+        ctx.st.status = "parity_failed"
+    ctx.st.problems.extend(ctx.failures)
+    _write_manifest(ctx, run_dir, val_total, len(pick), trt, time.perf_counter() - t_start)
+    if ctx.failures:
+        raise ParityError("; ".join(ctx.failures) + f" (see {out / MANIFEST_FILE})", out)
+    if ctx.st.status != "ok":
+        raise ExportCheckFailed("; ".join(ctx.st.problems) + f" (see {out / MANIFEST_FILE})", out)
+    return out
 
-    # The device kit travels with the export.
+
+def _kit_and_engines(ctx: _Export) -> dict:
+    """The device kit travels with the export; TensorRT engines where possible, otherwise the
+    reason and the commands for the device."""
+    from edgedistill.deploy.onnx_export import INPUT_NAME
     from edgedistill.deploy.tensorrt import build_engines, kit_source, plan
 
-    shutil.copytree(kit_source(), out / "kit", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"), dirs_exist_ok=True)
+    shutil.copytree(kit_source(), ctx.out / "kit", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+                    dirs_exist_ok=True)
+    chw = (3, ctx.dep.img_size, ctx.dep.img_size)
+    jobs = plan(ctx.out, ctx.st.paths, INPUT_NAME, chw, ctx.opts.batches)
+    if ctx.opts.target == "tensorrt" and not ctx.failures:
+        return build_engines(ctx.out, jobs, ctx.opts.batches)
+    return {"built": False, "reason": "not requested (--target tensorrt builds engines where TensorRT and a GPU exist)",
+            "commands": jobs}
 
-    # TensorRT: engines where possible; otherwise the reason and the commands for the device.
-    chw = (3, dep.img_size, dep.img_size)
-    if opts.target == "tensorrt" and not failures:
-        trt = build_engines(out, plan(out, st.paths, INPUT_NAME, chw, opts.batches), opts.batches)
-    else:
-        trt = {"built": False, "reason": "not requested (--target tensorrt builds engines where TensorRT and a GPU exist)",
-               "commands": plan(out, st.paths, INPUT_NAME, chw, opts.batches)}
 
-    if failures:
-        st.status = "parity_failed"
-    st.problems.extend(failures)
+def _write_manifest(ctx: _Export, run_dir: Path, val_total: int, samples: int, trt: dict, seconds: float) -> None:
+    """accuracy.json and manifest.json (schema edgedistill.export/1), built in one place."""
+    from edgedistill.deploy.manifest import ACCURACY_FILE, SCHEMA, file_entries
+    from edgedistill.deploy.onnx_export import INPUT_NAME, preprocess_spec
+    from edgedistill.envinfo import environment
+    from edgedistill.fileio import write_json
+    from edgedistill.models import count_params
+
+    dep, out, st = ctx.dep, ctx.out, ctx.st
     accuracy = {
-        "validation": {"folder": str(_val_root(dep)), "images": int(len(images)), "total": int(val_total),
+        "validation": {"folder": str(_val_root(dep)), "images": len(ctx.images), "total": int(val_total),
                        "seed": 0, "note": "every artifact scored on the same images"},
         "artifacts": {a["name"]: a.get("accuracy") for a in st.artifacts},
     }
@@ -309,31 +387,26 @@ def _export(run_dir: Path, opts: ExportOptions) -> Path:
         "edgedistill_version": __import__("edgedistill").__version__,
         "source_run": str(run_dir.resolve()),
         "arch": dep.cfg.student.arch,
-        "kind": kind,
-        "target": opts.target,
+        "kind": dep.kind,
+        "target": ctx.opts.target,
         "params": count_params(dep.model),
         "input": {"name": INPUT_NAME, "shape": ["batch", 3, dep.img_size, dep.img_size], **preprocess_spec(dep)},
-        "output": {"name": dep.output_name, "shape": ["batch", int(ref.shape[1])],
-                   "meaning": "class logits (argmax = prediction)" if kind == "classifier" else "pooled student features"},
-        "classes": classes,
+        "output": {"name": dep.output_name, "shape": ["batch", int(ctx.ref.shape[1])],
+                   "meaning": "class logits (argmax = prediction)" if dep.kind == "classifier" else "pooled student features"},
+        "classes": dep.classes,
         "validation": accuracy["validation"],
         "artifacts": st.artifacts,
         "int8": st.int8 or None,
         "tensorrt": trt,
-        "samples": {"inputs": "sample_inputs.npy", "labels": "sample_labels.npy", "count": int(len(pick))},
+        "samples": {"inputs": "sample_inputs.npy", "labels": "sample_labels.npy", "count": samples},
         "status": st.status,
         "problems": st.problems,
-        "seconds": round(time.perf_counter() - t_start, 2),
+        "seconds": round(seconds, 2),
         "environment": environment(),
     }
     manifest["files"] = file_entries(out)
     write_json(out / MANIFEST_FILE, manifest)
     log.info("export folder %s written in %.1f s (status %s)", out, manifest["seconds"], st.status)
-    if failures:
-        raise ParityError("; ".join(failures) + f" (see {out / MANIFEST_FILE})", out)
-    if st.status != "ok":
-        raise ExportCheckFailed("; ".join(st.problems) + f" (see {out / MANIFEST_FILE})", out)
-    return out
 
 
 def _val_root(dep) -> Path | str:
@@ -362,137 +435,263 @@ def _drop(torch_metrics: dict, m: dict, kind: str) -> float:
     return round(100.0 * (1.0 - m["mean_cosine"]), 3)
 
 
-def _int8(dep, opts: ExportOptions, out: Path, fp32_path: Path, images, labels, ref, torch_metrics, st: _State, base_meta,
-          calib_files: tuple[list[str], str]) -> None:
+@dataclass
+class _Int8Setup:
+    """The INT8 model's ingredients: prepared graph, placement, format, calibration, scorer."""
+
+    pre: Path
+    prepared: dict
+    plan: object  # quantize.QuantPlan
+    fmt: str
+    format_choice: dict
+    calib: object  # quantize.Calibration
+    calib_info: dict
+    scorer: object | None  # quantize.Scorer on the held-out calibration images
+
+
+def _int8_setup(ctx: _Export, work: Path) -> _Int8Setup:
+    """Prepare the graph, choose the format (timed on this CPU for ort-cpu + auto) and the
+    calibrator (scored on held-out calibration images, never the validation set)."""
     from edgedistill.deploy import data as ddata
     from edgedistill.deploy import quantize as q
-    from edgedistill.deploy import runtime
-    from edgedistill.deploy.onnx_export import INPUT_NAME, preprocess_spec, stamp_metadata
-    from edgedistill.evaluate import classifier_noise_check
-    from edgedistill.fileio import write_json
+    from edgedistill.deploy.onnx_export import INPUT_NAME, preprocess_spec
 
-    kind = dep.kind
-    files, source = calib_files
+    dep, opts = ctx.dep, ctx.opts
+    files, source = ctx.calib_files
     calib_files_used, holdout = q.split_holdout(files)
+    pre = work / "model.pre.onnx"
+    prepared = q.prepare(ctx.out / "model.onnx", pre, opts.placement)
+    plan = q.make_plan(opts.target, pre, opts.placement)
+    cache_dir = opts.cache_dir or q.default_cache_dir()
+    fingerprint = ddata.file_list_fingerprint(calib_files_used)
+
+    def make_calibration(settings: q.QuantSettings) -> q.Calibration:
+        return q.Calibration(pre, calib_files_used, fingerprint, settings, preprocess_spec(dep), cache_dir,
+                             lambda: ddata.make_reader(calib_files_used, dep.cfg, INPUT_NAME, settings.calib_batch))
+
+    scorer = None
+    if holdout:
+        held = ddata.load_images(holdout, dep.cfg)
+        scorer = q.Scorer(held, ddata.torch_outputs(dep.model, held), ctx.kind)
+    symmetric = opts.target == "tensorrt" or opts.int8_format == "qdq-s8s8-sym"
+    if opts.calibrator == "auto":
+        if scorer is None:
+            raise UserError(f"--calibrator auto needs at least 4 calibration images (got {len(files)}): "
+                            "raise --calib-count or pick a calibrator")
+        candidates = q.auto_candidates(symmetric)
+    else:
+        candidates = [q.QuantSettings(opts.calibrator, percentile=opts.percentile, entropy_bins=opts.entropy_bins,
+                                      symmetric=symmetric)]
+
+    if opts.target == "tensorrt":
+        fmt = "qdq-s8s8-sym"
+        choice = {"chosen": fmt, "measured": False,
+                  "reason": "TensorRT explicit quantization needs symmetric signed int8 Q/DQ (zero point 0)"}
+    elif opts.int8_format != "auto":
+        fmt = opts.int8_format
+        choice = {"chosen": fmt, "measured": False, "reason": "chosen by the user (--int8-format)"}
+    else:  # the ranges do not change the speed: time the formats with the cheapest candidate's
+        fmt, choice = q.choose_cpu_format(pre, ctx.out / "model.onnx", make_calibration(candidates[-1]), plan,
+                                          ctx.images[:1], work, budget_s=opts.timing_budget_s)
+        log.info("INT8 format for ort-cpu: %s", choice["reason"])
+
+    scores = None
+    if len(candidates) > 1:
+        calib, scores = q.choose_calibrator(pre, fmt, plan, make_calibration, candidates, scorer, work)
+        log.info("--calibrator auto chose %s (lowest output divergence on %d held-out calibration images)",
+                 calib.settings.label, len(holdout))
+    else:
+        calib = make_calibration(candidates[0])
+        calib.ensure(pre)
+    calib_info = {**calib.describe(), "source": source, "held_out_images": len(holdout),
+                  "seconds": round(calib.seconds, 2), "auto_scores": scores}
+    return _Int8Setup(pre, prepared, plan, fmt, choice, calib, calib_info, scorer)
+
+
+def export_int8(ctx: _Export) -> dict:
+    """PTQ; quantization-aware distillation when asked or when PTQ misses --max-drop; the float
+    fallback as the last resort. The manifest says which of the three delivered the file."""
+    from edgedistill.deploy import quantize as q
+    from edgedistill.evaluate import classifier_noise_check
+
+    opts, out = ctx.opts, ctx.out
     work = Path(tempfile.mkdtemp(prefix="edgedistill-int8-"))
     try:
-        pre = work / "model.pre.onnx"
-        prepared = q.prepare(fp32_path, pre, opts.placement)
-        plan = q.make_plan(opts.target, pre, opts.placement)
-        cache_dir = opts.cache_dir or q.default_cache_dir()
-        fingerprint = ddata.file_list_fingerprint(calib_files_used)
-
-        def make_calibration(settings: q.QuantSettings) -> q.Calibration:
-            return q.Calibration(pre, calib_files_used, fingerprint, settings, preprocess_spec(dep), cache_dir,
-                                 lambda: ddata.make_reader(calib_files_used, dep.cfg, INPUT_NAME, settings.calib_batch))
-
-        # Held-out calibration images: what calibrators and layers are scored on (never the
-        # validation images the report uses).
-        scorer = None
-        if holdout:
-            held = ddata.load_images(holdout, dep.cfg)
-            scorer = q.Scorer(held, ddata.torch_outputs(dep.model, held), kind)
-        symmetric = opts.target == "tensorrt" or opts.int8_format == "qdq-s8s8-sym"
-        if opts.calibrator == "auto":
-            if scorer is None:
-                raise UserError(f"--calibrator auto needs at least 4 calibration images (got {len(files)}): "
-                                "raise --calib-count or pick a calibrator")
-            candidates = q.auto_candidates(symmetric)
-        else:
-            candidates = [q.QuantSettings(opts.calibrator, percentile=opts.percentile, entropy_bins=opts.entropy_bins,
-                                          symmetric=symmetric)]
-
-        if opts.target == "tensorrt":
-            fmt = "qdq-s8s8-sym"
-            choice = {"chosen": fmt, "measured": False,
-                      "reason": "TensorRT explicit quantization needs symmetric signed int8 Q/DQ (zero point 0)"}
-        elif opts.int8_format != "auto":
-            fmt = opts.int8_format
-            choice = {"chosen": fmt, "measured": False, "reason": "chosen by the user (--int8-format)"}
-        else:  # the ranges do not change the speed: time the formats with the cheapest candidate's
-            fmt, choice = q.choose_cpu_format(pre, fp32_path, make_calibration(candidates[-1]), plan, images[:1], work,
-                                              budget_s=opts.timing_budget_s)
-            log.info("INT8 format for ort-cpu: %s", choice["reason"])
-
-        calibrator_scores = None
-        if len(candidates) > 1:
-            calib, calibrator_scores = q.choose_calibrator(pre, fmt, plan, make_calibration, candidates, scorer, work)
-            log.info("--calibrator auto chose %s (lowest output divergence on %d held-out calibration images)",
-                     calib.settings.label, len(holdout))
-        else:
-            calib = make_calibration(candidates[0])
-            calib.ensure(pre)
-        calib_info = {**calib.describe(), "source": source, "held_out_images": len(holdout),
-                      "seconds": round(calib.seconds, 2), "auto_scores": calibrator_scores}
+        setup = _int8_setup(ctx, work)
         # Keep a copy of the ranges with the export (what the INT8 file was calibrated with).
-        shutil.copyfile(calib.path, out / "calibration.json")
-
-        name, file = f"onnx-int8-{q.short_name(fmt)}", f"model.int8.{q.short_name(fmt)}.onnx"
-        dst = out / file
-
-        def evaluate(excluded: list[str]) -> tuple[dict, float]:
-            q.quantize(pre, dst, fmt, calib, plan, excluded)
-            m = runtime.compare(ref, runtime.run(runtime.session(dst), images), labels, kind)
-            return m, _drop(torch_metrics, m, kind)
-
-        metrics, drop = evaluate([])
-        log.info("%s (%s, %s): %s, drop %.2f points", file, fmt, calib.settings.label, _summary(metrics), drop)
-        excluded: list[str] = []
-        fallback = None
-        sensitivity = None
-        if scorer is not None and (opts.sensitivity or (opts.max_drop is not None and drop > opts.max_drop)):
-            layers = q.weighted_nodes(pre)
-            with progress_bar(len(layers), "INT8 sensitivity", show_loss=False) as bar:
-                sensitivity = q.layer_sensitivity(pre, fmt, calib, plan, scorer, work, lambda: bar.advance(1))
-            write_json(out / "sensitivity.json", sensitivity)
-        if opts.max_drop is not None:
-            # The all-INT8 model before any layer goes back to float, for the record.
-            fallback = {"max_drop": opts.max_drop, "initial_drop": drop, "reached": drop <= opts.max_drop,
-                        "kept_in_float": [], "trials": [],
-                        "initial": {"accuracy": metrics, "bytes": dst.stat().st_size,
-                                    "int8_layers": q.int8_share(pre, dst)}}
-            if drop > opts.max_drop:
-                ranked = [r["node"] for r in (sensitivity or {}).get("layers", [])]
-                cap = max(1, math.floor(opts.max_float_share * len(ranked)))
-                excluded, metrics, drop, trials, reached = q.fallback(ranked, evaluate, opts.max_drop, cap)
-                if not reached and drop >= fallback["initial_drop"]:  # nothing beat the all-INT8 model: keep it
-                    excluded, drop = [], fallback["initial_drop"]
-                fallback.update({"reached": reached, "kept_in_float": excluded, "trials": trials, "final_drop": drop,
-                                 "max_float_layers": cap})
-                if reached:
-                    log.info("--max-drop %.2f: kept %d weighted layer(s) in float (%s%s): drop %.2f points",
-                             opts.max_drop, len(excluded), ", ".join(excluded[:3]), ", ..." if len(excluded) > 3 else "",
-                             drop)
-                else:
-                    msg = (f"INT8 top-1 drop {fallback['initial_drop']:.2f} points cannot be brought within --max-drop "
-                           f"{opts.max_drop:.2f} with at most {cap} layers in float (--max-float-share "
-                           f"{opts.max_float_share:g}): best {drop:.2f} with {len(excluded)}; quantization-aware "
-                           "fine-tuning, a larger budget or a larger --max-float-share are the remedies")
-                    log.warning(msg)
-                    st.status = "max_drop_not_reached"
-                    st.problems.append(msg)
-                # The last trial written may not be the one kept: write the kept one again.
-                metrics, drop = evaluate(excluded)
-
-        share = q.int8_share(pre, dst)
-        size_ratio = round((out / "model.onnx").stat().st_size / dst.stat().st_size, 3)
-        log.info("%s: %d of %d weighted layers in INT8, file %.2fx smaller than fp32", file, share["int8"],
-                 share["weighted_layers"], size_ratio)
-        quant = {**q.describe_format(fmt), "calibration": calib_info, "placement": plan.describe(),
-                 "prepare": prepared, "nodes_kept_in_float": excluded, "int8_layers": share,
-                 "size_ratio_vs_fp32": size_ratio, "ort_version": __import__("onnxruntime").__version__}
-        art = _artifact(name, file, "onnx-qdq", "int8", opts.target, out, accuracy={**metrics, "drop_vs_fp32": drop},
-                        quantization=quant)
-        st.artifacts.append(art)
-        st.paths[name] = file
-        stamp_metadata(dst, base_meta({"name": name, "precision": "int8", "target": opts.target, "format": fmt,
-                                       "calibrator": calib.settings.label, "kept_in_float": excluded}))
-        st.int8 = {"target": opts.target, "format": fmt, "format_choice": choice, "calibration": calib_info,
-                   "placement": plan.describe(), "int8_layers": share, "size_ratio_vs_fp32": size_ratio,
-                   "classifier_check": classifier_noise_check(dep.model, scorer.images) if kind == "classifier" and scorer else None,
-                   "max_drop": fallback, "sensitivity_file": "sensitivity.json" if sensitivity is not None else None}
-        check = st.int8["classifier_check"]
+        shutil.copyfile(setup.calib.path, out / "calibration.json")
+        name, file = f"onnx-int8-{q.short_name(setup.fmt)}", f"model.int8.{q.short_name(setup.fmt)}.onnx"
+        made = _deliver_int8(ctx, setup, work, out / file)
+        share = q.int8_share(setup.pre, out / file)
+        size_ratio = round((out / "model.onnx").stat().st_size / (out / file).stat().st_size, 3)
+        log.info("%s: %d of %d weighted layers in INT8, file %.2fx smaller than fp32 (delivered by %s)", file,
+                 share["int8"], share["weighted_layers"], size_ratio, made["delivered_by"])
+        record = {"placement": setup.plan.describe(), "int8_layers": share, "size_ratio_vs_fp32": size_ratio,
+                  "delivered_by": made["delivered_by"], "ptq": made["ptq"], "qad": made["qad"]}
+        quant = {**q.describe_format(setup.fmt), "calibration": setup.calib_info, "prepare": setup.prepared,
+                 "nodes_kept_in_float": made["excluded"], **record,
+                 "ort_version": __import__("onnxruntime").__version__}
+        ctx.stamp(out / file, {"name": name, "precision": "int8", "target": opts.target, "format": setup.fmt,
+                               "calibrator": setup.calib.settings.label, "kept_in_float": made["excluded"]})
+        check = (classifier_noise_check(ctx.dep.model, setup.scorer.images)
+                 if ctx.kind == "classifier" and setup.scorer else None)
+        ctx.st.int8 = {"target": opts.target, "format": setup.fmt, "format_choice": setup.format_choice,
+                       "calibration": setup.calib_info, **record, "classifier_check": check,
+                       "max_drop": made["fallback"],
+                       "sensitivity_file": "sensitivity.json" if made["sensitivity"] else None}
         if check and check["fragile"]:
             log.warning("the classifier is fragile under INT8 noise: %s", check["advice"])
+        return _artifact(name, file, "onnx-qdq", "int8", opts.target, out,
+                         accuracy={**made["metrics"], "drop_vs_fp32": made["drop"]}, quantization=quant)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _deliver_int8(ctx: _Export, setup: _Int8Setup, work: Path, dst: Path) -> dict:
+    """Write `dst`: PTQ, then QAD (deploy/qad.py), then layers back in float, each only if needed."""
+    from edgedistill.deploy import quantize as q
+    from edgedistill.deploy import runtime
+    from edgedistill.fileio import write_json
+
+    opts, out, kind = ctx.opts, ctx.out, ctx.kind
+    source = setup.pre  # the float model being quantized: the prepared export, or its QAD-trained weights
+    learnt: dict[str, dict] = {}  # activation scales learnt by QAD
+
+    def evaluate(excluded: list[str]) -> tuple[dict, float]:
+        q.quantize(source, dst, setup.fmt, setup.calib, setup.plan, excluded, learnt)
+        m = runtime.compare(ctx.ref, runtime.run(runtime.session(dst), ctx.images), ctx.labels, kind)
+        return m, _drop(ctx.torch_metrics, m, kind)
+
+    metrics, drop = evaluate([])
+    log.info("%s (%s, %s): %s, drop %.2f points", dst.name, setup.fmt, setup.calib.settings.label, _summary(metrics), drop)
+    made = {"ptq": {"accuracy": metrics, "drop": drop, "bytes": dst.stat().st_size}, "delivered_by": "ptq",
+            "qad": None, "excluded": [], "fallback": None, "sensitivity": None}
+    if opts.qad_steps or (opts.qad_steps is None and opts.max_drop is not None and drop > opts.max_drop):
+        # Judged like the calibrators: output divergence from fp32 on the held-out calibration images.
+        ptq_divergence = setup.scorer(dst) if setup.scorer is not None else None
+        source, learnt, record = _qad(ctx, setup.pre, dst, work)
+        metrics, drop = evaluate([])
+        record["parity"] = _qad_parity(record.pop("torch_outputs"), runtime.run(runtime.session(dst), ctx.images),
+                                       ctx.ref, kind)
+        record["held_out_divergence"] = {"ptq": ptq_divergence,
+                                         "qad": setup.scorer(dst) if setup.scorer is not None else None}
+        log.info("%s after %d QAD steps: %s, drop %.2f points (PTQ %.2f)", dst.name, record["steps"],
+                 _summary(metrics), drop, made["ptq"]["drop"])
+        record["kept"] = ptq_divergence is None or record["held_out_divergence"]["qad"] < ptq_divergence
+        if record["kept"]:
+            made.update(qad=record, delivered_by="qad")
+        else:  # QAD made the model worse on images it did not train on: ship the PTQ model
+            log.warning("QAD raised the output divergence on the held-out calibration images (%.4g -> %.4g): "
+                        "keeping the PTQ model", ptq_divergence, record["held_out_divergence"]["qad"])
+            source, learnt = setup.pre, {}
+            metrics, drop = evaluate([])
+            made["qad"] = record
+        record["parity"]["checked"] = "the QAD file (before the choice)"
+        if record["kept"] and not record["parity"]["passed"]:
+            ctx.st.status = "qad_parity_failed"
+            parity = record["parity"]
+            ctx.st.problems.append(f"{dst.name}: ONNX Runtime's output differs from the torch fake-quant model "
+                                   f"(divergence {parity['ratio']:.1%} of the INT8 model's own from fp32, allowed "
+                                   f"{parity['max_ratio']:.0%}; top-1 agreement {parity.get('agreement', '-')}%)")
+    if setup.scorer is not None and (opts.sensitivity or (opts.max_drop is not None and drop > opts.max_drop)):
+        layers = q.weighted_nodes(source)
+        with progress_bar(len(layers), "INT8 sensitivity", show_loss=False) as bar:
+            made["sensitivity"] = q.layer_sensitivity(source, setup.fmt, setup.calib, setup.plan, setup.scorer, work,
+                                                      lambda: bar.advance(1))
+        write_json(out / "sensitivity.json", made["sensitivity"])
+    if opts.max_drop is not None:
+        # The all-INT8 model before any layer goes back to float, for the record.
+        fallback = {"max_drop": opts.max_drop, "initial_drop": drop, "reached": drop <= opts.max_drop,
+                    "kept_in_float": [], "trials": [],
+                    "initial": {"accuracy": metrics, "bytes": dst.stat().st_size,
+                                "int8_layers": q.int8_share(source, dst)}}
+        made["fallback"] = fallback
+        if drop > opts.max_drop:
+            ranked = [r["node"] for r in (made["sensitivity"] or {}).get("layers", [])]
+            cap = max(1, math.floor(opts.max_float_share * len(ranked)))
+            excluded, metrics, drop, trials, reached = q.fallback(ranked, evaluate, opts.max_drop, cap)
+            if not reached and drop >= fallback["initial_drop"]:  # nothing beat the all-INT8 model: keep it
+                excluded, drop = [], fallback["initial_drop"]
+            fallback.update({"reached": reached, "kept_in_float": excluded, "trials": trials, "final_drop": drop,
+                             "max_float_layers": cap})
+            if reached:
+                log.info("--max-drop %.2f: kept %d weighted layer(s) in float (%s%s): drop %.2f points",
+                         opts.max_drop, len(excluded), ", ".join(excluded[:3]), ", ..." if len(excluded) > 3 else "",
+                         drop)
+            else:
+                msg = (f"INT8 top-1 drop {fallback['initial_drop']:.2f} points{' after QAD' if made['qad'] else ''} "
+                       f"cannot be brought within --max-drop {opts.max_drop:.2f} with at most {cap} layers in float "
+                       f"(--max-float-share {opts.max_float_share:g}): best {drop:.2f} with {len(excluded)}; "
+                       "quantization-aware distillation (--qad-steps), a larger budget or a larger "
+                       "--max-float-share are the remedies")
+                log.warning(msg)
+                ctx.st.status = "max_drop_not_reached"
+                ctx.st.problems.append(msg)
+            # The last trial written may not be the one kept: write the kept one again.
+            metrics, drop = evaluate(excluded)
+            made["excluded"] = excluded
+            if excluded:
+                made["delivered_by"] = "fallback"
+    made.update(metrics=metrics, drop=drop)
+    return made
+
+
+def _qad(ctx: _Export, pre: Path, ptq_path: Path, work: Path) -> tuple[Path, dict, dict]:
+    """Quantization-aware distillation of the PTQ model `ptq_path` (deploy/qad.py); returns the
+    prepared float model with the trained weights, the learnt activation scales (ONNX Runtime
+    TensorQuantOverrides) and the record for the manifest."""
+    import onnx
+    import torch
+
+    from edgedistill.data import build_train_loader, train_folder
+    from edgedistill.deploy import qad
+
+    dep, opts = ctx.dep, ctx.opts
+    settings = qad.QADSettings(steps=opts.qad_steps or DEFAULT_QAD_STEPS, lr=opts.qad_lr,
+                               batch_size=opts.qad_batch, seed=dep.cfg.seed, learn_scales=opts.qad_learn_scales,
+                               images=opts.qad_images)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    graph = qad.FakeQuantGraph(onnx.load(str(ptq_path)), qad.float_initializers(pre), settings.learn_scales).to(device)
+    folder = train_folder(dep.cfg.data, dep.cfg.seed)
+    batch = min(settings.batch_size, len(folder))
+    if settings.images == "clean":
+        loader = qad.CleanImages([path for path, _ in folder.samples], dep.cfg, batch, settings.seed)
+    else:
+        loader = build_train_loader(dep.cfg.data, folder, 1, batch, settings.seed, device)
+    log.info("QAD: %d steps of batch %d on %s (%s loader), teacher: the fp32 model", settings.steps,
+             loader.batch_size, folder.root, loader.name)
+    record = qad.train(graph, dep.model.to(device), loader, dep.kind, settings, ctx.out,
+                       qad.checkpoint_key(ptq_path, settings))
+    graph = graph.cpu()
+    dep.model.cpu()
+    record.update(steps=settings.steps, images=folder.root.as_posix(), loader=loader.name,
+                  torch_outputs=qad.outputs(graph, ctx.images))
+    return (qad.write_trained_float(pre, graph.trained_weights(), work / "model.qad.onnx"),
+            graph.activation_overrides(), record)
+
+
+def _qad_parity(torch_out: np.ndarray, ort_out: np.ndarray, ref: np.ndarray, kind: str, max_ratio: float = 0.1,
+                min_agreement: float = 98.0) -> dict:
+    """ONNX Runtime's INT8 output against the torch fake-quant model on the validation images.
+
+    The two run the same integer grid but sum their float convolutions in different orders, so a
+    value that lands next to a rounding boundary of a QuantizeLinear can come out one int8 step
+    apart, and that step travels to the output. The check therefore compares the divergence
+    between them (KL of the logits, 1 - cosine for embeddings) with the INT8 model's own
+    divergence from fp32, which is what QAD reduces: it passes when the first is at most
+    `max_ratio` of the second (and top-1 agreement is at least `min_agreement`)."""
+    from edgedistill.deploy.runtime import output_divergence
+
+    scale = max(1.0, float(np.abs(torch_out).max()))
+    res = {"divergence": output_divergence(torch_out, ort_out, kind),
+           "int8_divergence_vs_fp32": output_divergence(ref, ort_out, kind), "max_ratio": max_ratio,
+           "match_share": round(float((np.abs(torch_out - ort_out).max(1) <= 1e-3 * scale).mean()), 4),
+           "max_rel_diff": float(np.abs(torch_out - ort_out).max() / scale)}
+    res["ratio"] = res["divergence"] / max(res["int8_divergence_vs_fp32"], 1e-9)
+    ok = res["ratio"] <= max_ratio
+    if kind == "classifier":
+        res["agreement"] = round(100.0 * float((torch_out.argmax(1) == ort_out.argmax(1)).mean()), 3)
+        res["min_agreement"] = min_agreement
+        ok = ok and res["agreement"] >= min_agreement
+    res["passed"] = bool(ok)
+    return res

@@ -77,6 +77,8 @@ PLACEMENTS: tuple[str, ...] = get_args(Placement)
 CALIBRATORS: tuple[str, ...] = get_args(Calibrator)
 FORMATS: tuple[str, ...] = get_args(Format)
 TARGETS: tuple[str, ...] = get_args(Target)
+Exporter = Literal["legacy", "dynamo"]  # torch's TorchScript ONNX exporter or torch.export (deploy/onnx_export.py)
+EXPORTERS: tuple[str, ...] = get_args(Exporter)
 
 # The ops quantized for TensorRT: the weighted layers (what "INT8" means for speed and size) and
 # the residual adds between them; the builder fuses everything else.
@@ -214,9 +216,11 @@ def prepare(src: Path, dst: Path, placement: str = "tuned") -> dict:
         quant_pre_process(str(src), str(dst), skip_optimization=True, skip_symbolic_shape=True)
     model = onnx.load(str(dst))
     removed = remove_identities(model)
+    unshared = unshare_parameters(model)
     named = name_nodes(model)
     onnx.save(model, str(dst))
-    return {"graph_optimisation": optimise, "identity_nodes_removed": removed, "nodes_named": named}
+    return {"graph_optimisation": optimise, "identity_nodes_removed": removed, "parameters_unshared": unshared,
+            "nodes_named": named}
 
 
 def remove_identities(model) -> int:
@@ -238,6 +242,33 @@ def remove_identities(model) -> int:
     for node in drop:
         graph.node.remove(node)
     return len(drop)
+
+
+def unshare_parameters(model) -> int:
+    """Give every weighted layer its own weight and bias initializers; returns how many copies.
+
+    The exporter stores equal constants once (e.g. the zero biases of freshly folded BatchNorms);
+    ONNX Runtime's quantizer then makes one int32 copy per layer anyway (each with its own scale),
+    and quantization-aware distillation trains each layer's copy on its own, so the float graph
+    has to hold them apart to receive the trained values."""
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    seen: set[str] = set()
+    copies = 0
+    for node in graph.node:
+        if node.op_type not in WEIGHTED_OPS:
+            continue
+        for slot, name in enumerate(node.input):
+            if slot == 0 or name not in inits:
+                continue
+            if name in seen:
+                copy = graph.initializer.add()
+                copy.CopyFrom(inits[name])
+                copy.name = f"{name}.{node.name or node.output[0]}"
+                node.input[slot] = copy.name
+                copies += 1
+            seen.add(name)
+    return copies
 
 
 def name_nodes(model) -> int:
@@ -356,7 +387,10 @@ class Calibration:
         try:
             # ONNX Runtime's own calibrator; the ranges are stored in its cache format
             # (save_tensors_data writes atomically).
-            from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+            from onnxruntime.quantization.registry import (
+                QDQRegistry,
+                QLinearOpsRegistry,
+            )
 
             # Every op type ONNX Runtime can quantize, so any placement finds its ranges here.
             calibrator = create_calibrator(
@@ -403,8 +437,10 @@ class Calibration:
 
 
 def quantize(pre_path: Path, out_path: Path, fmt: str, calib: Calibration, plan: QuantPlan,
-             nodes_to_exclude: list[str] | None = None) -> Path:
-    """quantize_static with the cached ranges (no calibration pass) and the target's placement."""
+             nodes_to_exclude: list[str] | None = None, overrides: dict[str, dict] | None = None) -> Path:
+    """quantize_static with the cached ranges (no calibration pass) and the target's placement;
+    `overrides`: a scale and zero point per activation tensor (learnt by QAD), which win over the
+    calibrated ranges and clips."""
     from onnxruntime.quantization import QuantFormat, quantize_static
 
     calib.ensure(pre_path)
@@ -414,14 +450,17 @@ def quantize(pre_path: Path, out_path: Path, fmt: str, calib: Calibration, plan:
         extra["OpTypesToExcludeOutputQuantization"] = list(plan.exclude_output_ops)
     if plan.clips:
         ranges = calib.ranges()
-        overrides = {}
+        clipped = {}
         for tensor, (lo, hi) in plan.clips.items():
             if tensor in ranges:
                 rmin, rmax = ranges[tensor]
                 new = (max(rmin, lo), min(rmax, hi))
                 if new != (rmin, rmax) and new[0] < new[1]:
-                    overrides[tensor] = [{"rmin": np.float32(new[0]), "rmax": np.float32(new[1])}]
-        extra["TensorQuantOverrides"] = overrides
+                    clipped[tensor] = [{"rmin": np.float32(new[0]), "rmax": np.float32(new[1])}]
+        extra["TensorQuantOverrides"] = clipped
+    if overrides:
+        extra["TensorQuantOverrides"] = {**extra.get("TensorQuantOverrides", {}),
+                                         **{tensor: [dict(qparams)] for tensor, qparams in overrides.items()}}
     quiet = logging.getLogger()
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # ONNX Runtime warns per bias it cannot fold; nothing to act on
@@ -512,7 +551,7 @@ def choose_cpu_format(pre_path: Path, fp32_path: Path, calib: Calibration, plan:
     del sessions
     table = {name: round(float(np.median(v)), 4) for name, v in runs.items()}
     chosen = min(FORMATS, key=lambda f: table[f])
-    other = [f for f in FORMATS if f != chosen][0]
+    other = next(f for f in FORMATS if f != chosen)
     cpu = cpu_info()
     isa = ", ".join(k for k, v in cpu["isa"].items() if v) or "no listed SIMD extensions"
     reason = (f"{chosen} measured fastest on this CPU ({table[chosen]:.2f} ms vs {other} {table[other]:.2f} ms, "

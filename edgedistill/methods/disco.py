@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from edgedistill.errors import UserError
 from edgedistill.losses import embedding_distance
-from edgedistill.methods import register
+from edgedistill.methods.registry import register
 from edgedistill.methods.mocov2 import MoCoConfig, MoCoV2
 from edgedistill.methods.components import FrozenTeacher
 

@@ -42,7 +42,7 @@ import torch.nn as nn
 from edgedistill.config import ModelConfig
 from edgedistill.errors import UserError
 from edgedistill.losses import mutual_kl, nt_xent, view_similarity_log_probs
-from edgedistill.methods import register
+from edgedistill.methods.registry import register
 from edgedistill.methods.base import Method, OptimizerGroup
 from edgedistill.methods.simclr import SimCLRConfig, check_optimizer, embed_pair, simclr_encoder
 

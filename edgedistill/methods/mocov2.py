@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from edgedistill.losses import info_nce
-from edgedistill.methods import register
+from edgedistill.methods.registry import register
 from edgedistill.methods.base import Method, MethodConfig, OptimizerGroup
 from edgedistill.methods.components import EmbeddingQueue, ShuffleBN, resolve_shuffle_bn_splits
 from edgedistill.models import Encoder, create_backbone, feature_dim, projection_head

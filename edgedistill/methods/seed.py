@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from edgedistill.losses import seed_loss
-from edgedistill.methods import register
+from edgedistill.methods.registry import register
 from edgedistill.methods.base import Method, MethodConfig, OptimizerGroup
 from edgedistill.methods.components import EmbeddingQueue, FrozenTeacher
 from edgedistill.models import Encoder, create_backbone, feature_dim, projection_head

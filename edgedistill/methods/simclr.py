@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from edgedistill.config import ModelConfig
 from edgedistill.errors import UserError
 from edgedistill.losses import nt_xent
-from edgedistill.methods import register
+from edgedistill.methods.registry import register
 from edgedistill.methods.base import Method, MethodConfig, OptimizerGroup
 from edgedistill.models import Encoder, create_backbone, feature_dim, simclr_head
 

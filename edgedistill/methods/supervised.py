@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 import torch.nn.functional as F
 
-from edgedistill.methods import register
+from edgedistill.methods.registry import register
 from edgedistill.methods.base import Method, MethodConfig
 from edgedistill.models import create_backbone, feature_dim, projection_head
 

@@ -311,6 +311,8 @@ def _int8_section(manifest: dict | None, export_dir: Path) -> dict | None:
             "size_ratio_vs_fp32": int8.get("size_ratio_vs_fp32"),
             "drop": (art.get("accuracy") or {}).get("drop_vs_fp32"), "drop_se": (art.get("accuracy") or {}).get("drop_se"),
             "kept_in_float": (int8.get("max_drop") or {}).get("kept_in_float") or [],
+            "delivered_by": int8.get("delivered_by", "ptq"), "ptq_drop": (int8.get("ptq") or {}).get("drop"),
+            "qad": {k: int8["qad"].get(k) for k in ("steps", "seconds", "parity")} if int8.get("qad") else None,
             "most_sensitive": (sens or {}).get("layers", [])[:5], "sensitivity_metric": (sens or {}).get("metric")}
 
 
@@ -369,6 +371,14 @@ def render_markdown(report: dict) -> str:
                 f"`{q['artifact']}` ({q['format']}, calibrator {q['calibrator']}): {layers.get('int8')} of "
                 f"{layers.get('weighted_layers')} weighted layers in INT8, file {_f(q['size_ratio_vs_fp32'])}x smaller "
                 f"than fp32, top-1 drop {_f(q['drop'])} ± {_f(q['drop_se'])} points (± one standard error).", ""]
+        if q.get("qad"):
+            qd = q["qad"]
+            out += [f"Delivered by **{q['delivered_by']}**: post-training quantization lost {_f(q['ptq_drop'])} points; "
+                    f"quantization-aware distillation ({qd['steps']} steps, {_f(qd['seconds'], '{:.0f}')} s, the fp32 "
+                    f"model as teacher) followed, its QDQ file matching the torch fake-quant model on "
+                    f"{_f(100 * (qd['parity'] or {}).get('match_share', 0), '{:.1f}')}% of the images.", ""]
+        elif q.get("delivered_by") == "fallback":
+            out += ["Delivered by **fallback**: post-training quantization missed the budget; layers kept in float.", ""]
         if q["auto_scores"]:
             out += ["Calibrators tried (output KL against fp32 on held-out calibration images; lowest kept): "
                     + ", ".join(f"{c['calibrator']} {c['output_divergence']:.4f}" for c in q["auto_scores"]) + ".", ""]
