@@ -2,9 +2,10 @@
 batch-1 latency of fp32 and INT8 at 32 px and 224 px on this CPU.
 
     python bench/int8_quality.py quality runs/int8/sup_mnv3s [...]   # accuracy (one thread each is fine)
-    python bench/int8_quality.py quality --variants tuned-auto-qad runs/int8/sup_mnv3s  # only the QAD rows
+    python bench/int8_quality.py quality runs/int8/sup_mnv3s --variants tuned-auto-qad  # only the QAD rows
     python bench/int8_quality.py latency runs/int8/sup_mnv3s [...]   # timing: run alone on an idle machine
     python bench/int8_quality.py table                              # merge -> bench/results/int8_quality.json
+    python bench/int8_quality.py table --variants tuned-auto-qad    # merge only the QAD rows
 
 Variants, for each format (u8s8 = ONNX Runtime on x86, s8s8 = TensorRT's symmetric format):
 - `ort-default`: ONNX Runtime's stock `quant_pre_process` + `quantize_static`, MinMax (what
@@ -55,8 +56,7 @@ def quality(runs: list[Path], formats: list[str], variants: list[str]) -> None:
         done = WORK / f"{run.name}.quality.json"
         remeasured = {(f, v) for f in formats for v in variants} | {(f, "tuned-auto") for f in formats
                                                                     if "tuned-auto-fallback" in variants}
-        rows = [r for r in json.loads(done.read_text())["rows"] if (r["format"], r["variant"]) not in remeasured] \
-            if done.is_file() else []
+        rows = []
         for fmt in formats:
             fmt_opts = FORMATS[fmt]
             for variant in variants:
@@ -72,7 +72,10 @@ def quality(runs: list[Path], formats: list[str], variants: list[str]) -> None:
                     rows.append(_row(run, fmt, "tuned-auto", out, seconds, before_fallback=True))
                 rows.append(_row(run, fmt, variant, out, seconds))
                 print(json.dumps(rows[-1]), flush=True)
-        rows.sort(key=lambda r: (list(FORMATS).index(r["format"]), ORDER.index(r["variant"])))
+        # Read what is there only now: another format's lane may have written this student meanwhile.
+        kept = [r for r in json.loads(done.read_text())["rows"] if (r["format"], r["variant"]) not in remeasured] \
+            if done.is_file() else []
+        rows = sorted(kept + rows, key=lambda r: (list(FORMATS).index(r["format"]), ORDER.index(r["variant"])))
         _write(done, {"run": str(run), "rows": rows})
 
 
@@ -165,38 +168,54 @@ def latency(runs: list[Path], rounds: int = 5, budget_s: float = 1.0) -> None:
         _write(WORK / f"{run.name}.latency.json", result)
 
 
-def table() -> None:
+def table(variants: list[str]) -> None:
+    """Merge the measured rows of `variants` (all by default) into bench/results/int8_quality.json;
+    rows of other variants (and the latency) stay as committed, with the environment they were
+    measured in."""
     from edgedistill.envinfo import environment
 
+    committed = json.loads(RESULT.read_text()) if RESULT.is_file() else {"rows": [], "latency": {}}
     students = sorted({p.name.split(".")[0] for p in WORK.glob("*.quality.json")})
-    rows, lat = [], {}
+    merged = set(variants) | ({"tuned-auto"} if "tuned-auto-fallback" in variants else set())
+    rows = [r for r in committed["rows"] if r["variant"] not in merged]
+    lat = committed.get("latency", {})
     for s in students:
-        rows += json.loads((WORK / f"{s}.quality.json").read_text())["rows"]
-        if (WORK / f"{s}.latency.json").is_file():
+        rows += [r for r in json.loads((WORK / f"{s}.quality.json").read_text())["rows"] if r["variant"] in merged]
+        if (WORK / f"{s}.latency.json").is_file() and "latency" in variants:
             lat[s] = json.loads((WORK / f"{s}.latency.json").read_text())
+    rows.sort(key=lambda r: (r["student"], list(FORMATS).index(r["format"]), ORDER.index(r["variant"])))
+    environments = {**committed.get("environments", {}), **{v: environment() for v in sorted(merged)}}
+    if "environment" in committed and not committed.get("environments"):
+        environments = {**{v: committed["environment"] for v in VARIANTS if v not in merged}, **environments}
     _write(RESULT, {
         "schema": "edgedistill.int8_quality/1",
-        "what": "INT8 PTQ of CIFAR-10-JPEG students: top-1 on the full test set (10,000 images), drop vs the fp32 "
-                "ONNX model with its paired standard error, agreement and output KL; weighted (Conv/Gemm) layers in "
-                "INT8; file sizes; batch-1 latency on this CPU at 32 and 224 px",
+        "what": "INT8 PTQ and QAD of CIFAR-10-JPEG students: top-1 on the full test set (10,000 images), drop vs "
+                "the fp32 ONNX model with its paired standard error, agreement and output KL; weighted (Conv/Gemm) "
+                "layers in INT8; file sizes; QAD steps and seconds; batch-1 latency on this CPU at 32 and 224 px",
         "commands": ["edgedistill train recipes/cifar10_supervised_student.yaml --set student.arch=ARCH "
                      "--set train.epochs=E --set data.workers=1 --out runs/int8/NAME",
                      "python bench/int8_quality.py quality runs/int8/NAME",
+                     "python bench/int8_quality.py quality runs/int8/NAME --variants tuned-auto-qad --formats FMT "
+                     "(one format per process, one thread each)",
                      "python bench/int8_quality.py latency runs/int8/NAME  (alone, idle machine)",
                      "python bench/int8_quality.py table"],
-        "max_drop": MAX_DROP, "rows": rows, "latency": lat, "environment": environment(),
+        "max_drop": MAX_DROP, "qad_steps": QAD_STEPS, "rows": rows, "latency": lat,
+        "environments": environments,  # per variant: where its rows were measured
     })
     print(markdown(rows, lat))
 
 
 def markdown(rows: list[dict], lat: dict) -> str:
-    lines = ["| student | format | variant | calibrator | fp32 top-1 | INT8 top-1 | drop ± se | agreement | "
-             "INT8 layers | size fp32 / INT8 (KB) | ratio |", "|" + "---|" * 11]
+    lines = ["| student | format | variant | calibrator | fp32 top-1 | INT8 top-1 | drop ± se | agreement | KL | "
+             "INT8 layers | size fp32 / INT8 (KB) | ratio | QAD steps, s |", "|" + "---|" * 13]
     for r in rows:
+        qad = r.get("qad")
+        qad_cell = f"{qad['steps']}, {qad['seconds']:.0f}" if qad else "-"
         lines.append(f"| {r['student']} | {r['format']} | {r['variant']} | {r['calibrator']} | {r['fp32_top1']:.2f} | "
                      f"{r['int8_top1']:.2f} | {r['drop']:.2f} ± {r['drop_se']:.2f} | {r['agreement']:.2f} | "
-                     f"{r['int8_layers']}/{r['weighted_layers']} | {r['fp32_kb']:.0f} / {r['int8_kb']:.0f} | "
-                     f"{r['size_ratio']:.2f}x |")
+                     f"{r['kl_vs_fp32']:.4f} | {r['int8_layers']}/{r['weighted_layers']} | {r['fp32_kb']:.0f} / "
+                     f"{r['int8_kb']:.0f} | {r['size_ratio']:.2f}x | "
+                     f"{qad_cell} |")
     if lat:
         lines += ["", "| student | px | fp32 ms | INT8 u8s8 ms (x) | INT8 s8s8 ms (x) | ORT-default u8s8 ms (x) |",
                   "|---|---|---|---|---|---|"]
@@ -220,10 +239,14 @@ def main() -> None:
     parser.add_argument("phase", choices=("quality", "latency", "table"))
     parser.add_argument("runs", nargs="*", type=Path)
     parser.add_argument("--formats", default=",".join(FORMATS), help="quality: formats to (re)measure")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="quality: variants to (re)measure")
+    parser.add_argument("--variants", default=",".join([*VARIANTS, "latency"]),
+                        help="quality: variants to (re)measure; table: variants (and 'latency') to merge")
     args = parser.parse_args()
     os.chdir(ROOT)
-    {"quality": lambda: quality(args.runs, args.formats.split(","), args.variants.split(",")), "latency": lambda: latency(args.runs), "table": table}[args.phase]()
+    variants = args.variants.split(",")
+    {"quality": lambda: quality(args.runs, args.formats.split(","), [v for v in variants if v in VARIANTS]),
+     "latency": lambda: latency(args.runs),
+     "table": lambda: table(variants)}[args.phase]()
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from edgedistill import compare as compare_commands
 from edgedistill.bench.commands import bench
+from edgedistill.compare import compare
 from edgedistill.bench.train_speed import bench_train
 from edgedistill.cli_helpers import SetOption, handle_errors
 from edgedistill.deploy.commands import export
@@ -101,5 +101,5 @@ app.command()(export)
 app.command()(bench)
 app.command()(report)
 app.command()(gate)
-compare_commands.register(app)  # compare
+app.command()(compare)
 app.command("bench-train")(bench_train)

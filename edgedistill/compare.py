@@ -21,21 +21,17 @@ and evaluated once); an interrupted one is resumed from its checkpoint.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
+
+from edgedistill.cli_helpers import SetOption, handle_errors
 
 COMPARE_JSON = "compare.json"
 COMPARE_MD = "compare.md"
 COMPARE_PNG = "compare.png"
 UNTRAINED = "untrained"
 SCHEMA = "edgedistill.compare/1"
-
-# The same `--set` as the other commands (defined here: annotations are evaluated in this module).
-SetOption = Annotated[
-    Optional[list[str]],
-    typer.Option("--set", "-s", help="Override a value in every recipe, e.g. --set train.epochs=10 (repeatable)."),
-]
 
 # Settings that must agree across the compared recipes (dotted paths into the resolved config).
 SHARED_KEYS = ("seed", "student", "data", "train.epochs", "train.max_steps", "train.batch_size", "eval")
@@ -299,27 +295,22 @@ def print_compare(result: dict) -> None:
     console.print(table)
 
 
-def register(app) -> None:
-    """Add `compare` to the Typer app."""
-    from edgedistill.cli_helpers import handle_errors
+@handle_errors
+def compare(
+    recipes: Annotated[list[Path], typer.Argument(metavar="RECIPE...", help="Two or more YAML recipes (e.g. recipes/cifar10_*.yaml).")],
+    set_: SetOption = None,
+    out: Annotated[Path, typer.Option(help="Folder for the runs and compare.md / compare.json.")] = Path("runs/compare"),
+    reuse: Annotated[bool, typer.Option(help="Reuse (or resume) a run folder whose config matches.")] = True,
+    untrained: Annotated[bool, typer.Option(help="Add a row for the student as initialised (0 steps), the floor every method must clear.")] = False,
+):
+    """Train and evaluate several recipes like for like (same data, student, budget, seed) and write one table (method, teacher, student, parameters, kNN / linear top-1, images/s, wall time) and a PNG of the training curves beside it.
 
-    @app.command()
-    @handle_errors
-    def compare(
-        recipes: Annotated[list[Path], typer.Argument(metavar="RECIPE...", help="Two or more YAML recipes (e.g. recipes/cifar10_*.yaml).")],
-        set_: SetOption = None,
-        out: Annotated[Path, typer.Option(help="Folder for the runs and compare.md / compare.json.")] = Path("runs/compare"),
-        reuse: Annotated[bool, typer.Option(help="Reuse (or resume) a run folder whose config matches.")] = True,
-        untrained: Annotated[bool, typer.Option(help="Add a row for the student as initialised (0 steps), the floor every method must clear.")] = False,
-    ):
-        """Train and evaluate several recipes like for like (same data, student, budget, seed) and write one table (method, teacher, student, parameters, kNN / linear top-1, images/s, wall time) and a PNG of the training curves beside it.
+    Recipes that differ in data, student, epochs/steps, batch size, evaluation or seed are refused; shared --set overrides apply to every recipe and can force them to agree.
+    """
+    from edgedistill.ui import console, setup_logging
 
-        Recipes that differ in data, student, epochs/steps, batch size, evaluation or seed are refused; shared --set overrides apply to every recipe and can force them to agree.
-        """
-        from edgedistill.ui import console, setup_logging
-
-        setup_logging()
-        result = run_compare(recipes, set_ or [], out, reuse, untrained)
-        print_compare(result)
-        console.print(f"table: [bold]{Path(out) / COMPARE_MD}[/] and {Path(out) / COMPARE_JSON}; curves: "
-                      f"{Path(out) / COMPARE_PNG}", highlight=False)
+    setup_logging()
+    result = run_compare(recipes, set_ or [], out, reuse, untrained)
+    print_compare(result)
+    console.print(f"table: [bold]{Path(out) / COMPARE_MD}[/] and {Path(out) / COMPARE_JSON}; curves: "
+                  f"{Path(out) / COMPARE_PNG}", highlight=False)

@@ -124,6 +124,10 @@ def _validate(opts: ExportOptions) -> None:
         raise UserError(f"--max-float-share must be in (0, 1], got {opts.max_float_share}")
     if opts.qad_steps is not None and opts.qad_steps < 0:
         raise UserError(f"--qad-steps must be >= 0, got {opts.qad_steps}")
+    from edgedistill.deploy.qad import IMAGE_SOURCES
+
+    if opts.qad_images not in IMAGE_SOURCES:
+        raise UserError(f"qad_images {opts.qad_images!r}: use one of {', '.join(IMAGE_SOURCES)}")
     if not 0 < opts.qad_lr < 1 or opts.qad_batch < 1:
         raise UserError(f"--qad-lr must be in (0, 1) and --qad-batch >= 1, got {opts.qad_lr} and {opts.qad_batch}")
     if opts.max_drop is not None and opts.max_drop < 0:

@@ -16,13 +16,16 @@ How it is done here, so that what is trained is exactly what ONNX Runtime will r
   Runtime applies at export (`max |w| / qmax`, zero point 0); bias scales are
   `input scale x weight scale` as ONNX Runtime's int32 biases. Nothing about the weights' ranges
   has to be learnt: they follow the weights, and the export reproduces them exactly.
-- Activation ranges stay those of the calibration (the `--calibrator` choice): re-estimating them
-  after the weights moved would be a second calibration, and learning them (LSQ) needs its own
-  learning rate and gradient scaling; with a few hundred steps the weights adapt to the fixed
-  grid, which is what the measurements in docs/int8.md show.
+- Activation scales are learnt (LSQ: log-scales, their own learning rate, zero points fixed),
+  starting from the calibrated ones: most of the INT8 error of a MobileNetV3 is the clipping of
+  the calibrated ranges, which no weight update can undo (docs/int8.md has the measurement).
+  `QADSettings.learn_scales=False` keeps them fixed.
+- The weights' learning rate is relative (per tensor, times its RMS): Adam moves every element by
+  about the learning rate, which would tear apart a layer whose folded weights are tiny.
 - The teacher is the fp32 student: KL divergence of the logits at a temperature for classifier
-  exports, mean squared error of L2-normalised outputs for embedding exports; the images come
-  unlabelled from the run's own training loader (its augmentation, one view).
+  exports, mean squared error of L2-normalised outputs for embedding exports. The images are the
+  run's training images, unlabelled, through the eval transform with random flips (`clean`, the
+  default: measured better than the run's self-supervised augmentation, `augmented`).
 - The export writes the trained float weights into the prepared float graph and quantizes it again
   with the same calibration ranges and placement: the QDQ file is what ONNX Runtime's quantizer
   makes of the trained weights, checked against the torch fake-quant model (`parity`).
