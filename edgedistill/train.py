@@ -53,14 +53,16 @@ def run_dir_for(cfg: RunConfig, out: str | Path | None) -> Path:
     return Path(out) if out else Path(cfg.out_dir) / cfg.name
 
 
-def _precision(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
-    p = cfg.train.precision
-    if p == "auto":
+def amp_dtype_for(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype that `train.precision` gives on `device` (None: fp32, no autocast)."""
+    precision = cfg.train.precision
+    if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[p]
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 
-def _channels_last(cfg: RunConfig, device: torch.device) -> bool:
+def use_channels_last(cfg: RunConfig, device: torch.device) -> bool:
+    """Whether `train.channels_last` puts the method and its batches in channels_last memory format on `device`."""
     return cfg.train.channels_last == "true" or (cfg.train.channels_last == "auto" and device.type == "cuda")
 
 
@@ -102,6 +104,66 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total: int, warmup: int, s
     return SequentialLR(optimizer, [ramp, decay], milestones=[warmup])
 
 
+@dataclass
+class TrainState:
+    """What a training step needs besides the model and the batch (built by `setup_training`)."""
+
+    device: torch.device
+    channels_last: bool
+    amp_dtype: torch.dtype | None  # None: fp32, no autocast
+    optimizers: list[torch.optim.Optimizer]
+    schedulers: list
+    scaler: torch.amp.GradScaler | None  # fp16 only
+
+    @property
+    def lr(self) -> float:
+        """The learning rate the next step uses (of the first parameter group, as logged)."""
+        return self.optimizers[0].param_groups[0]["lr"]
+
+    def autocast(self):
+        """The forward's precision context."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+
+    def prepare_views(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The batch's views in the memory format of the method."""
+        if self.channels_last:
+            return [view.contiguous(memory_format=torch.channels_last) for view in views]
+        return views
+
+
+def setup_training(cfg: RunConfig, method: Method, device: torch.device, world: int, total_steps: int) -> TrainState:
+    """Set `method` (already on `device`) up for training: memory format, optimizers, lr schedulers over `total_steps` and the fp16 grad scaler."""
+    channels_last = use_channels_last(cfg, device)
+    if channels_last:
+        method.to(memory_format=torch.channels_last)  # in place: the parameters stay the same objects
+    optimizers = build_optimizers(method, cfg, world)
+    amp_dtype = amp_dtype_for(cfg, device)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    schedulers = [build_scheduler(opt, total_steps, cfg.train.warmup_steps, cfg.train.schedule) for opt in optimizers]
+    return TrainState(device, channels_last, amp_dtype, optimizers, schedulers, scaler)
+
+
+def train_step(model: nn.Module, views: list[torch.Tensor], labels: torch.Tensor, state: TrainState) -> dict[str, torch.Tensor]:
+    """One training step: forward under autocast, backward (through the grad scaler in fp16), every optimizer's step, every lr scheduler's step. `model` is the method, or its DDP / torch.compile wrapper. Returns the step's losses as tensors: reading them (`float`) is a host sync on the GPU, left to the caller."""
+    views = state.prepare_views(views)
+    with state.autocast():
+        losses = model(views, labels)
+    for opt in state.optimizers:
+        opt.zero_grad(set_to_none=True)
+    if state.scaler is not None:
+        state.scaler.scale(losses["loss"]).backward()
+        for opt in state.optimizers:
+            state.scaler.step(opt)
+        state.scaler.update()
+    else:
+        losses["loss"].backward()
+        for opt in state.optimizers:
+            opt.step()
+    for sched in state.schedulers:
+        sched.step()
+    return losses
+
+
 def _trainable_state(method: Method) -> dict:
     frozen = method.frozen_prefixes()
     return {k: v for k, v in method.state_dict().items() if not k.startswith(frozen)}
@@ -125,7 +187,8 @@ def _save_checkpoint(path: Path, method, optimizers, scaler, step, epoch, step_i
     )
 
 
-def _load_checkpoint(path: Path, method, optimizers, schedulers, scaler) -> tuple[int, int, int]:
+def _load_checkpoint(path: Path, method: Method, state: TrainState) -> tuple[int, int, int]:
+    optimizers, schedulers, scaler = state.optimizers, state.schedulers, state.scaler
     ckpt = load_torch_file(path)
     missing, unexpected = method.load_state_dict(ckpt["method"], strict=False)
     frozen = method.frozen_prefixes()
@@ -134,12 +197,12 @@ def _load_checkpoint(path: Path, method, optimizers, schedulers, scaler) -> tupl
         raise UserError(f"{path} does not fit this recipe (missing {missing[:5]}, unexpected {unexpected[:5]}): was the recipe changed?")
     if len(ckpt["optimizers"]) != len(optimizers):
         raise UserError(f"{path} has {len(ckpt['optimizers'])} optimizer states, this method has {len(optimizers)}")
-    for opt, state in zip(optimizers, ckpt["optimizers"]):
-        opt.load_state_dict(state)
+    for opt, saved in zip(optimizers, ckpt["optimizers"]):
+        opt.load_state_dict(saved)
     if "schedulers" not in ckpt:
         raise UserError(f"{path} was written before lr schedulers were saved with the checkpoint: start the run again")
-    for sched, state in zip(schedulers, ckpt["schedulers"]):
-        sched.load_state_dict(state)
+    for sched, saved in zip(schedulers, ckpt["schedulers"]):
+        sched.load_state_dict(saved)
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     torch.set_rng_state(ckpt["rng"])
@@ -191,6 +254,64 @@ def _check_finite(losses: dict, step: int, ckpt: Path) -> None:
         )
 
 
+def _training_data(cfg: RunConfig, device: torch.device, rank: int, world: int):
+    """The training folder and this rank's loader of the method's views."""
+    with dist_utils.main_process_first():  # rank 0 materialises the dataset / verification cache
+        folder = train_folder(cfg.data, cfg.seed)
+    dist_utils.same_on_all_ranks(len(folder), f"the number of usable images in {folder.root}")
+    kind = method_class(cfg.method.name)
+    loader = build_train_loader(cfg.data, folder, kind.num_views, cfg.train.batch_size, cfg.seed, device, rank, world,
+                                kind.augmentation)
+    if loader.steps_per_epoch == 0:
+        raise UserError(f"{folder.root}: not one full batch per epoch; lower train.batch_size")
+    return folder, loader
+
+
+def _checkpoint(path: Path, method: Method, state: TrainState, cfg: RunConfig, step: int, epoch: int,
+                step_in_epoch: int, steps_per_epoch: int) -> None:
+    """Save the checkpoint after `step`; at the end of an epoch it points at the start of the next."""
+    at_epoch_end = step_in_epoch == steps_per_epoch
+    _save_checkpoint(path, method, state.optimizers, state.scaler, step, epoch + 1 if at_epoch_end else epoch,
+                     0 if at_epoch_end else step_in_epoch, cfg, state.schedulers)
+
+
+class _MetricsLog:
+    """The logging intervals: images/s and the losses on every rank, metrics.jsonl (and TensorBoard) records on the main process."""
+
+    def __init__(self, run_dir: Path, cfg: RunConfig, main: bool, images_per_step: int, step: int):
+        self.file = (run_dir / "metrics.jsonl").open("a") if main else None
+        self.board = tensorboard_writer(run_dir) if main and cfg.train.tensorboard else None
+        self.images_per_step = images_per_step
+        self.start = self.last_time = time.perf_counter()
+        self.last_step = step
+
+    def record(self, step: int, epoch: int, lr: float, losses: dict, device: torch.device) -> tuple[dict, float]:
+        """Log the interval ending at `step`; returns its rounded losses and images/s."""
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        now = time.perf_counter()
+        images_per_s = (step - self.last_step) * self.images_per_step / (now - self.last_time)
+        rounded = {k: round(float(v.detach()), 6) for k, v in losses.items()}
+        self.last_time, self.last_step = now, step
+        if self.file is not None:
+            record = {"step": step, "epoch": epoch, "lr": lr,
+                      **rounded, "images_per_s": round(images_per_s, 2), "time_s": round(now - self.start, 3)}
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+            if self.board is not None:
+                for key, value in record.items():
+                    if key not in ("step", "epoch"):
+                        self.board.add_scalar(f"train/{key}", value, step)
+                self.board.flush()
+        return rounded, images_per_s
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.board is not None:
+            self.board.close()
+
+
 def train(cfg: RunConfig, out: str | Path | None = None, resume: bool = False) -> TrainResult:
     """Train `cfg` into its run folder and return a summary."""
     run_dir = run_dir_for(cfg, out)
@@ -210,33 +331,19 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: bool = False) -
         (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
     seed_everything(cfg.seed)
 
-    with dist_utils.main_process_first():  # rank 0 materialises the dataset / verification cache
-        folder = train_folder(cfg.data, cfg.seed)
-    dist_utils.same_on_all_ranks(len(folder), f"the number of usable images in {folder.root}")
-    kind = method_class(cfg.method.name)
-    loader = build_train_loader(cfg.data, folder, kind.num_views, cfg.train.batch_size, cfg.seed, device, rank, world,
-                                kind.augmentation)
-    if loader.steps_per_epoch == 0:
-        raise UserError(f"{folder.root}: not one full batch per epoch; lower train.batch_size")
+    folder, loader = _training_data(cfg, device, rank, world)
     torch.manual_seed(cfg.seed)
     method = create_method(cfg, num_classes=len(folder.classes)).to(device)
     with dist_utils.main_process_first():  # rank 0 computes data-dependent state (teacher centre), the rest reuse it
         method.prepare(run_dir, folder, device)
-    channels_last = _channels_last(cfg, device)
-    if channels_last:
-        method = method.to(memory_format=torch.channels_last)
-    optimizers = build_optimizers(method, cfg, world)
-    amp_dtype = _precision(cfg, device)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     # max_steps 0 saves the initialised student untrained (the "untrained" baseline row of `compare`).
     total = cfg.train.max_steps if cfg.train.max_steps is not None else cfg.train.epochs * loader.steps_per_epoch
     total = min(total, cfg.train.epochs * loader.steps_per_epoch)
-
-    schedulers = [build_scheduler(opt, total, cfg.train.warmup_steps, cfg.train.schedule) for opt in optimizers]
+    state = setup_training(cfg, method, device, world, total)
 
     step, start_epoch, skip = 0, 0, 0
     if resume:
-        step, start_epoch, skip = _load_checkpoint(ckpt_path, method, optimizers, schedulers, scaler)
+        step, start_epoch, skip = _load_checkpoint(ckpt_path, method, state)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt_path, step, start_epoch, skip)
 
     model = dist_utils.wrap_ddp(method, device) if distributed else method
@@ -245,45 +352,25 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: bool = False) -
         log.info(
             "method=%s student=%s teacher=%s loader=%s device=%s precision=%s channels_last=%s world=%d",
             cfg.method.name, cfg.student.arch, cfg.teacher.arch if cfg.teacher else None, loader.name, device,
-            amp_dtype or "fp32", channels_last, world,
+            state.amp_dtype or "fp32", state.channels_last, world,
         )
         log.info("%d training images in %d classes (%d skipped as unreadable); %d steps/epoch, %d steps in all",
                  len(folder), len(folder.classes), len(folder.skipped), loader.steps_per_epoch, total)
 
-    metrics = (run_dir / "metrics.jsonl").open("a") if main else None
-    board = tensorboard_writer(run_dir) if main and cfg.train.tensorboard else None
-    images_per_step = cfg.train.batch_size * world
     method.train()
-    t_start = t_log = time.perf_counter()
-    start_step, steps_since_log, last_losses = step, 0, {}
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    images_per_step = cfg.train.batch_size * world
+    metrics = _MetricsLog(run_dir, cfg, main, images_per_step, step)
+    start_step, last_losses = step, {}
     with progress_bar(total, f"{cfg.method.name} {cfg.student.arch}", enabled=main) as bar:
         bar.advance(step)
         epoch = start_epoch
         while step < total:
             step_in_epoch = skip
             for views, labels in loader.epoch(epoch, skip=skip):
-                if channels_last:
-                    views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-                step_lr = optimizers[0].param_groups[0]["lr"]
-                with autocast:
-                    losses = forward(views, labels)
-                for opt in optimizers:
-                    opt.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(losses["loss"]).backward()
-                    for opt in optimizers:
-                        scaler.step(opt)
-                    scaler.update()
-                else:
-                    losses["loss"].backward()
-                    for opt in optimizers:
-                        opt.step()
-                for sched in schedulers:
-                    sched.step()
+                step_lr = state.lr
+                losses = train_step(forward, views, labels, state)
                 step += 1
                 step_in_epoch += 1
-                steps_since_log += 1
                 bar.advance(1)
                 # On the GPU every .item() is a host sync: inspect losses only at log/checkpoint steps.
                 log_now = step % cfg.train.log_every == 0 or step == total
@@ -291,37 +378,16 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: bool = False) -
                 if device.type == "cpu" or log_now or ckpt_now:
                     _check_finite(losses, step, ckpt_path)
                 if log_now:
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    now = time.perf_counter()
-                    ips = steps_since_log * images_per_step / (now - t_log)
-                    last_losses = {k: round(float(v.detach()), 6) for k, v in losses.items()}
-                    t_log, steps_since_log = now, 0
-                    bar.update_fields(loss=last_losses["loss"], ips=ips)
-                    if main:
-                        record = {"step": step, "epoch": epoch, "lr": step_lr,
-                                  **last_losses, "images_per_s": round(ips, 2), "time_s": round(now - t_start, 3)}
-                        metrics.write(json.dumps(record) + "\n")
-                        metrics.flush()
-                        if board is not None:
-                            for key, value in record.items():
-                                if key not in ("step", "epoch"):
-                                    board.add_scalar(f"train/{key}", value, step)
-                            board.flush()
+                    last_losses, images_per_s = metrics.record(step, epoch, step_lr, losses, device)
+                    bar.update_fields(loss=last_losses["loss"], ips=images_per_s)
                 if ckpt_now and main:
-                    at_epoch_end = step_in_epoch == loader.steps_per_epoch
-                    _save_checkpoint(ckpt_path, method, optimizers, scaler, step,
-                                     epoch + 1 if at_epoch_end else epoch, 0 if at_epoch_end else step_in_epoch, cfg,
-                                     schedulers)
+                    _checkpoint(ckpt_path, method, state, cfg, step, epoch, step_in_epoch, loader.steps_per_epoch)
                 if step >= total:
                     break
             epoch, skip = epoch + 1, 0
 
-    wall = time.perf_counter() - t_start
-    if metrics:
-        metrics.close()
-    if board is not None:
-        board.close()
+    wall = time.perf_counter() - metrics.start
+    metrics.close()
     ips = (step - start_step) * images_per_step / max(wall, 1e-9)
     result = TrainResult(run_dir, step, loader.name, ips, wall, last_losses)
     if main:

@@ -1,7 +1,8 @@
 """`edgedistill bench-train`: training throughput of DisCo for a teacher -> student pair.
 
-Four data modes, one method and one step function (the trainer's: `create_method`, the
-trainer's optimizers, bf16 autocast + channels_last on CUDA, optional torch.compile):
+Four data modes, one method and one step function, the trainer's own (`create_method`,
+`edgedistill.train.setup_training` and `edgedistill.train.train_step`: optimizers and lr
+schedulers, bf16 autocast + channels_last on CUDA; optional torch.compile):
 
   synthetic    batches already on the device: the compute ceiling
   dali-gpu     DALI pipeline, decoding + augmentation on the GPU (needs CUDA and DALI)
@@ -78,69 +79,38 @@ def _batches(loader, start_epoch: int = 0):
 
 
 class _Stepper:
-    """One training step exactly as `edgedistill.train.train` takes it."""
+    """The method and the training state `edgedistill.train.train` builds, stepped by its `train_step`."""
 
-    def __init__(self, cfg, device, num_classes: int, compile_: bool):
+    def __init__(self, cfg, device, num_classes: int, compile_: bool, total_steps: int):
         import torch
 
         from edgedistill.methods import create_method
-        from edgedistill.train import _channels_last, _precision, build_optimizers
+        from edgedistill.train import setup_training
 
         torch.manual_seed(cfg.seed)
         self.device = device
         self.method = create_method(cfg, num_classes=num_classes).to(device)
-        self.channels_last = _channels_last(cfg, device)
-        if self.channels_last:
-            self.method = self.method.to(memory_format=torch.channels_last)
-        self.optimizers = build_optimizers(self.method, cfg, 1)
-        self.amp_dtype = _precision(cfg, device)
-        self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
+        self.state = setup_training(cfg, self.method, device, 1, total_steps)
         self.forward = torch.compile(self.method) if compile_ else self.method
         self.method.train()
 
-    def autocast(self):
-        from contextlib import nullcontext
-
-        import torch
-
-        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
-
-    def prepare(self, views):
-        import torch
-
-        if self.channels_last:
-            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-        return views
-
     def step(self, views, labels) -> None:
-        views = self.prepare(views)
-        with self.autocast():
-            losses = self.forward(views, labels)
-        for opt in self.optimizers:
-            opt.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(losses["loss"]).backward()
-            for opt in self.optimizers:
-                self.scaler.step(opt)
-            self.scaler.update()
-        else:
-            losses["loss"].backward()
-            for opt in self.optimizers:
-                opt.step()
+        from edgedistill.train import train_step
+
+        train_step(self.forward, views, labels, self.state)
 
     def teacher_ms(self, views, reps: int) -> float:
-        """Median time (ms) of the teacher's forward on all views, as inside the DisCo step (CUDA
-        events on the GPU, the host clock on the CPU; two warm-up repetitions)."""
+        """Median time (ms) of the teacher's forward on all views, as inside the DisCo step (CUDA events on the GPU, the host clock on the CPU; two warm-up repetitions)."""
         from edgedistill.bench.torch_runtime import cuda_time_ms
         from edgedistill.kit import load_kit_module
 
         kit = load_kit_module("edgekit")
-        views = self.prepare(views)
+        views = self.state.prepare_views(views)
 
         def forward() -> None:  # returns None: the kit then takes the host wall time
-            with self.autocast():
-                for v in views:
-                    self.method.teacher(v)
+            with self.state.autocast():
+                for view in views:
+                    self.method.teacher(view)
 
         step = (lambda: cuda_time_ms(forward)) if self.device.type == "cuda" else forward
         return kit.median_ms(kit.time_calls(step, warmup=2, runs=reps))
@@ -222,7 +192,8 @@ def run_bench(teacher_arch: str, student_arch: str, teacher_checkpoint: str | No
         folder = train_folder(cfg.data, cfg.seed)
         if len(folder) < batch_size:
             raise UserError(f"{folder.root} has {len(folder)} usable images, fewer than one batch of {batch_size}")
-        stepper = _Stepper(cfg, device, len(folder.classes), compile_)
+        # The lr schedule spans every step taken (it only sets the lr, not the cost of a step).
+        stepper = _Stepper(cfg, device, len(folder.classes), compile_, total_steps=len(modes) * (warmup + steps))
 
     results: dict[str, dict] = {}
     synthetic_views = None
@@ -287,8 +258,8 @@ def run_bench(teacher_arch: str, student_arch: str, teacher_checkpoint: str | No
         "data": str(folder.root),
         "n_images": len(folder),
         "device": str(device),
-        "precision": str(stepper.amp_dtype).replace("torch.", "") if stepper.amp_dtype else "fp32",
-        "channels_last": stepper.channels_last,
+        "precision": str(stepper.state.amp_dtype).replace("torch.", "") if stepper.state.amp_dtype else "fp32",
+        "channels_last": stepper.state.channels_last,
         "compile": compile_,
         "loader_workers": workers,
         "warmup_steps": warmup,
