@@ -25,6 +25,7 @@ from typing import Annotated
 
 import typer
 
+from edgedistill.runfolder import CONFIG_FILE, EVAL_FILE, METRICS_FILE, RUN_FILE
 from edgedistill.cli_helpers import SetOption, handle_errors
 
 COMPARE_JSON = "compare.json"
@@ -108,10 +109,10 @@ def _train_and_eval(cfg, run_dir: Path, reuse: bool) -> tuple[dict, dict, bool]:
 
     from edgedistill.config import config_to_yaml
     from edgedistill.errors import UserError
-    from edgedistill.evaluate import EVAL_FILE, evaluate_run
+    from edgedistill.evaluate import evaluate_run
     from edgedistill.train import CHECKPOINT_FILE, train
 
-    config_file, run_file, eval_file = run_dir / "config.yaml", run_dir / "run.json", run_dir / EVAL_FILE
+    config_file, run_file, eval_file = run_dir / CONFIG_FILE, run_dir / RUN_FILE, run_dir / EVAL_FILE
     resume = False
     if run_dir.exists() and any(run_dir.iterdir()):
         same = config_file.is_file() and config_file.read_text() == config_to_yaml(cfg)
@@ -176,7 +177,7 @@ def draw_curves(result: dict, path: Path) -> Path | None:
         return None
     curves = []
     for row in result["rows"]:
-        metrics = Path(row["run"]) / "metrics.jsonl"
+        metrics = Path(row["run"]) / METRICS_FILE
         records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
         label = row["method"] if row["method"] != "dogo (peer)" else "dogo peer"
         curves.append({"label": label, "records": records if row["method"] != "dogo (peer)" else [],

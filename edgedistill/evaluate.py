@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from edgedistill.runfolder import CONFIG_FILE, EVAL_FILE
 from edgedistill import distributed as dist_utils
 from edgedistill.config import RunConfig, apply_overrides
 from edgedistill.recipe import build_config
@@ -55,7 +56,6 @@ from edgedistill.fileio import write_json
 
 log = logging.getLogger(__name__)
 
-EVAL_FILE = "eval.json"
 
 
 # Pooled features quantized to this many bits stand in for the noise an INT8 network adds by its
@@ -101,7 +101,7 @@ class EvalResult:
 
 def load_run_config(run: Path, overrides: list[str] | None = None) -> RunConfig:
     data = apply_overrides(read_run_config(run), overrides or [])
-    return build_config(data, str(Path(run) / "config.yaml"))
+    return build_config(data, str(Path(run) / CONFIG_FILE))
 
 
 def load_student_backbone(run: Path, cfg: RunConfig) -> nn.Module:

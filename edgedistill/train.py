@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from edgedistill.runfolder import CHECKPOINT_FILE, CONFIG_FILE, LOG_FILE, METRICS_FILE, RUN_FILE
 from edgedistill import distributed as dist_utils
 from edgedistill.config import RunConfig, config_to_yaml, to_dict
 from edgedistill.data import build_train_loader, train_folder
@@ -32,11 +33,10 @@ from edgedistill.methods.base import Method
 from edgedistill.models import CLASSIFIER_FILE, HEAD_FILE, STUDENT_FILE, save_safetensors, save_torch
 from edgedistill.models.checkpoint import load_torch_file
 from edgedistill.ui import progress_bar, setup_logging
-from edgedistill.fileio import write_json
+from edgedistill.fileio import atomic_write, write_json
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "checkpoint.pt"
 
 
 @dataclass
@@ -279,7 +279,7 @@ class _MetricsLog:
     """The logging intervals: images/s and the losses on every rank, metrics.jsonl (and TensorBoard) records on the main process."""
 
     def __init__(self, run_dir: Path, cfg: RunConfig, main: bool, images_per_step: int, step: int):
-        self.file = (run_dir / "metrics.jsonl").open("a") if main else None
+        self.file = (run_dir / METRICS_FILE).open("a") if main else None
         self.board = tensorboard_writer(run_dir) if main and cfg.train.tensorboard else None
         self.images_per_step = images_per_step
         self.start = self.last_time = time.perf_counter()
@@ -327,8 +327,9 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: bool = False) -
     main = dist_utils.is_main()
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        setup_logging(run_dir / "train.log")
-        (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+        setup_logging(run_dir / LOG_FILE)
+        text = config_to_yaml(cfg)
+        atomic_write(run_dir / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
     seed_everything(cfg.seed)
 
     folder, loader = _training_data(cfg, device, rank, world)
@@ -397,7 +398,7 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: bool = False) -
             "world_size": world, "images_per_s": round(ips, 2), "wall_s": round(wall, 2),
             "final_losses": last_losses, "skipped_images": folder.skipped, "environment": environment(),
         }
-        write_json(run_dir / "run.json", summary)
+        write_json(run_dir / RUN_FILE, summary)
         log.info("done: %d steps in %.1fs (%.1f images/s, loader %s); student -> %s",
                  step, wall, ips, loader.name, run_dir / STUDENT_FILE)
     dist_utils.barrier()

@@ -42,6 +42,20 @@ def tiny_overrides(**extra) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
+def interrupt_after_checkpoint(monkeypatch, at_step: int) -> None:
+    """Make `train` stop as Ctrl-C would (KeyboardInterrupt) right after its checkpoint at `at_step`."""
+    import edgedistill.train as train_module
+
+    save = train_module._save_checkpoint
+
+    def save_then_interrupt(path, method, optimizers, scaler, step, *args):
+        save(path, method, optimizers, scaler, step, *args)
+        if step == at_step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "_save_checkpoint", save_then_interrupt)
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> Path:
     """A finished mocov2 run folder (no eval yet)."""

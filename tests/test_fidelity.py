@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from conftest import tiny_overrides
+from conftest import interrupt_after_checkpoint, tiny_overrides
 from edgedistill.config import DataConfig
 from edgedistill.recipe import load_config
 from edgedistill.errors import UserError
@@ -108,19 +108,12 @@ def test_mocov2_key_encoder_runs_in_groups_and_query_encoder_in_one(teacher_ckpt
 
 
 def test_resume_with_shuffle_bn_is_exact(tmp_path, monkeypatch):
-    import edgedistill.train as train_module
 
     overrides = tiny_overrides(**{"method.name": "mocov2", **FAST, "method.shuffle_bn_splits": 2,
                                   "train.max_steps": 4, "train.checkpoint_every": 2})
     train(load_config(None, overrides), tmp_path / "full")
-    save = train_module._save_checkpoint
 
-    def save_then_interrupt(path, method, optimizers, scaler, step, *args):
-        save(path, method, optimizers, scaler, step, *args)
-        if step == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_module, "_save_checkpoint", save_then_interrupt)
+    interrupt_after_checkpoint(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         train(load_config(None, overrides), tmp_path / "part")
     monkeypatch.undo()
@@ -140,20 +133,13 @@ def test_mean_pairwise_cosine():
 
 
 def test_disco_centres_a_headless_teacher_once_and_reuses_it_on_resume(tmp_path, teacher_ckpt, monkeypatch):
-    import edgedistill.train as train_module
 
     overrides = tiny_overrides(**{"method.name": "disco", **FAST, "teacher.arch": "resnet20_cifar",
                                   "teacher.checkpoint": str(teacher_ckpt), "train.max_steps": 2,
                                   "train.checkpoint_every": 1})
     run = tmp_path / "disco"
-    save = train_module._save_checkpoint
 
-    def save_then_interrupt(path, method, optimizers, scaler, step, *args):
-        save(path, method, optimizers, scaler, step, *args)
-        if step == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_module, "_save_checkpoint", save_then_interrupt)
+    interrupt_after_checkpoint(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         train(load_config(None, overrides), run)
     monkeypatch.undo()

@@ -14,7 +14,7 @@ from edgedistill.recipe import load_config
 from edgedistill.data import build_train_loader, choose_loader, train_folder
 from edgedistill.errors import UserError
 
-from conftest import tiny_overrides
+from conftest import interrupt_after_checkpoint, tiny_overrides
 
 pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
 
@@ -181,14 +181,8 @@ def test_resume_with_dali_cpu_reproduces_uninterrupted_run(tmp_path, monkeypatch
     torch.set_num_threads(1)
     try:
         train_module.train(load_config(None, overrides), tmp_path / "full")
-        save = train_module._save_checkpoint
 
-        def save_then_interrupt(path, method, optimizers, scaler, step, *args):
-            save(path, method, optimizers, scaler, step, *args)
-            if step == 2:
-                raise KeyboardInterrupt
-
-        monkeypatch.setattr(train_module, "_save_checkpoint", save_then_interrupt)
+        interrupt_after_checkpoint(monkeypatch, 2)
         with pytest.raises(KeyboardInterrupt):
             train_module.train(load_config(None, overrides), tmp_path / "part")
         monkeypatch.undo()

@@ -7,7 +7,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from conftest import tiny_overrides
+from conftest import interrupt_after_checkpoint, tiny_overrides
 from edgedistill.cli import app
 from edgedistill.recipe import load_config
 from edgedistill.data.folder import embedded_digits
@@ -31,22 +31,15 @@ def test_run_folder_contract(trained_run):
 
 
 def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path, monkeypatch):
-    import edgedistill.train as train_module
 
     overrides = tiny_overrides(**{"method.name": "mocov2", "train.max_steps": 6, "train.checkpoint_every": 3})
     full = tmp_path / "full"
     train(load_config(None, overrides), full)
 
     # Interrupt (as Ctrl-C would) right after the step-3 checkpoint, then resume.
-    save = train_module._save_checkpoint
-
-    def save_then_interrupt(path, method, optimizers, scaler, step, *args):
-        save(path, method, optimizers, scaler, step, *args)
-        if step == 3:
-            raise KeyboardInterrupt
 
     part = tmp_path / "part"
-    monkeypatch.setattr(train_module, "_save_checkpoint", save_then_interrupt)
+    interrupt_after_checkpoint(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         train(load_config(None, overrides), part)
     monkeypatch.undo()

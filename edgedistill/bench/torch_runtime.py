@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from edgedistill.runfolder import CONFIG_FILE, EVAL_FILE, STUDENT_FILE
 from edgedistill.errors import UserError
 from edgedistill.kit import load_kit_module
 
@@ -50,7 +51,7 @@ def find_source_run(export_dir: Path, manifest: dict) -> Path | None:
         candidates += [src, (export_dir / src)] if not src.is_absolute() else [src]
     candidates.append(Path(export_dir).resolve().parent)
     for c in candidates:
-        if (c / "config.yaml").is_file() and (c / "student.safetensors").is_file():
+        if (c / CONFIG_FILE).is_file() and (c / STUDENT_FILE).is_file():
             return c
     return None
 
@@ -127,8 +128,8 @@ def torch_artifact(run_dir: Path, model: nn.Module) -> dict:
     size = sum(p.numel() * p.element_size() for p in model.state_dict().values())
     meta = {}
     try:
-        meta = json.loads((Path(run_dir) / "eval.json").read_text()).get("student", {})
+        meta = json.loads((Path(run_dir) / EVAL_FILE).read_text()).get("student", {})
     except (OSError, ValueError):
         pass
-    return {"name": TORCH_ARTIFACT, "file": str(Path(run_dir) / "student.safetensors"), "format": "torch",
+    return {"name": TORCH_ARTIFACT, "file": str(Path(run_dir) / STUDENT_FILE), "format": "torch",
             "precision": "fp32", "params": params, "bytes": size, "top1_eval": meta.get("linear_top1")}

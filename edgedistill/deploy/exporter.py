@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgedistill.runfolder import CLASSIFIER_FILE, STUDENT_FILE
 from edgedistill.deploy.manifest import MANIFEST_FILE
 from edgedistill.errors import UserError
 from edgedistill.ui import progress_bar
@@ -331,8 +332,8 @@ def _export(run_dir: Path, opts: ExportOptions) -> Path:
     ref = ddata.torch_outputs(dep.model, images)
     ctx = _Export(dep, opts, out, images, use_labels, ref, runtime.compare(ref, ref, use_labels, dep.kind), calib_files)
     ctx.st.artifacts.append(_artifact("torch-fp32", None, "pytorch", "fp32", "any", out,
-                                      source=[str(run_dir / "student.safetensors")] +
-                                      ([str(run_dir / "classifier.safetensors")] if dep.kind == "classifier" else []),
+                                      source=[str(run_dir / STUDENT_FILE)] +
+                                      ([str(run_dir / CLASSIFIER_FILE)] if dep.kind == "classifier" else []),
                                       accuracy=ctx.torch_metrics))
     for fmt in export_formats():
         if fmt.wanted(opts) and not ctx.failures:

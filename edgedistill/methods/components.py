@@ -9,13 +9,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from edgedistill.runfolder import TEACHER_CENTER_FILE
 from edgedistill.config import ModelConfig
 from edgedistill.distributed import all_gather_cat
 from edgedistill.errors import UserError
 from edgedistill.models import load_encoder
 
 
-TEACHER_CENTER_FILE = "teacher_center.json"
 # Images of the training set (a seeded subset) whose mean teacher feature is the centre.
 CENTER_IMAGES = 10_000
 # Images whose pairwise cosines are summarised in the log (before / after centring).

@@ -20,6 +20,7 @@ import torch.nn as nn
 import yaml
 from safetensors.torch import load_file, save_file
 
+from edgedistill.runfolder import CLASSIFIER_FILE, CONFIG_FILE, HEAD_FILE, STUDENT_FILE  # noqa: F401 (re-exported by models)
 from edgedistill.config import ModelConfig
 from edgedistill.errors import UserError
 from edgedistill.fileio import atomic_write
@@ -27,9 +28,6 @@ from edgedistill.models.backbones import Encoder, create_backbone, feature_dim, 
 
 log = logging.getLogger(__name__)
 
-STUDENT_FILE = "student.safetensors"
-HEAD_FILE = "head.safetensors"
-CLASSIFIER_FILE = "classifier.safetensors"
 
 
 def save_torch(obj, path: Path) -> None:
@@ -182,7 +180,7 @@ def _load_run_encoder(run: Path, backbone: nn.Module, cfg: ModelConfig) -> Encod
 
 
 def read_run_config(run: Path) -> dict:
-    path = Path(run) / "config.yaml"
+    path = Path(run) / CONFIG_FILE
     if not path.is_file():
         raise UserError(f"{run} is not an edgedistill run folder: config.yaml is missing")
     return yaml.safe_load(path.read_text())

@@ -20,6 +20,7 @@ import json
 import logging
 from pathlib import Path
 
+from edgedistill.runfolder import CLASSIFIER_FILE, EVAL_FILE, STUDENT_FILE
 from edgedistill.errors import UserError
 from edgedistill.fileio import write_json
 
@@ -168,7 +169,7 @@ def build_report(run_dir, device_results=(), export_dir=None, out_dir=None) -> P
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir} is not a run folder: pass the folder written by `edgedistill train`")
-    ev = _read_json(run_dir / "eval.json", f"run `edgedistill eval {run_dir}` first")
+    ev = _read_json(run_dir / EVAL_FILE, f"run `edgedistill eval {run_dir}` first")
     if "student" not in ev:
         raise UserError(f"{run_dir / 'eval.json'} has no 'student' entry: re-run `edgedistill eval {run_dir}`")
     export_dir = Path(export_dir) if export_dir else run_dir / "export"
@@ -190,7 +191,7 @@ def build_report(run_dir, device_results=(), export_dir=None, out_dir=None) -> P
     t_macs = torch_macs(model, input_shape) if model is not None else None
 
     artifacts: list[dict] = []
-    torch_bytes = sum((run_dir / f).stat().st_size for f in ("student.safetensors", "classifier.safetensors")
+    torch_bytes = sum((run_dir / f).stat().st_size for f in (STUDENT_FILE, CLASSIFIER_FILE)
                       if (run_dir / f).is_file())
     torch_params = sum(p.numel() for p in model.parameters()) if model is not None else \
         (manifest or {}).get("params") or student.get("params")
