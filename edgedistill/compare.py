@@ -193,7 +193,7 @@ def run_compare(recipes: list[Path], overrides: list[str] | None = None, out: Pa
 
     from edgedistill.recipe import load_config
     from edgedistill.envinfo import environment
-    from edgedistill.fileio import write_json
+    from edgedistill.fileio import write_json, write_text
     from edgedistill.errors import UserError
 
     if len(recipes) < 1:
@@ -229,7 +229,7 @@ def run_compare(recipes: list[Path], overrides: list[str] | None = None, out: Pa
         # Written after every run: a long comparison that is stopped still leaves its table.
         result["complete"] = len({r["recipe"] for r in rows}) == len(todo)
         write_json(out / COMPARE_JSON, result)
-        (out / COMPARE_MD).write_text(markdown_table(result))
+        write_text(out / COMPARE_MD, markdown_table(result))
         draw_curves(result, out / COMPARE_PNG)
     return result
 

@@ -39,6 +39,10 @@ class ModelConfig:
     stem_stride: int | None = None
 
 
+# auto: DALI on GPU when CUDA is present, DALI's CPU pipeline otherwise, torchvision without DALI.
+Loader = Literal["auto", "dali-gpu", "dali-cpu", "torchvision"]
+
+
 @dataclass
 class DataConfig:
     # ImageFolder-style directory (<root>/<class>/<image>), or "embedded:digits".
@@ -50,7 +54,7 @@ class DataConfig:
     crop_pct: float = 0.875
     # auto = DALI on GPU when CUDA is present, DALI CPU pipeline otherwise, torchvision when
     # DALI is not installed.
-    loader: str = "auto"
+    loader: Loader = "auto"
     workers: int = 2
     # Unreadable or truncated images are skipped and counted; strict makes them an error.
     strict: bool = False
@@ -63,6 +67,8 @@ class DataConfig:
 
 
 Schedule = Literal["cosine", "constant"]
+Optimizer = Literal["sgd", "adam", "adamw"]
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
 EvalProtocol = Literal["frozen", "paper"]
 
 
@@ -72,7 +78,7 @@ class TrainConfig:
     # Stop after this many optimizer steps in total (None = epochs * steps per epoch).
     max_steps: int | None = None
     batch_size: int = 64
-    optimizer: str = "sgd"  # sgd | adam | adamw
+    optimizer: Optimizer = "sgd"
     # Learning rate for a batch of 256; scaled linearly with batch_size (MoCo v2: 0.03).
     lr: float = 0.03
     weight_decay: float = 1e-4
@@ -84,7 +90,7 @@ class TrainConfig:
     # Also write TensorBoard event files into <run>/tensorboard (needs the `tensorboard` package).
     tensorboard: bool = False
     # auto = bf16 autocast on CUDA, fp32 on CPU.
-    precision: str = "auto"  # auto | bf16 | fp16 | fp32
+    precision: Precision = "auto"
     channels_last: str = "auto"  # auto (on CUDA) | true | false
     compile: bool = False
     log_every: int = 10

@@ -11,6 +11,12 @@ import tempfile
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the same folder, then rename: never a half file."""
     path = Path(path)
@@ -19,13 +25,18 @@ def atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a written file gets the usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def write_text(path: Path, text: str) -> None:
+    """Text written atomically."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
 def write_json(path: Path, data) -> None:
     """JSON (indented, non-JSON values as str) written atomically: readers never see half a file."""
-    text = json.dumps(data, indent=2, default=str) + "\n"
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    write_text(path, json.dumps(data, indent=2, default=str) + "\n")

@@ -33,7 +33,7 @@ from edgedistill.methods.base import Method
 from edgedistill.models import CLASSIFIER_FILE, HEAD_FILE, STUDENT_FILE, save_safetensors, save_torch
 from edgedistill.models.checkpoint import load_torch_file
 from edgedistill.ui import progress_bar, setup_logging
-from edgedistill.fileio import atomic_write, write_json
+from edgedistill.fileio import write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,11 @@ def use_channels_last(cfg: RunConfig, device: torch.device) -> bool:
     return cfg.train.channels_last == "true" or (cfg.train.channels_last == "auto" and device.type == "cuda")
 
 
+# config.Optimizer -> its torch class (a method's optimizer group may name one too).
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam,
+                                                      "adamw": torch.optim.AdamW}
+
+
 def build_optimizers(method: Method, cfg: RunConfig, world: int) -> list[torch.optim.Optimizer]:
     """One optimizer per parameter group; lr is given for a batch of 256 and scaled linearly."""
     scale = cfg.train.batch_size * world / 256
@@ -74,15 +79,10 @@ def build_optimizers(method: Method, cfg: RunConfig, world: int) -> list[torch.o
         kind = group.optimizer or cfg.train.optimizer
         lr = (group.lr if group.lr is not None else cfg.train.lr) * scale
         wd = group.weight_decay if group.weight_decay is not None else cfg.train.weight_decay
-        if kind == "sgd":
-            opt = torch.optim.SGD(group.params, lr=lr, momentum=cfg.train.sgd_momentum, weight_decay=wd, **group.extra)
-        elif kind == "adam":
-            opt = torch.optim.Adam(group.params, lr=lr, weight_decay=wd, **group.extra)
-        elif kind == "adamw":
-            opt = torch.optim.AdamW(group.params, lr=lr, weight_decay=wd, **group.extra)
-        else:
-            raise UserError(f"unknown optimizer {kind!r} (sgd, adam, adamw)")
-        optimizers.append(opt)
+        if kind not in OPTIMIZERS:
+            raise UserError(f"unknown optimizer {kind!r} ({', '.join(OPTIMIZERS)})")
+        extra = {"momentum": cfg.train.sgd_momentum} if kind == "sgd" else {}
+        optimizers.append(OPTIMIZERS[kind](group.params, lr=lr, weight_decay=wd, **extra, **group.extra))
     return optimizers
 
 
@@ -328,8 +328,7 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: bool = False) -
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         setup_logging(run_dir / LOG_FILE)
-        text = config_to_yaml(cfg)
-        atomic_write(run_dir / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
+        write_text(run_dir / CONFIG_FILE, config_to_yaml(cfg))
     seed_everything(cfg.seed)
 
     folder, loader = _training_data(cfg, device, rank, world)

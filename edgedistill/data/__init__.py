@@ -11,17 +11,18 @@ that can run here and the trainer logs the choice.
 from __future__ import annotations
 
 import importlib.util
+from typing import get_args
 import logging
 
 import torch
 
-from edgedistill.config import DataConfig
+from edgedistill.config import DataConfig, Loader
 from edgedistill.data.folder import ImageFolder, cache_dir, resolve, scan_folder
 from edgedistill.errors import UserError
 
 log = logging.getLogger(__name__)
 
-LOADERS = ("dali-gpu", "dali-cpu", "torchvision")
+LOADERS = tuple(name for name in get_args(Loader) if name != "auto")
 
 
 def dali_available() -> bool:

@@ -87,7 +87,7 @@ class ExportOptions:
     qad_images: str = "clean"  # deploy/qad.py ImageSource
     embedding: bool = False
     out: Path | None = None
-    opset: int = 17
+    opset: int = 17  # onnx_export.DEFAULT_OPSET
     exporter: str = "legacy"
     val_count: int | None = DEFAULT_VAL_COUNT
     tolerance: float = 1e-4  # fp32 ONNX vs torch: max |diff| / max(1, max |logit|)

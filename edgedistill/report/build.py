@@ -22,7 +22,7 @@ from pathlib import Path
 
 from edgedistill.runfolder import CLASSIFIER_FILE, EVAL_FILE, STUDENT_FILE
 from edgedistill.errors import UserError
-from edgedistill.fileio import write_json
+from edgedistill.fileio import write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +291,7 @@ def build_report(run_dir, device_results=(), export_dir=None, out_dir=None) -> P
     plots.accuracy_vs_latency(report, out_dir / PLOT_LATENCY)
     path = out_dir / REPORT_JSON
     write_json(path, report)
-    (out_dir / REPORT_MD).write_text(render_markdown(report))
+    write_text(out_dir / REPORT_MD, render_markdown(report))
     return path
 
 
