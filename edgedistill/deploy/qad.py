@@ -152,7 +152,6 @@ class FakeQuantGraph(nn.Module):
         self._param_index: dict[str, int] = {}
         self._buffers_by_name: dict[str, str] = {}
         producers = {o: n for n in graph.node for o in n.output}
-        self.weights: dict[str, dict] = {}  # DQ output -> how it is made from a float parameter
         self.steps: list[tuple] = []
         for node in graph.node:
             if node.op_type == "Constant":
@@ -175,6 +174,13 @@ class FakeQuantGraph(nn.Module):
                 if learn_scales and node.input[1] not in self._act_scale_index and consts[node.input[1]].ndim == 0:
                     self._act_scale_index[node.input[1]] = len(self.act_scales)
                     self.act_scales.append(nn.Parameter(torch.tensor(float(np.log(consts[node.input[1]])))))
+        # Every constant an op, Q or DQ reads, as a buffer (so that `.to(device)` moves it).
+        for kind, node, _ in self.steps:
+            for name in node.input[1:] if kind == "weight" else node.input:
+                if name in consts and name not in self._act_scale_index and name not in self._buffers_by_name:
+                    key = f"const_{len(self._buffers_by_name)}"
+                    self.register_buffer(key, torch.from_numpy(np.array(consts[name])), persistent=False)
+                    self._buffers_by_name[name] = key
         # Weights first, then biases (their scales need the weights'), then the graph in its order.
         rank = {"weight": 0, "bias": 1}
         self.steps.sort(key=lambda step: rank.get(step[2].get("kind"), 2) if step[0] == "weight" else 2)
@@ -182,13 +188,7 @@ class FakeQuantGraph(nn.Module):
     def _tensor(self, name: str) -> torch.Tensor:
         if name in self._act_scale_index:
             return self.act_scales[self._act_scale_index[name]].exp()
-        if name in self._buffers_by_name:
-            return getattr(self, self._buffers_by_name[name])
-        value = torch.from_numpy(np.array(self._consts[name]))
-        key = f"const_{len(self._buffers_by_name)}"
-        self.register_buffer(key, value, persistent=False)
-        self._buffers_by_name[name] = key
-        return value
+        return getattr(self, self._buffers_by_name[name])
 
     def _param(self, name: str, value: np.ndarray) -> int:
         if name not in self._param_index:
@@ -221,10 +221,6 @@ class FakeQuantGraph(nn.Module):
             qmax = round(float(np.median(ratio))) if ratio.size else 127
             entry.update(kind="weight", qmax=qmax)
         return entry
-
-    def weight_scales(self) -> dict[str, torch.Tensor]:
-        return {e["float"]: weight_scale(self.params[e["index"]], e["qmax"], e["axis"])
-                for kind, _, e in self.steps if kind == "weight" and e["kind"] == "weight"}
 
     def activation_overrides(self) -> dict[str, dict]:
         """The learnt activation quantization parameters per tensor, in the form of ONNX Runtime's
