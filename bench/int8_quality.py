@@ -184,9 +184,11 @@ def table(variants: list[str]) -> None:
         if (WORK / f"{s}.latency.json").is_file() and "latency" in variants:
             lat[s] = json.loads((WORK / f"{s}.latency.json").read_text())
     rows.sort(key=lambda r: (r["student"], list(FORMATS).index(r["format"]), ORDER.index(r["variant"])))
-    environments = {**committed.get("environments", {}), **{v: environment() for v in sorted(merged)}}
-    if "environment" in committed and not committed.get("environments"):
-        environments = {**{v: committed["environment"] for v in VARIANTS if v not in merged}, **environments}
+    # Where each variant's rows were measured: this machine for the merged ones, the committed
+    # record (older files: one `environment` for all) for the rest.
+    here = environment()
+    before = committed.get("environments") or {v: committed["environment"] for v in VARIANTS if "environment" in committed}
+    environments = {**before, **{v: here for v in sorted(merged)}}
     _write(RESULT, {
         "schema": "edgedistill.int8_quality/1",
         "what": "INT8 PTQ and QAD of CIFAR-10-JPEG students: top-1 on the full test set (10,000 images), drop vs "

@@ -285,21 +285,20 @@ def test_schedule_choices_and_constant_lr(tmp_path):
     with pytest.raises(UserError, match="eval.protocol"):
         load_config(None, ["eval.protocol=fast"])
     param = nn.Parameter(torch.zeros(1))
+
+    def lrs_over(opt, sched, steps: int) -> list[float]:
+        seen = []
+        for _ in range(steps):
+            seen.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return seen
+
     opt = torch.optim.Adam([param], lr=1e-3)
-    sched = build_scheduler(opt, total=20, warmup=4, schedule="constant")
-    lrs = []
-    for _ in range(20):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    lrs = lrs_over(opt, build_scheduler(opt, total=20, warmup=4, schedule="constant"), 20)
     assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3]) and lrs[4:] == pytest.approx([1e-3] * 16)
     opt = torch.optim.SGD([param], lr=1.0)
-    sched = build_scheduler(opt, total=10, warmup=0, schedule="cosine")
-    lrs = []
-    for _ in range(10):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    lrs = lrs_over(opt, build_scheduler(opt, total=10, warmup=0, schedule="cosine"), 10)
     assert lrs[0] == 1.0 and all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[-1] < 0.03
 
 

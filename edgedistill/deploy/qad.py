@@ -175,11 +175,14 @@ class FakeQuantGraph(nn.Module):
                     self._act_scale_index[node.input[1]] = len(self.act_scales)
                     self.act_scales.append(nn.Parameter(torch.tensor(float(np.log(consts[node.input[1]])))))
         # Every constant an op, Q or DQ reads, as a buffer (so that `.to(device)` moves it).
+        # Zero points are kept as float: that is how the Q/DQ arithmetic below uses them.
+        zero_points = {n.input[2] for _, n, _ in self.steps if n.op_type in ("QuantizeLinear", "DequantizeLinear")}
         for kind, node, _ in self.steps:
             for name in node.input[1:] if kind == "weight" else node.input:
                 if name in consts and name not in self._act_scale_index and name not in self._buffers_by_name:
+                    value = torch.from_numpy(np.array(consts[name]))
                     key = f"const_{len(self._buffers_by_name)}"
-                    self.register_buffer(key, torch.from_numpy(np.array(consts[name])), persistent=False)
+                    self.register_buffer(key, value.float() if name in zero_points else value, persistent=False)
                     self._buffers_by_name[name] = key
         # Weights first, then biases (their scales need the weights'), then the graph in its order.
         rank = {"weight": 0, "bias": 1}
@@ -272,11 +275,11 @@ class FakeQuantGraph(nn.Module):
                 zp = self._consts[node.input[2]]
                 qmin, qmax = _INT_RANGES[zp.dtype]
                 axis = info.get("axis", 1)
-                env[node.output[0]] = quantize_linear(get(node.input[0]), get(node.input[1]),
-                                                      get(node.input[2]).float(), qmin, qmax, axis)
+                env[node.output[0]] = quantize_linear(get(node.input[0]), get(node.input[1]), get(node.input[2]),
+                                                      qmin, qmax, axis)
             elif op == "DequantizeLinear":
-                env[node.output[0]] = dequantize_linear(get(node.input[0]), get(node.input[1]),
-                                                        get(node.input[2]).float(), info.get("axis", 1))
+                env[node.output[0]] = dequantize_linear(get(node.input[0]), get(node.input[1]), get(node.input[2]),
+                                                        info.get("axis", 1))
             else:
                 inputs = [get(n) if n else None for n in node.input]
                 env[node.output[0]] = _OPS[op](inputs, info)
