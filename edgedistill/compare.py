@@ -13,7 +13,8 @@ contents) and
     compare.png    per method the losses per step (contrastive, against ln(K+1) for queue
                    methods; distillation term) and the final linear top-1
 A DoGo run adds a row for its peer; `--untrained` adds the student as initialised (0 steps), the
-floor every method must clear. `eval.protocol: paper` adds the papers' linear protocol column.
+floor every method must clear; `--teacher` adds the teacher of the first distilling recipe, scored
+by the same evaluation (the ceiling). `eval.protocol: paper` adds the papers' linear protocol column.
 A finished run folder whose config.yaml equals the recipe's resolved config is reused (trained
 and evaluated once); an interrupted one is resumed from its checkpoint.
 """
@@ -32,6 +33,7 @@ COMPARE_JSON = "compare.json"
 COMPARE_MD = "compare.md"
 COMPARE_PNG = "compare.png"
 UNTRAINED = "untrained"
+TEACHER = "teacher"
 SCHEMA = "edgedistill.compare/1"
 
 # Settings that must agree across the compared recipes (dotted paths into the resolved config).
@@ -103,8 +105,9 @@ def _run_dirs(configs, out: Path) -> list[Path]:
     return dirs
 
 
-def _train_and_eval(cfg, run_dir: Path, reuse: bool) -> tuple[dict, dict, bool]:
-    """Train (or reuse / resume) and evaluate one run; returns (run.json, eval.json, reused)."""
+def _train_and_eval(cfg, run_dir: Path, reuse: bool, with_teacher: bool = False) -> tuple[dict, dict, bool]:
+    """Train (or reuse / resume) and evaluate one run (with its teacher if asked); returns (run.json, eval.json,
+    reused)."""
     import json
 
     from edgedistill.config import config_to_yaml
@@ -121,11 +124,15 @@ def _train_and_eval(cfg, run_dir: Path, reuse: bool) -> tuple[dict, dict, bool]:
             raise UserError(f"{run_dir} already holds a run and {why}: choose another --out or remove that folder")
         finished = run_file.is_file() and json.loads(run_file.read_text()).get("status") == "complete"
         if finished and eval_file.is_file():
-            return json.loads(run_file.read_text()), json.loads(eval_file.read_text()), True
+            ev = json.loads(eval_file.read_text())
+            if with_teacher and not ev.get("teacher"):  # evaluated before the teacher row was asked for
+                evaluate_run(run_dir, with_teacher=True)
+                ev = json.loads(eval_file.read_text())
+            return json.loads(run_file.read_text()), ev, True
         resume = not finished and (run_dir / CHECKPOINT_FILE).is_file()
     if not (run_file.is_file() and json.loads(run_file.read_text()).get("status") == "complete"):
         train(cfg, run_dir, resume=resume and cfg.train.max_steps != 0)
-    evaluate_run(run_dir)
+    evaluate_run(run_dir, with_teacher=with_teacher)
     return json.loads(run_file.read_text()), json.loads(eval_file.read_text()), False
 
 
@@ -179,15 +186,16 @@ def draw_curves(result: dict, path: Path) -> Path | None:
     for row in result["rows"]:
         metrics = Path(row["run"]) / METRICS_FILE
         records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+        own = row["method"] not in ("dogo (peer)", TEACHER)  # rows that share another row's run folder
         label = row["method"] if row["method"] != "dogo (peer)" else "dogo peer"
-        curves.append({"label": label, "records": records if row["method"] != "dogo (peer)" else [],
+        curves.append({"label": label, "records": records if own else [],
                        "queue_size": row.get("queue_size"), "linear_top1": row.get("linear_top1"),
                        "paper_linear_top1": row.get("paper_linear_top1")})
     return training_curves(curves, path)
 
 
 def run_compare(recipes: list[Path], overrides: list[str] | None = None, out: Path = Path("runs/compare"),
-                reuse: bool = True, untrained: bool = False) -> dict:
+                reuse: bool = True, untrained: bool = False, teacher: bool = False) -> dict:
     """Train + evaluate every recipe at the same budget; write compare.json / .md / .png."""
     import time
 
@@ -217,15 +225,21 @@ def run_compare(recipes: list[Path], overrides: list[str] | None = None, out: Pa
     if untrained:
         todo.insert(0, ((UNTRAINED, _untrained_config(configs[0][1])), out / UNTRAINED))
         result["recipes"].insert(0, UNTRAINED)
+    # The teacher row comes from the first recipe that distils from a teacher (evaluated with it).
+    scored_teacher = next((recipe for recipe, cfg in configs if cfg.teacher is not None), None) if teacher else None
+    if teacher and scored_teacher is None:
+        raise UserError("--teacher: none of these recipes has a teacher (DisCo and SEED have one): drop --teacher")
     for (recipe, cfg), run_dir in todo:
         start = time.perf_counter()
-        run, ev, reused = _train_and_eval(cfg, run_dir, reuse)
+        run, ev, reused = _train_and_eval(cfg, run_dir, reuse, with_teacher=recipe == scored_teacher)
         wall = time.perf_counter() - start
         method = UNTRAINED if recipe == UNTRAINED else cfg.method.name
         rows.append(_row(recipe, run_dir, method, _teacher_label(cfg), cfg, ev["student"], run, ev, reused, wall))
         if ev.get("peer"):
             rows.append(_row(recipe, run_dir, "dogo (peer)", f"{cfg.student.arch} (student)", cfg, ev["peer"], run,
                              ev, reused, 0.0))
+        if recipe == scored_teacher:  # not trained here: no images/s, steps or losses of its own
+            rows.append(_row(recipe, run_dir, TEACHER, "-", cfg, ev["teacher"], {}, ev, reused, 0.0))
         # Written after every run: a long comparison that is stopped still leaves its table.
         result["complete"] = len({r["recipe"] for r in rows}) == len(todo)
         write_json(out / COMPARE_JSON, result)
@@ -303,6 +317,7 @@ def compare(
     out: Annotated[Path, typer.Option(help="Folder for the runs and compare.md / compare.json.")] = Path("runs/compare"),
     reuse: Annotated[bool, typer.Option(help="Reuse (or resume) a run folder whose config matches.")] = True,
     untrained: Annotated[bool, typer.Option(help="Add a row for the student as initialised (0 steps), the floor every method must clear.")] = False,
+    teacher: Annotated[bool, typer.Option(help="Add a row for the teacher of the first recipe that has one, scored by the same evaluation (the ceiling).")] = False,
 ):
     """Train and evaluate several recipes like for like (same data, student, budget, seed) and write one table (method, teacher, student, parameters, kNN / linear top-1, images/s, wall time) and a PNG of the training curves beside it.
 
@@ -311,7 +326,7 @@ def compare(
     from edgedistill.ui import console, setup_logging
 
     setup_logging()
-    result = run_compare(recipes, set_ or [], out, reuse, untrained)
+    result = run_compare(recipes, set_ or [], out, reuse, untrained, teacher)
     print_compare(result)
     console.print(f"table: [bold]{Path(out) / COMPARE_MD}[/] and {Path(out) / COMPARE_JSON}; curves: "
                   f"{Path(out) / COMPARE_PNG}", highlight=False)

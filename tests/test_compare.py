@@ -109,3 +109,39 @@ def test_markdown_marks_an_incomplete_comparison():
     md = markdown_table({"shared": {"seed": 0}, "rows": [row], "recipes": ["a.yaml", "b.yaml"], "complete": False})
     assert "| mocov2 | - | resnet18 | 11.00M | 50.00 | 55.50 | 10.0 | 3.0 |" in md
     assert "still to run: b.yaml" in md
+
+
+def test_teacher_row_is_added_on_reuse_and_scored_like_the_students(tmp_path):
+    import torch
+
+    from edgedistill.config import ModelConfig
+    from edgedistill.models import create_backbone
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "resnet20.pt"
+    torch.save(create_backbone(ModelConfig(arch="resnet20_cifar")).state_dict(), ckpt)
+    a = _recipe(tmp_path, "moco", {"name": "mocov2", "queue_size": 64})
+    b = _recipe(tmp_path, "disco", {"name": "disco", "queue_size": 64})
+    data = yaml.safe_load(b.read_text())
+    data["teacher"] = {"arch": "resnet20_cifar", "checkpoint": str(ckpt)}
+    b.write_text(yaml.safe_dump(data))
+    out = tmp_path / "cmp"
+    first = run_compare([a, b], [], out)
+    assert [r["method"] for r in first["rows"]] == ["mocov2", "disco"]
+    assert json.loads((out / "disco" / "eval.json").read_text())["teacher"] is None
+
+    # Asked later, the finished runs are reused and only the teacher is scored, by the same evaluation.
+    result = CliRunner().invoke(app, ["compare", str(a), str(b), "--out", str(out), "--teacher"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "compare.json").read_text())
+    assert [r["method"] for r in data["rows"]] == ["mocov2", "disco", "teacher"] and data["complete"] is True
+    teacher = data["rows"][2]
+    scores = json.loads((out / "disco" / "eval.json").read_text())["teacher"]
+    assert teacher["student"] == "resnet20_cifar" and teacher["teacher"] == "-"
+    assert teacher["linear_top1"] == scores["linear_top1"] and 0 <= teacher["knn_top1"] <= 100
+    assert teacher["params"] == sum(p.numel() for p in create_backbone(ModelConfig(arch="resnet20_cifar")).parameters())
+    assert teacher["images_per_s"] is None and data["rows"][1]["linear_top1"] == first["rows"][1]["linear_top1"]
+    assert "| teacher | - | resnet20_cifar |" in (out / "compare.md").read_text()
+
+    with pytest.raises(UserError, match="none of these recipes has a teacher"):
+        run_compare([a], [], out, teacher=True)

@@ -5,14 +5,23 @@ import pytest
 from edgedistill.recipe import load_config
 from edgedistill.errors import UserError
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml"))
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.parent.name + "/" + p.name)
 def test_every_shipped_recipe_validates(recipe):
     cfg = load_config(recipe)
     assert cfg.method.name
     assert cfg.student.arch
+
+
+def test_the_fidelity_table_recipes_agree_on_what_compare_shares():
+    """docs/results.md reproduces its table with one `compare` over recipes/fidelity/: they must agree."""
+    from edgedistill.compare import check_agreement
+
+    fidelity = [p for p in RECIPES if p.parent.name == "fidelity"]
+    assert {p.stem for p in fidelity} == {"mocov2", "simclr", "seed", "dogo", "disco"}
+    check_agreement([(str(p), load_config(p)) for p in fidelity])
 
 
 def test_recipe_typo_names_the_key_and_the_file(tmp_path):

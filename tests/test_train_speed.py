@@ -22,13 +22,15 @@ def _bench_train_tiny(tmp_path):
     out = tmp_path / "speed.json"
     args = ["bench-train", "--teacher-arch", "resnet20_cifar", "--student-arch", "mobilenetv3_small_100",
             "--img-size", "16", "--batch-size", "8", "--warmup", "1", "--steps", "2", "--workers", "0", "--threads", "1",
-            "--modes", "synthetic,torchvision,dali-gpu", "--device", "cpu", "--out", str(out)]
+            "--modes", "synthetic,torchvision,dali-gpu", "--device", "cpu", "--channels-last", "true",
+            "--out", str(out)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert data["teacher"] == "resnet20_cifar" and data["student"] == "mobilenetv3_small_100"
     assert data["teacher_weights"] == "random teacher weights: throughput only"
     assert (data["batch_size"], data["img_size"], data["device"], data["precision"]) == (8, 16, "cpu", "fp32")
+    assert data["channels_last"] is True and data["config"]["train"]["channels_last"] == "true"
     for mode in ("synthetic", "torchvision"):
         r = data["modes"][mode]
         assert r["status"] == "ok" and r["images_per_s"] > 0 and r["step_ms_median"] > 0

@@ -2,7 +2,8 @@
 
 Four data modes, one method and one step function, the trainer's own (`create_method`,
 `edgedistill.train.setup_training` and `edgedistill.train.train_step`: optimizers and lr
-schedulers, bf16 autocast + channels_last on CUDA; optional torch.compile):
+schedulers, bf16 autocast + channels_last on CUDA, channels_last anywhere with `--channels-last true`;
+optional torch.compile):
 
   synthetic    batches already on the device: the compute ceiling
   dali-gpu     DALI pipeline, decoding + augmentation on the GPU (needs CUDA and DALI)
@@ -151,7 +152,7 @@ def _ratio(mode: dict, reference: dict) -> float | None:
 def run_bench(teacher_arch: str, student_arch: str, teacher_checkpoint: str | None, img_size: int, batch_size: int,
               data: str, modes: list[str], warmup: int, steps: int, compile_: bool, device_spec: str,
               workers: int | None, stem_stride: int | None, seed: int = 0, threads: int | None = None,
-              log=print) -> dict:
+              channels_last: str = "auto", log=print) -> dict:
     import os
     import tempfile
 
@@ -182,6 +183,7 @@ def run_bench(teacher_arch: str, student_arch: str, teacher_checkpoint: str | No
             "student.arch": student_arch, "teacher.arch": teacher_arch, "teacher.checkpoint": teacher_checkpoint,
             "data.train": data, "data.img_size": img_size, "data.workers": workers,
             "train.batch_size": batch_size, "train.compile": compile_, "train.device": device_spec,
+            "train.channels_last": channels_last,
             # The queue must be a multiple of the batch; its size does not change the step's cost much.
             "method.queue_size": batch_size * max(1, 4096 // batch_size),
         }
@@ -323,6 +325,8 @@ def bench_train(
     threads: Annotated[Optional[int], typer.Option(
         help="torch intra-op threads for the step (default: torch's choice; 1 is steadier on a busy CPU).")] = None,
     stem_stride: Annotated[Optional[int], typer.Option(help="First-conv stride of both models (1 for tiny inputs).")] = None,
+    channels_last: Annotated[str, typer.Option(
+        help="train.channels_last for the step: auto (the trainer's default) | true | false.")] = "auto",
     out: Annotated[Path, typer.Option(help="JSON result file.")] = DEFAULT_OUT,
 ):
     """Training throughput (images/s), peak GPU memory and the teacher's share of the step for DisCo: synthetic batches vs DALI GPU vs DALI CPU vs torchvision loaders."""
@@ -332,6 +336,7 @@ def bench_train(
     setup_logging()
     result = run_bench(teacher_arch, student_arch, teacher_checkpoint, img_size, batch_size, data, comma_list(modes),
                        warmup, steps, compile_, device, workers, stem_stride, threads=threads,
+                       channels_last=channels_last,
                        log=lambda msg: console.print(msg, highlight=False))
     print_table(result)
     write_json(out, result)

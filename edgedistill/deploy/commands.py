@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from edgedistill.cli_helpers import EXIT_CHECK_FAILED, handle_errors
-from edgedistill.deploy.quantize import CALIBRATORS, EXPORTERS, FORMATS, PLACEMENTS, TARGETS
+from edgedistill.deploy.quantize import CALIBRATORS, DEFAULT_OPSET, EXPORTERS, FORMATS, PLACEMENTS, TARGETS
 
 
 def _choice_enum(name: str, values: tuple[str, ...]) -> type[Enum]:
@@ -46,7 +46,7 @@ def export(
     qad_batch: Annotated[int, typer.Option("--qad-batch", help="QAD batch size (images per step).")] = 64,
     embedding: Annotated[bool, typer.Option("--embedding", help="Export the bare embedding model (pooled features), not the classifier.")] = False,
     out: Annotated[Path | None, typer.Option(help="Export folder (default: RUN/export).")] = None,
-    opset: Annotated[int, typer.Option(help="ONNX opset (17 parses in ONNX Runtime and TensorRT 8.6+).")] = 17,
+    opset: Annotated[int, typer.Option(help="ONNX opset (17 parses in ONNX Runtime and TensorRT 8.6+).")] = DEFAULT_OPSET,
     exporter: Annotated[Exporter, typer.Option(help="legacy (TorchScript, fast) or dynamo (torch.export; opset >= 18).")] = Exporter("legacy"),
     val_count: Annotated[int, typer.Option("--val-count", help="Validation images every artifact is scored on (0 = all).")] = 1000,
     tolerance: Annotated[float, typer.Option(help="fp32 parity: max |ONNX - torch| / max(1, max |torch|).")] = 1e-4,

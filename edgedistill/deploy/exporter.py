@@ -34,6 +34,7 @@ import numpy as np
 
 from edgedistill.runfolder import CLASSIFIER_FILE, STUDENT_FILE
 from edgedistill.deploy.manifest import MANIFEST_FILE
+from edgedistill.deploy.quantize import DEFAULT_OPSET
 from edgedistill.errors import UserError
 from edgedistill.ui import progress_bar
 
@@ -87,7 +88,7 @@ class ExportOptions:
     qad_images: str = "clean"  # deploy/qad.py ImageSource
     embedding: bool = False
     out: Path | None = None
-    opset: int = 17  # onnx_export.DEFAULT_OPSET
+    opset: int = DEFAULT_OPSET
     exporter: str = "legacy"
     val_count: int | None = DEFAULT_VAL_COUNT
     tolerance: float = 1e-4  # fp32 ONNX vs torch: max |diff| / max(1, max |logit|)
@@ -364,7 +365,7 @@ def _kit_and_engines(ctx: _Export) -> dict:
     shutil.copytree(kit_source(), ctx.out / "kit", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
                     dirs_exist_ok=True)
     chw = (3, ctx.dep.img_size, ctx.dep.img_size)
-    jobs = plan(ctx.out, ctx.st.paths, INPUT_NAME, chw, ctx.opts.batches)
+    jobs = plan(ctx.st.paths, INPUT_NAME, chw, ctx.opts.batches)
     if ctx.opts.target == "tensorrt" and not ctx.failures:
         return build_engines(ctx.out, jobs, ctx.opts.batches)
     return {"built": False, "reason": "not requested (--target tensorrt builds engines where TensorRT and a GPU exist)",

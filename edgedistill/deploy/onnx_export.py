@@ -24,12 +24,12 @@ import torch.nn as nn
 
 import edgedistill
 from edgedistill.config import RunConfig
+from edgedistill.deploy.quantize import DEFAULT_OPSET
 from edgedistill.errors import UserError
 
 log = logging.getLogger(__name__)
 
 INPUT_NAME = "input"
-DEFAULT_OPSET = 17
 
 
 @dataclass

@@ -79,6 +79,7 @@ FORMATS: tuple[str, ...] = get_args(Format)
 TARGETS: tuple[str, ...] = get_args(Target)
 Exporter = Literal["legacy", "dynamo"]  # torch's TorchScript ONNX exporter or torch.export (deploy/onnx_export.py)
 EXPORTERS: tuple[str, ...] = get_args(Exporter)
+DEFAULT_OPSET = 17  # parses in ONNX Runtime and TensorRT 8.6+
 
 # The ops quantized for TensorRT: the weighted layers (what "INT8" means for speed and size) and
 # the residual adds between them; the builder fuses everything else.

@@ -70,7 +70,7 @@ def status() -> tuple[bool, str, dict]:
     return True, f"TensorRT {detail}", {"tensorrt": detail, "gpu": kit.gpu_name()}
 
 
-def plan(export_dir: Path, artifacts: dict[str, str], input_name: str, chw: tuple[int, int, int],
+def plan(artifacts: dict[str, str], input_name: str, chw: tuple[int, int, int],
          batches: tuple[int, int, int]) -> list[dict]:
     """What to build: fp16 from the fp32 ONNX (TRT 10; fp16 ONNX on TRT 11), INT8 from the QDQ ONNX."""
     kit = build_engine_module()
