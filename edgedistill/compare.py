@@ -163,8 +163,8 @@ def _row(recipe: str, run_dir: Path, method: str, teacher: str, cfg, scores: dic
         "knn_top1": scores["knn_top1"],
         "linear_top1": scores["linear_top1"],
         "paper_linear_top1": scores.get("paper_linear_top1"),
-        "images_per_s": run.get("images_per_s"),
-        "train_wall_s": run.get("wall_s"),
+        "images_per_s": run.get("images_per_s") or None,  # None, not 0, for rows that did not train
+        "train_wall_s": run.get("wall_s") or None,
         "steps": run.get("steps"),
         "queue_size": getattr(cfg.method, "queue_size", None) if method in ("mocov2", "disco") else None,
         "eval_images": {"train": ev.get("n_train"), "val": ev.get("n_val")},
@@ -220,7 +220,7 @@ def run_compare(recipes: list[Path], overrides: list[str] | None = None, out: Pa
         "rows": [],
         "environment": environment(),
     }
-    rows = result["rows"]
+    rows: list[dict] = []
     todo = list(zip(configs, _run_dirs(configs, out)))
     if untrained:
         todo.insert(0, ((UNTRAINED, _untrained_config(configs[0][1])), out / UNTRAINED))
@@ -229,6 +229,7 @@ def run_compare(recipes: list[Path], overrides: list[str] | None = None, out: Pa
     scored_teacher = next((recipe for recipe, cfg in configs if cfg.teacher is not None), None) if teacher else None
     if teacher and scored_teacher is None:
         raise UserError("--teacher: none of these recipes has a teacher (DisCo and SEED have one): drop --teacher")
+    teacher_row = []  # the last row of the table, once scored
     for (recipe, cfg), run_dir in todo:
         start = time.perf_counter()
         run, ev, reused = _train_and_eval(cfg, run_dir, reuse, with_teacher=recipe == scored_teacher)
@@ -239,7 +240,8 @@ def run_compare(recipes: list[Path], overrides: list[str] | None = None, out: Pa
             rows.append(_row(recipe, run_dir, "dogo (peer)", f"{cfg.student.arch} (student)", cfg, ev["peer"], run,
                              ev, reused, 0.0))
         if recipe == scored_teacher:  # not trained here: no images/s, steps or losses of its own
-            rows.append(_row(recipe, run_dir, TEACHER, "-", cfg, ev["teacher"], {}, ev, reused, 0.0))
+            teacher_row = [_row(recipe, run_dir, TEACHER, "-", cfg, ev["teacher"], {}, ev, reused, 0.0)]
+        result["rows"] = rows + teacher_row
         # Written after every run: a long comparison that is stopped still leaves its table.
         result["complete"] = len({r["recipe"] for r in rows}) == len(todo)
         write_json(out / COMPARE_JSON, result)

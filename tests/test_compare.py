@@ -93,6 +93,7 @@ def test_untrained_row_dogo_peer_row_and_curves(tmp_path, monkeypatch):
     assert [r["method"] for r in result["rows"]] == ["untrained", "dogo", "dogo (peer)"]
     untrained, student, peer = result["rows"]
     assert untrained["steps"] == 0 and untrained["student"] == student["student"] == "mobilenetv3_small_100"
+    assert untrained["images_per_s"] is None and untrained["train_wall_s"] is None  # "-" in the table, not 0
     assert peer["student"] == "resnet20_cifar" and peer["params"] != student["params"]
     assert result["complete"] is True
     curves = {c["label"]: c for c in drawn["curves"]}
@@ -130,17 +131,18 @@ def test_teacher_row_is_added_on_reuse_and_scored_like_the_students(tmp_path):
     assert [r["method"] for r in first["rows"]] == ["mocov2", "disco"]
     assert json.loads((out / "disco" / "eval.json").read_text())["teacher"] is None
 
-    # Asked later, the finished runs are reused and only the teacher is scored, by the same evaluation.
-    result = CliRunner().invoke(app, ["compare", str(a), str(b), "--out", str(out), "--teacher"])
+    # Asked later, the finished runs are reused and only the teacher is scored, by the same evaluation;
+    # its row closes the table whatever the recipes' order.
+    result = CliRunner().invoke(app, ["compare", str(b), str(a), "--out", str(out), "--teacher"])
     assert result.exit_code == 0, result.output
     data = json.loads((out / "compare.json").read_text())
-    assert [r["method"] for r in data["rows"]] == ["mocov2", "disco", "teacher"] and data["complete"] is True
+    assert [r["method"] for r in data["rows"]] == ["disco", "mocov2", "teacher"] and data["complete"] is True
     teacher = data["rows"][2]
     scores = json.loads((out / "disco" / "eval.json").read_text())["teacher"]
     assert teacher["student"] == "resnet20_cifar" and teacher["teacher"] == "-"
     assert teacher["linear_top1"] == scores["linear_top1"] and 0 <= teacher["knn_top1"] <= 100
     assert teacher["params"] == sum(p.numel() for p in create_backbone(ModelConfig(arch="resnet20_cifar")).parameters())
-    assert teacher["images_per_s"] is None and data["rows"][1]["linear_top1"] == first["rows"][1]["linear_top1"]
+    assert teacher["images_per_s"] is None and data["rows"][0]["linear_top1"] == first["rows"][1]["linear_top1"]
     assert "| teacher | - | resnet20_cifar |" in (out / "compare.md").read_text()
 
     with pytest.raises(UserError, match="none of these recipes has a teacher"):
