@@ -104,7 +104,7 @@ class EvalConfig:
     knn_temperature: float = 0.07
     linear_epochs: int = 100
     linear_lr: float = 0.1
-    # None: chosen among 1e-4 / 1e-3 / 1e-2 by held-out top-1 under INT8-like feature noise
+    # None: chosen among 1e-4 / 1e-3 / 1e-2 by top-1 on held-out training features
     # (see evaluate.choose_probe); a number fixes it.
     linear_weight_decay: float | None = None
     batch_size: int = 256

@@ -111,7 +111,8 @@ def int8_summary(export_dir: Path) -> dict:
     return {"file": art["file"], "calibrator": qz["calibration"]["label"], "drop": acc["drop_vs_fp32"],
             "drop_se": acc.get("drop_se"), "val_images": manifest["validation"]["images"],
             "int8_layers": qz["int8_layers"], "size_ratio": qz["size_ratio_vs_fp32"],
-            "kept_in_float": qz["nodes_kept_in_float"]}
+            "kept_in_float": qz["nodes_kept_in_float"], "delivered_by": qz["delivered_by"],
+            "cpu_class": qz["cpu_class"], "recommendation": manifest.get("recommendation")}
 
 
 def print_summary(summary: dict) -> None:
@@ -126,7 +127,11 @@ def print_summary(summary: dict) -> None:
     q = summary["int8"]
     console.print(f"INT8 ({q['file']}, {q['calibrator']}): drop {q['drop']:.2f} ± {q['drop_se']:.2f} points on "
                   f"{q['val_images']} images, {q['int8_layers']['int8']}/{q['int8_layers']['weighted_layers']} layers "
-                  f"in INT8, {q['size_ratio']:.2f}x smaller than fp32")
+                  f"in INT8, {q['size_ratio']:.2f}x smaller than fp32 (built for {q['cpu_class']}, delivered by "
+                  f"{q['delivered_by']})")
+    if q.get("recommendation"):
+        rec = q["recommendation"]
+        console.print(f"recommended for {rec['device']}: {rec['artifact']} ({rec['reason']})")
     console.print(f"report: {summary['report_md']}  (JSON: {summary['report']})")
     for plot in summary["plots"]:
         console.print(f"plot:   {plot}")

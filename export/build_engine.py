@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Build a TensorRT engine from an exported ONNX file, on the device that will run it.
 
-Torch-free and dependency-light (the `tensorrt` Python package only; `onnx` is not needed):
+Torch-free and dependency-light (the `tensorrt` Python package; `onnx`, where installed, checks an
+INT8 file's Q/DQ graph before the build and names a node TensorRT would refuse):
 engines are tied to the GPU, TensorRT version and driver they were built with, so they are built
 on the target (a Jetson, an x86 box with an NVIDIA GPU), not shipped.
 
@@ -89,6 +90,41 @@ def trtexec_command(onnx_path: str, engine_path: str, precision: str, input_name
     return " ".join(shlex.quote(a) for a in args)
 
 
+def qdq_problems(onnx_path: str | os.PathLike) -> list[str] | None:
+    """What TensorRT's explicit quantization will refuse in a QDQ file, one line per node: a
+    DequantizeLinear of an int32 tensor (a quantized bias: the parser accepts only activation
+    types there), unsigned or asymmetric Q/DQ (TensorRT's are signed int8 with zero point 0), and
+    a QuantizeLinear not followed by a DequantizeLinear. None when `onnx` is not installed (the
+    parser's own errors still apply)."""
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError:
+        return None
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    inits = {i.name: i for i in graph.initializer}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    problems = []
+    for node in graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        source = inits.get(node.input[0])
+        if node.op_type == "DequantizeLinear" and source is not None and source.data_type == onnx.TensorProto.INT32:
+            problems.append(f"{node.name}: DequantizeLinear of the int32 tensor {node.input[0]} (a quantized bias); "
+                            "TensorRT takes float biases: re-export with `edgedistill export --target tensorrt`")
+            continue
+        zero = inits.get(node.input[2]) if len(node.input) > 2 else None
+        if zero is not None and (zero.data_type != onnx.TensorProto.INT8 or numpy_helper.to_array(zero).any()):
+            problems.append(f"{node.name}: zero point {node.input[2]} is not int8 zero; TensorRT quantizes "
+                            "symmetrically to signed int8 (qdq-s8s8-sym)")
+        if node.op_type == "QuantizeLinear" and any(c.op_type != "DequantizeLinear" for c in consumers.get(node.output[0], [])):
+            problems.append(f"{node.name}: QuantizeLinear output {node.output[0]} feeds a node other than DequantizeLinear")
+    return problems
+
+
 def build(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, precision: str = "fp16",
           batches: tuple[int, int, int] = DEFAULT_BATCHES, timing_cache: str | os.PathLike | None = None,
           workspace_mib: int = DEFAULT_WORKSPACE_MIB, weakly_typed: bool = False, verbose: bool = False) -> dict:
@@ -101,6 +137,10 @@ def build(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, precisio
     if not 1 <= bmin <= bopt <= bmax:
         raise ValueError(f"batches must satisfy 1 <= min <= opt <= max, got {batches}")
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    if precision == "int8":  # name the offending node before the parser's less telling error
+        problems = qdq_problems(onnx_path)
+        if problems:
+            raise BuildError(f"{onnx_path}: not a TensorRT explicit-quantization graph:\n  " + "\n  ".join(problems))
     major = int(str(trt.__version__).split(".")[0])
     flag_names = set(dir(trt.BuilderFlag))
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""edgekit: time an edgedistill export on the device itself. Needs numpy + onnxruntime only.
+"""edgekit: time and check an edgedistill export on the device itself. Needs numpy + onnxruntime
+(OpenVINO, TensorRT + cuda-python where installed).
 
 Copied into every export as `kit/edgekit.py`; torch is never imported (edge devices rarely have
 it). `edgedistill bench` imports this same file (`edgedistill.kit.load_kit_module("edgekit")`),
@@ -8,6 +9,7 @@ so the timing loop, the statistics and the results schema exist in one place.
     python kit/edgekit.py bench EXPORT_DIR [--batch 1,8,32] [--threads N] [--runs N | --time S]
                                            [--warmup N] [--providers cpu,cuda,trt] [--engine FILE]
                                            [--out results.json]
+    python kit/edgekit.py check EXPORT_DIR [--providers ...] [--threads N]  # accuracy on this device
     python kit/edgekit.py env              # the environment stamp only
 
 Method (as trtexec and timm's benchmark.py): build the session once, warm up, then time single
@@ -53,6 +55,15 @@ from pathlib import Path
 import numpy as np
 
 SCHEMA = "edgedistill.bench/1"
+CHECK_SCHEMA = "edgedistill.check/1"
+SAMPLE_REFERENCE = "sample_reference.npy"  # the torch fp32 outputs on SAMPLE_INPUTS
+# `check`: how far an artifact run on the device may be from the fp32 reference on the samples.
+# Float files by their largest relative difference; INT8 files by their output divergence and top-1
+# agreement against what the exporting machine measured on the same samples (manifest
+# `artifacts[].on_samples`, computed the way the target computes the file).
+FLOAT_TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2}
+INT8_DIVERGENCE_FACTOR = 2.0
+INT8_DIVERGENCE_FLOOR = 1e-3
 MANIFEST_SCHEMA = "edgedistill.export/1"
 MANIFEST = "manifest.json"
 SAMPLE_INPUTS = "sample_inputs.npy"
@@ -74,9 +85,10 @@ ORT_PROVIDERS = {
     "cuda": "CUDAExecutionProvider",
     "trt": "TensorrtExecutionProvider",
 }
-# Runtime names on the command line and in results: ONNX Runtime per provider, TensorRT engines.
-RUNTIMES = tuple(f"ort-{short}" for short in ORT_PROVIDERS) + ("tensorrt",)
-_VERSIONED = ("numpy", "onnxruntime", "onnxruntime-gpu", "onnx", "tensorrt", "tensorrt-lean", "tensorrt-cu12",
+# Runtime names on the command line and in results: ONNX Runtime per provider, OpenVINO's CPU
+# plugin (the same ONNX files), TensorRT engines.
+RUNTIMES = tuple(f"ort-{short}" for short in ORT_PROVIDERS) + ("openvino-cpu", "tensorrt")
+_VERSIONED = ("numpy", "onnxruntime", "onnxruntime-gpu", "onnx", "openvino", "tensorrt", "tensorrt-lean", "tensorrt-cu12",
               "tensorrt-cu13", "cuda-python", "cuda-bindings", "torch", "edgedistill")
 
 
@@ -397,6 +409,36 @@ def load_export(export_dir) -> dict:
             "labels": labels}
 
 
+def output_divergence(ref: np.ndarray, out: np.ndarray, kind: str) -> float:
+    """How far an output is from fp32: mean KL(softmax(fp32) || softmax(out)) for class logits,
+    mean 1 - cosine for embeddings."""
+    ref, out = np.asarray(ref, np.float64).reshape(len(ref), -1), np.asarray(out, np.float64).reshape(len(out), -1)
+    if kind == "classifier":
+        def log_softmax(x):
+            x = x - x.max(1, keepdims=True)
+            return x - np.log(np.exp(x).sum(1, keepdims=True))
+
+        lp, lq = log_softmax(ref), log_softmax(out)
+        return float((np.exp(lp) * (lp - lq)).sum(1).mean())
+    return float((1.0 - cosines(ref, out)).mean())
+
+
+def cosines(ref: np.ndarray, out: np.ndarray) -> np.ndarray:
+    return (out * ref).sum(1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1) + 1e-12)
+
+
+def sample_agreement(ref: np.ndarray, out: np.ndarray, kind: str) -> dict:
+    """One artifact's outputs on the samples against the fp32 reference: top-1 agreement
+    (classifiers), output divergence, largest relative difference."""
+    ref, out = np.asarray(ref, np.float32).reshape(len(ref), -1), np.asarray(out, np.float32).reshape(len(out), -1)
+    scale = max(1.0, float(np.abs(ref).max()))
+    res = {"samples": int(len(ref)), "divergence": round(output_divergence(ref, out, kind), 8),
+           "max_rel_diff": float(np.abs(out - ref).max() / scale)}
+    if kind == "classifier":
+        res["agreement"] = round(100.0 * float((out.argmax(1) == ref.argmax(1)).mean()), 3)
+    return res
+
+
 def top1(logits: np.ndarray, labels: np.ndarray) -> float:
     return round(100.0 * float((np.asarray(logits).reshape(len(labels), -1).argmax(1) == labels).mean()), 3)
 
@@ -477,6 +519,42 @@ class OrtRunner(Runner):
                     "d2h_ms": median_ms(time_calls(lambda: binding.copy_outputs_to_cpu(), 3, 20))}
 
         yield step, copies
+
+
+# ----------------------------------------------------------------------------- OpenVINO
+
+
+class OpenVinoRunner(Runner):
+    """OpenVINO's CPU plugin reading the exported ONNX file itself: its ONNX frontend turns a QDQ
+    file's QuantizeLinear/DequantizeLinear pairs into FakeQuantize and runs its own INT8 kernels.
+    One synchronous infer request, latency hint (one stream). Float layers run in fp32
+    (`INFERENCE_PRECISION_HINT`): OpenVINO would otherwise run them in bf16 on CPUs with
+    AVX512-BF16 or AMX, which is another model's accuracy."""
+
+    runtime = "openvino-cpu"
+
+    def __init__(self, path, threads: int | None = None):
+        import openvino as ov
+
+        core = ov.Core()
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        self.ov = ov
+        self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        self.provider = f"OpenVINO {ov.get_version().split('-')[0]} CPU"
+        self.threads = int(threads) if threads else None
+        shape = self.compiled.input(0).get_partial_shape()
+        self.fixed_batch = shape[0].get_length() if shape[0].is_static else None
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return np.array(self.request.infer({0: np.ascontiguousarray(x, dtype=np.float32)})[self.compiled.output(0)])
+
+    @contextlib.contextmanager
+    def timing(self, x: np.ndarray):
+        self.request.set_input_tensor(self.ov.Tensor(np.ascontiguousarray(x, dtype=np.float32)))
+        yield (lambda: self.request.infer()), no_copies
 
 
 # ----------------------------------------------------------------------------- TensorRT engines
@@ -637,6 +715,12 @@ def available_runtimes() -> dict[str, str | None]:
         if out[key] is None and not gpus:
             out[key] = "no NVIDIA GPU visible (nvidia-smi absent or lists none)"
     try:
+        import openvino  # noqa: F401
+
+        out["openvino-cpu"] = None
+    except ImportError:
+        out["openvino-cpu"] = "OpenVINO is not installed (pip install openvino)"
+    try:
         import tensorrt  # noqa: F401
 
         cuda_runtime()
@@ -647,9 +731,11 @@ def available_runtimes() -> dict[str, str | None]:
 
 
 def make_runner(runtime: str, path: Path, threads: int | None, precision: str | None = None) -> Runner:
-    """The runner of one artifact on one kit runtime ("ort-cpu", "ort-cuda", "ort-trt", "tensorrt")."""
+    """The runner of one artifact on one kit runtime (one of RUNTIMES)."""
     if runtime.startswith("ort-"):
         return OrtRunner(path, runtime[4:], threads, precision=precision)
+    if runtime == "openvino-cpu":
+        return OpenVinoRunner(path, threads)
     if runtime == "tensorrt":
         return TensorRTRunner(path)
     raise ValueError(f"unknown runtime {runtime!r}")
@@ -755,6 +841,62 @@ def _accuracy(runner, samples: np.ndarray, labels: np.ndarray) -> float:
     return top1(np.concatenate([np.asarray(l, dtype=np.float32).reshape(l.shape[0], -1) for l in logits]), labels)
 
 
+def check_verdict(art: dict, measured: dict) -> tuple[bool, dict]:
+    """(passed, tolerance) of one artifact's `sample_agreement` on the device."""
+    precision = art.get("precision") or "fp32"
+    if precision in FLOAT_TOLERANCE:
+        tol = {"max_rel_diff": FLOAT_TOLERANCE[precision]}
+        return measured["max_rel_diff"] <= tol["max_rel_diff"], tol
+    expected = art.get("on_samples")
+    if not expected:  # an export made before the samples' reference: nothing to hold it to
+        return True, {"note": "the manifest has no on_samples record: re-export to check this artifact"}
+    tol = {"divergence": round(max(INT8_DIVERGENCE_FACTOR * expected["divergence"], INT8_DIVERGENCE_FLOOR), 8),
+           "expected": expected}
+    ok = measured["divergence"] <= tol["divergence"]
+    if "agreement" in measured and "agreement" in expected:
+        tol["agreement"] = round(expected["agreement"] - 100.0 / max(measured["samples"], 1), 3)  # one sample
+        ok = ok and measured["agreement"] >= tol["agreement"]
+    return ok, tol
+
+
+def check_export(export_dir, runtimes=("ort-cpu",), threads: int | None = None, log=print) -> dict:
+    """Run every artifact of an export on every requested runtime on the sample inputs and hold
+    its outputs against the fp32 reference outputs the export wrote (schema "edgedistill.check/1")."""
+    exp = load_export(export_dir)
+    ref_path = exp["dir"] / SAMPLE_REFERENCE
+    if not ref_path.is_file():
+        raise KitError(f"{ref_path} is missing: re-run `edgedistill export` (it writes the fp32 reference outputs)")
+    reference = np.load(ref_path, allow_pickle=False)
+    kind = exp["manifest"].get("kind", "classifier")
+    avail = available_runtimes()
+    rows, skipped = [], []
+    for runtime in runtimes:
+        if avail.get(runtime, f"unknown runtime {runtime!r}"):
+            skipped.append({"runtime": runtime, "reason": avail.get(runtime, f"unknown runtime {runtime!r}")})
+            continue
+        for art in exp["artifacts"]:
+            path = Path(art["file"]) if Path(art["file"]).is_absolute() else exp["dir"] / art["file"]
+            if not _runtime_accepts(runtime, art) or not path.is_file():
+                continue
+            try:
+                runner = make_runner(runtime, path, threads, art.get("precision"))
+                chunk = runner.fixed_batch or len(exp["samples"])
+                out = np.concatenate([runner.predict(tile_batch(exp["samples"][i : i + chunk], chunk))[: len(exp["samples"]) - i]
+                                      for i in range(0, len(exp["samples"]), chunk)])
+            except Exception as e:  # noqa: BLE001 - a runtime that cannot run this file: say so, go on
+                skipped.append({"artifact": art["name"], "runtime": runtime, "reason": f"{type(e).__name__}: {e}"[:300]})
+                continue
+            measured = sample_agreement(reference, out, kind)
+            passed, tol = check_verdict(art, measured)
+            rows.append({"artifact": art["name"], "file": art["file"], "runtime": runtime, "provider": runner.provider,
+                         "precision": art.get("precision"), **measured, "tolerance": tol, "passed": bool(passed)})
+            log(f"{art['name']} on {runtime}: {'ok' if passed else 'BEYOND TOLERANCE'} ({measured})")
+    return {"schema": CHECK_SCHEMA, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "environment": environment(threads), "kind": kind, "passed": all(r["passed"] for r in rows),
+            "results": rows, "skipped": skipped,
+            "export": {"dir": str(exp["dir"]), "manifest_sha256": file_sha256(exp["dir"] / MANIFEST)}}
+
+
 def make_results(results: list[dict], skipped: list[dict], env: dict, exp: dict | None = None,
                  settings: dict | None = None) -> dict:
     doc = {
@@ -772,9 +914,9 @@ def make_results(results: list[dict], skipped: list[dict], env: dict, exp: dict 
 
 
 def write_results(doc: dict, path) -> Path:
-    """Write results JSON atomically (temp file + rename)."""
-    if doc.get("schema") != SCHEMA:
-        raise ValueError(f"not a {SCHEMA} document")
+    """Write a results JSON (bench or check) atomically (temp file + rename)."""
+    if doc.get("schema") not in (SCHEMA, CHECK_SCHEMA):
+        raise ValueError(f"not a {SCHEMA} or {CHECK_SCHEMA} document")
     for row in doc.get("results", []):
         missing = {"artifact", "runtime", "batch", "latency_ms", "throughput_ips"} - set(row)
         if missing:
@@ -814,6 +956,16 @@ def format_table(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def format_check(doc: dict) -> str:
+    """Plain-text table of a check document."""
+    head = ("artifact", "runtime", "prec", "agree %", "divergence", "max rel diff", "verdict")
+    rows = [head] + [(r["artifact"], r["runtime"], str(r.get("precision") or ""),
+                      "-" if r.get("agreement") is None else f"{r['agreement']:.1f}", f"{r['divergence']:.2e}",
+                      f"{r['max_rel_diff']:.2e}", "ok" if r["passed"] else "BEYOND TOLERANCE") for r in doc["results"]]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows)
+
+
 def unreliable_rows(doc: dict) -> list[str]:
     """'artifact/runtime/batch' of the rows marked unreliable."""
     return [f"{r['artifact']}/{r['runtime']}/b{r['batch']}" for r in doc["results"] if r.get("unreliable")]
@@ -851,10 +1003,16 @@ def main(argv=None) -> int:
     b.add_argument("--time", type=float, default=None, dest="time_s", help="time budget (s) per measurement instead")
     b.add_argument("--warmup", type=int, default=10)
     b.add_argument("--providers", default="auto",
-                   help="runtimes: any of cpu,cuda,trt (ONNX Runtime EPs) and tensorrt (engines); auto = all present")
+                   help="runtimes: any of cpu,cuda,trt (ONNX Runtime EPs), openvino-cpu and tensorrt (engines); auto = all present")
     b.add_argument("--artifact", action="append", default=None, help="only this artifact (repeatable)")
     b.add_argument("--engine", action="append", type=Path, default=[], help="also time this TensorRT engine")
     b.add_argument("--out", type=Path, default=None, help="results JSON (default: EXPORT_DIR/bench-<host>.json)")
+    c = sub.add_parser("check", help="run every artifact on the sample inputs here; compare with the fp32 "
+                       "reference; exit 1 beyond tolerance")
+    c.add_argument("export_dir", type=Path, help="export folder (holds manifest.json)")
+    c.add_argument("--threads", type=int, default=None, help="CPU threads")
+    c.add_argument("--providers", default="auto", help="runtimes, as for bench")
+    c.add_argument("--out", type=Path, default=None, help="results JSON (default: EXPORT_DIR/check-<host>.json)")
     sub.add_parser("env", help="print the environment stamp as JSON")
     args = parser.parse_args(argv)
     if args.cmd == "env":
@@ -864,7 +1022,18 @@ def main(argv=None) -> int:
         avail = available_runtimes()
         runtimes = [r for r in RUNTIMES if avail.get(r) is None]
     else:
-        runtimes = [p if p == "tensorrt" or p.startswith("ort-") else f"ort-{p}" for p in args.providers.split(",")]
+        runtimes = [p if p in RUNTIMES else f"ort-{p}" for p in args.providers.split(",")]
+    if args.cmd == "check":
+        try:
+            doc = check_export(args.export_dir, runtimes, args.threads, log=lambda m: print(m, file=sys.stderr))
+        except KitError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        out = args.out or Path(args.export_dir) / f"check-{platform.node() or 'device'}.json"
+        write_results(doc, out)
+        print(format_check(doc))
+        print(f"results: {out}", file=sys.stderr)
+        return 0 if doc["passed"] and doc["results"] else 1
     try:
         doc = bench_export(args.export_dir, runtimes, args.batch, args.threads, args.warmup,
                            None if args.time_s else args.runs, args.time_s, args.artifact, args.engine,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -95,6 +96,42 @@ def test_kit_env_and_bad_input(export_dir, tmp_path):
     assert proc.returncode == 1  # nothing timed: TensorRT is not here, said in one line
     doc = json.loads((tmp_path / "trt.json").read_text())
     assert doc["results"] == [] and doc["skipped"][0]["runtime"] == "tensorrt" and doc["skipped"][0]["reason"]
+
+
+def test_kit_check_on_the_device_without_torch(evaluated_run, export_dir, tmp_path):
+    """`edgekit.py check`: every artifact on every runtime here (ONNX Runtime, OpenVINO) against the
+    fp32 reference outputs the export wrote; a reference that no longer matches is exit 1."""
+    shipped = export_dir / "kit" / "edgekit.py"
+    out = tmp_path / "check.json"
+    proc = _run_kit(shipped, "check", export_dir, "--providers", "cpu,openvino-cpu", "--threads", "1", "--out", out)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    doc = json.loads(out.read_text())
+    assert doc["schema"] == "edgedistill.check/1" and doc["passed"]
+    runs = {(r["runtime"], r["precision"]) for r in doc["results"]}
+    runtimes = ("ort-cpu", "openvino-cpu") if importlib.util.find_spec("openvino") else ("ort-cpu",)  # the test extra has it
+    assert runs == {(rt, p) for rt in runtimes for p in ("fp32", "int8")}, runs
+    for row in doc["results"]:
+        assert row["samples"] == 32 and row["passed"]
+        if row["precision"] == "fp32":
+            assert row["max_rel_diff"] <= row["tolerance"]["max_rel_diff"] and row["agreement"] == 100.0
+        else:  # held to what the export measured on the same samples
+            assert row["divergence"] <= row["tolerance"]["divergence"] and row["tolerance"]["expected"]["samples"] == 32
+    # `report` folds the device's checks in beside its latencies.
+    from edgedistill.report import build_report
+
+    report = json.loads(build_report(evaluated_run, [out], export_dir=export_dir, out_dir=tmp_path / "r").read_text())
+    assert len(report["device_checks"]) == len(doc["results"]) and all(r["passed"] for r in report["device_checks"])
+    assert "Accuracy checks on the devices" in (tmp_path / "r" / "report.md").read_text()
+    # A device that computes something else: here, the reference of other images.
+    broken = tmp_path / "broken"
+    import shutil
+
+    shutil.copytree(export_dir, broken)
+    reference = np.load(broken / "sample_reference.npy")
+    np.save(broken / "sample_reference.npy", np.roll(reference, 1, axis=0))
+    proc = _run_kit(shipped, "check", broken, "--providers", "cpu", "--out", tmp_path / "bad.json")
+    assert proc.returncode == 1 and "BEYOND TOLERANCE" in proc.stdout
+    assert not json.loads((tmp_path / "bad.json").read_text())["passed"]
 
 
 def test_statistics_and_time_budget(kit):

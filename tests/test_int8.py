@@ -15,6 +15,8 @@ from int8util import calibration, export_mnv3
 from onnx import numpy_helper
 
 from edgedistill.deploy import quantize as q
+from edgedistill.errors import UserError
+from edgedistill.kit import load_kit_module
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +80,37 @@ def test_ort_cpu_clips_hardswish_inputs_and_quantizes_weighted_layers(prepared, 
     ort_graph = onnx.load(str(out)).graph
     assert len(quantized) < sum(n.op_type == "QuantizeLinear" for n in ort_graph.node)
     assert q.int8_share(pre, trt)["share"] == 1.0
+    # TensorRT's parser refuses DequantizeLinear on int32 (quantized biases): its file keeps float
+    # biases, and the device kit's pre-build check finds nothing; ONNX Runtime's file has int32 biases.
+    check = load_kit_module("build_engine").qdq_problems
+    int32 = onnx.TensorProto.INT32
+    assert not [i for i in graph.initializer if i.data_type == int32]
+    assert check(trt) == []
+    assert any("int32" in problem for problem in check(out))
+
+
+@pytest.mark.parametrize("cpu_class,peak", [("x86-avx2", 64), ("x86-vnni", 127), ("arm64", 127)])
+def test_declared_cpu_class_sets_the_weight_bits(prepared, tmp_path, cpu_class, peak):
+    """7-bit weights for x86 without VNNI (its u8*s8 dot product saturates), 8 bits elsewhere,
+    whatever CPU exports the file."""
+    pre, _ = prepared
+    images = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
+    plan = q.make_plan("ort-cpu", pre, cpu_class=cpu_class)
+    out = q.quantize(pre, tmp_path / "w.onnx", "qdq-u8s8", calibration(pre, tmp_path, images), plan)
+    weights = [numpy_helper.to_array(i) for i in onnx.load(str(out)).graph.initializer if i.name.endswith("_quantized")
+               and i.data_type == onnx.TensorProto.INT8]
+    assert weights and max(int(np.abs(w.astype(np.int32)).max()) for w in weights) == peak
+
+
+def test_scoring_arithmetic_follows_the_declared_class(monkeypatch):
+    monkeypatch.setenv(q.CPU_CLASS_ENV, "x86-vnni")
+    assert q.resolve_cpu_class("auto") == "x86-vnni"
+    assert not q.scoring_arithmetic("ort-cpu", "x86-vnni")["exact"]  # this machine computes it as the target
+    assert q.scoring_arithmetic("ort-cpu", "x86-avx2")["exact"]  # another class: the exact QDQ reference
+    assert q.scoring_arithmetic("tensorrt", "x86-vnni")["exact"]  # TensorRT: always exact
+    monkeypatch.setenv(q.CPU_CLASS_ENV, "x86-avx512")
+    with pytest.raises(UserError, match="EDGEDISTILL_CPU_CLASS"):
+        q.this_cpu_class()
 
 
 def test_excluded_layer_stays_float_and_divergence_is_zero_for_identical_outputs(prepared, tmp_path):
@@ -137,16 +170,17 @@ def test_auto_calibrator_never_reads_the_validation_set(evaluated_run, tmp_path,
 
 
 def test_fallback_meets_the_budget_with_few_layers_in_float(evaluated_run, tmp_path):
-    """On the tiny run, a budget below the all-INT8 drop: the end-to-end ranking and the search
-    keep some layers in float, meet it, and the search stops at the fewest it tried that do."""
+    """On the tiny run with every layer in INT8 (the classifier too), a budget below the all-INT8
+    drop: the end-to-end ranking and the search keep some layers in float, meet it, and the search
+    stops at the fewest it tried that do."""
     from edgedistill.deploy import export_run
 
-    base = export_run(evaluated_run, int8=True, int8_format="qdq-u8s8", calibrator="minmax",
-                      out=tmp_path / "base", cache_dir=tmp_path / "c", val_count=96, calib_count=32)
+    common = dict(int8=True, int8_format="qdq-u8s8", calibrator="minmax", placement="tuned", int8_classifier=True,
+                  cache_dir=tmp_path / "c", val_count=96, calib_count=32)
+    base = export_run(evaluated_run, out=tmp_path / "base", **common)
     art = next(a for a in json.loads((base / "manifest.json").read_text())["artifacts"] if a["precision"] == "int8")
     agreement = art["accuracy"]["agreement"]
-    out = export_run(evaluated_run, int8=True, int8_format="qdq-u8s8", calibrator="minmax", qad_steps=0,
-                     max_drop=0.0, max_float_share=1.0, out=tmp_path / "fb", cache_dir=tmp_path / "c", val_count=96, calib_count=32)
+    out = export_run(evaluated_run, qad_steps=0, max_drop=0.0, max_float_share=1.0, out=tmp_path / "fb", **common)
     m = json.loads((out / "manifest.json").read_text())
     fb = m["int8"]["max_drop"]
     assert fb["reached"], fb
@@ -193,8 +227,42 @@ def test_probe_choice_and_noise_check():
         fragile.weight[:, 2] = torch.tensor([-1e4, 0.0, 1e4])
         fragile.bias.zero_()
     check = classifier_noise_check(Classifier(Features(), fragile), feats)
-    assert check["fragile"] and check["agreement"] < 90 and check["advice"]
-    assert classifier_noise_check(Classifier(Features(), fc), feats)["agreement"] > check["agreement"] + 10
+    assert check["fragile"] and check["agreement"] < 90 and "--int8-classifier" in check["advice"]
+    robust = torch.nn.Linear(8, 3)  # leans on the well-spread feature only
+    with torch.no_grad():
+        robust.weight.zero_()
+        robust.weight[:, 0] = torch.tensor([-1.0, 0.0, 1.0])
+        robust.bias.copy_(torch.tensor([1.5, 0.0, -4.5]))
+    assert not classifier_noise_check(Classifier(Features(), robust), feats)["fragile"]
+
+
+def test_ptq_alone_keeps_the_classifier_in_float_and_the_check_predicts_the_int8_one(evaluated_run, tmp_path):
+    """Post-training quantization only. By default the classifier and its input stay in float (the
+    pooled features never pass a QuantizeLinear) with >= 90% of the layers in INT8; with
+    --int8-classifier the classifier check must not pass while the file loses points."""
+    from edgedistill.deploy import export_run
+
+    for int8_classifier in (False, True):
+        out = export_run(evaluated_run, int8=True, qad_steps=0, int8_classifier=int8_classifier, val_count=None,
+                         out=tmp_path / str(int8_classifier), cache_dir=tmp_path / "cache", calib_count=128)
+        m = json.loads((out / "manifest.json").read_text())
+        art = next(a for a in m["artifacts"] if a["precision"] == "int8")
+        graph = onnx.load(str(out / art["file"])).graph
+        producer = {o: n for n in graph.node for o in n.output}
+        gemm = next(n for n in graph.node if n.op_type == "Gemm")
+        # Back from the classifier's input to the first DequantizeLinear: what it dequantizes.
+        feeds = producer[gemm.input[0]]
+        while feeds.op_type != "DequantizeLinear":
+            feeds = producer[feeds.input[0]]
+        quantized = producer[producer[feeds.input[0]].input[0]]  # DQ <- Q <- the quantized tensor's maker
+        check, floats = m["int8"]["classifier_check"], m["int8"]["placement"]["float_nodes"]
+        if int8_classifier:
+            assert quantized.op_type != "Conv" and not floats and check is not None
+            assert check["fragile"] or art["accuracy"]["drop_vs_fp32"] <= 1.0, (check, art["accuracy"])
+        else:  # only the last convolution's output is quantized; the pooled features are not
+            assert quantized.op_type == "Conv", quantized
+            assert gemm.name in floats and check is None and m["int8"]["int8_layers"]["share"] >= 0.9
+            assert art["quantization"]["size_ratio_vs_fp32"] >= 3.0
 
 
 def test_eval_keeps_a_jointly_trained_classifier(tmp_path):

@@ -197,7 +197,8 @@ def test_max_drop_runs_qad_before_the_float_fallback(evaluated_run, tmp_path):
 
     try:
         out = export_run(evaluated_run, int8=True, int8_format="qdq-u8s8", calibrator="minmax", max_drop=0.0,
-                         max_float_share=1.0, qad_steps=4, qad_batch=16, out=tmp_path / "ex",
+                         placement="tuned", int8_classifier=True, max_float_share=0.1, qad_steps=4, qad_batch=16,
+                         out=tmp_path / "ex",
                          cache_dir=tmp_path / "c", val_count=96, calib_count=32)
     except ExportCheckFailed as e:  # the budget may stay out of reach; the record is what is tested
         out = e.export_dir

@@ -21,11 +21,12 @@ log = logging.getLogger(__name__)
 
 
 class Runtime(str, Enum):
-    """The runtimes `edgedistill bench --runtime` knows (the first four are the device kit's)."""
+    """The runtimes `edgedistill bench --runtime` knows (those without "torch" are the device kit's)."""
 
     ort_cpu = "ort-cpu"
     ort_cuda = "ort-cuda"
     ort_trt = "ort-trt"
+    openvino_cpu = "openvino-cpu"
     tensorrt = "tensorrt"
     torch_cpu = "torch-cpu"
     torch_compile = "torch-compile"
@@ -38,7 +39,8 @@ KIT_RUNTIMES = tuple(r for r in ALL_RUNTIMES if not r.startswith("torch-"))
 # `auto`: every runtime that is present, except torch.compile (compiling takes minutes on a CPU).
 AUTO_RUNTIMES = tuple(r for r in ALL_RUNTIMES if not r.startswith("torch-compile"))
 ALIASES = {"ort": "ort-cpu", "onnxruntime": "ort-cpu", "torch": "torch-cpu", "trt": "tensorrt",
-           "ort-tensorrt": "ort-trt", "compile": "torch-compile"}
+           "ort-tensorrt": "ort-trt", "compile": "torch-compile",
+           "openvino": "openvino-cpu"}
 BENCH_FILE = "bench.json"
 
 

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from edgedistill.cli_helpers import EXIT_CHECK_FAILED, handle_errors
-from edgedistill.deploy.quantize import CALIBRATORS, DEFAULT_OPSET, EXPORTERS, FORMATS, PLACEMENTS, TARGETS
+from edgedistill.deploy.quantize import CALIBRATORS, CPU_CLASSES, DEFAULT_OPSET, EXPORTERS, FORMATS, PLACEMENTS, TARGETS
 
 
 def _choice_enum(name: str, values: tuple[str, ...]) -> type[Enum]:
@@ -19,6 +19,7 @@ def _choice_enum(name: str, values: tuple[str, ...]) -> type[Enum]:
 
 
 Target = _choice_enum("Target", TARGETS)
+CpuClass = _choice_enum("CpuClass", ("auto", *CPU_CLASSES))
 Int8Format = _choice_enum("Int8Format", ("auto", *FORMATS))
 Calibrator = _choice_enum("Calibrator", CALIBRATORS)
 Placement = _choice_enum("Placement", PLACEMENTS)
@@ -31,12 +32,14 @@ def export(
     int8: Annotated[bool, typer.Option("--int8", help="Also write an INT8 QDQ model (ONNX Runtime static PTQ).")] = False,
     fp16: Annotated[bool, typer.Option("--fp16", help="Also write an fp16 ONNX model (fp32 input/output).")] = False,
     target: Annotated[Target, typer.Option(help="INT8 target: ort-cpu (format measured fastest on this CPU) or tensorrt (signed symmetric QDQ; engines where TensorRT + a GPU exist).")] = Target("ort-cpu"),
+    cpu: Annotated[CpuClass, typer.Option("--cpu", help="CPU class the INT8 file is built for (ort-cpu): auto (this machine, said in the log and manifest), x86-avx2 (7-bit weights: no VNNI), x86-vnni or arm64. A class other than this machine's is scored with the exact QDQ arithmetic, as is every TensorRT file.")] = CpuClass("auto"),
     int8_format: Annotated[Int8Format, typer.Option("--int8-format", help="auto (ort-cpu: time both), qdq-s8s8-sym or qdq-u8s8.")] = Int8Format("auto"),
     calib_data: Annotated[Path | None, typer.Option("--calib-data", help="Folder of calibration images (default: the run's training images).")] = None,
     calib_count: Annotated[int | None, typer.Option("--calib-count", help="Calibration images (default 512, capped by what exists; an explicit count larger than the folder is an error).")] = None,
     calibrator: Annotated[Calibrator, typer.Option(help="auto (try Percentile 99.9/99.99/99.999, Entropy and MinMax; keep the one whose output diverges least from fp32 on held-out calibration images), minmax, entropy or percentile.")] = Calibrator("auto"),
     percentile: Annotated[float, typer.Option(help="Percentile calibrator's percentile (asymmetric where the format allows).")] = 99.99,
-    placement: Annotated[Placement, typer.Option(help="tuned (only weighted layers and residual adds in INT8, HardSwish kept whole with clipped ranges, per-target Q/DQ placement) or ort-default (ONNX Runtime's stock quantize_static, for comparison).")] = Placement("tuned"),
+    placement: Annotated[Placement, typer.Option(help="Where the Q/DQ pairs go. auto (ort-cpu: build `tuned` and `split-hardswish`, score both on held-out calibration images, time both beside fp32 on this CPU when it is of the --cpu class, keep the fastest that costs no accuracy; tensorrt: `tuned`), tuned (every op type ONNX Runtime quantizes, HardSwish kept whole in float with clipped input ranges; for tensorrt only the weighted layers' and residual adds' inputs), split-hardswish (HardSwish split into int8 HardSigmoid + Mul first) or ort-default (ONNX Runtime's stock quantize_static, for comparison).")] = Placement("auto"),
+    int8_classifier: Annotated[bool, typer.Option("--int8-classifier", help="Quantize the final linear classifier and its input too (default: they stay in float, < 1% of the MACs and bytes, because one 8-bit scale over the pooled features is too coarse for most of them; see docs/int8.md).")] = False,
     entropy_bins: Annotated[int, typer.Option("--entropy-bins", help="Entropy calibrator histogram bins (TensorRT uses 2048; slower).")] = 512,
     max_drop: Annotated[float | None, typer.Option("--max-drop", help="INT8 top-1 drop budget in points. When post-training quantization misses it: quantization-aware distillation (--qad-steps), then, as the last resort, the layers whose float precision helps the network output most (end-to-end sensitivity) kept in float, the fewest that meet it.")] = None,
     max_float_share: Annotated[float, typer.Option("--max-float-share", help="--max-drop keeps at most this share of the weighted layers in float (1 = no limit).")] = 0.1,
@@ -67,9 +70,9 @@ def export(
     setup_logging()
     try:
         folder = export_run(
-            run, int8=int8, fp16=fp16, target=target.value, int8_format=int8_format.value, calib_data=calib_data,
+            run, int8=int8, fp16=fp16, target=target.value, cpu=cpu.value, int8_format=int8_format.value, calib_data=calib_data,
             calib_count=calib_count, calibrator=calibrator.value, percentile=percentile, placement=placement.value,
-            entropy_bins=entropy_bins, max_drop=max_drop, max_float_share=max_float_share, sensitivity=sensitivity,
+            int8_classifier=int8_classifier, entropy_bins=entropy_bins, max_drop=max_drop, max_float_share=max_float_share, sensitivity=sensitivity,
             qad_steps=qad_steps, qad_lr=qad_lr, qad_batch=qad_batch, embedding=embedding, out=out, opset=opset,
             exporter=exporter.value, val_count=val_count or None, tolerance=tolerance, tolerance_fp16=tolerance_fp16,
             batches=(min_batch, opt_batch, max_batch),
@@ -115,6 +118,11 @@ def print_export(folder: Path) -> None:
         console.print(f"INT8 format: {int8['format_choice']['reason']}", highlight=False)
     for score in (int8.get("calibration") or {}).get("auto_scores") or []:
         console.print(f"  calibrator {score['calibrator']}: output divergence {score['output_divergence']:.5f}", highlight=False)
+    if int8.get("placement_choice"):
+        console.print(f"INT8 placement: {int8['placement_choice']['reason']}", highlight=False)
+    rec = manifest.get("recommendation")
+    if rec:
+        console.print(f"[bold]recommended for {rec['device']}:[/] {rec['artifact']} ({rec['reason']})", highlight=False)
     if (int8.get("classifier_check") or {}).get("fragile"):
         console.print(f"[yellow]warning:[/] {int8['classifier_check']['advice']}", highlight=False)
     trt = manifest.get("tensorrt") or {}

@@ -8,6 +8,7 @@
     <export>/sensitivity.json        per-layer INT8 sensitivity (when computed)
     <export>/sample_inputs.npy       32 real preprocessed validation images, float32 NCHW
     <export>/sample_labels.npy       their labels (int64)
+    <export>/sample_reference.npy    the torch fp32 outputs on them (`kit/edgekit.py check` compares)
     <export>/kit/                    the device kit (copy of the top-level export/ folder)
     <export>/engines/                TensorRT engines (only where TensorRT + a GPU exist)
 
@@ -43,6 +44,11 @@ log = logging.getLogger(__name__)
 DEFAULT_CALIB_COUNT = 512
 DEFAULT_VAL_COUNT = 1000
 DEFAULT_QAD_STEPS = 300
+# --placement auto keeps the fastest placement whose held-out output divergence is at most this
+# many times the best one's (measured noise between calibrations is about 10-20%).
+PLACEMENT_SLACK = 1.25
+# The accuracy budget (top-1 points) of the recommendation when --max-drop is not given.
+RECOMMEND_MAX_DROP = 1.0
 SAMPLE_COUNT = 32
 
 
@@ -67,12 +73,18 @@ class ExportOptions:
     int8: bool = False
     fp16: bool = False
     target: str = "ort-cpu"  # ort-cpu | tensorrt
+    cpu: str = "auto"  # the CPU class the INT8 file is built for: auto (this machine) | quantize.CPU_CLASSES
     int8_format: str = "auto"  # auto | qdq-s8s8-sym | qdq-u8s8
     calib_data: Path | None = None
     calib_count: int | None = None  # None = DEFAULT_CALIB_COUNT, capped by what exists
     calibrator: str = "auto"  # auto | minmax | entropy | percentile
     percentile: float = 99.99
-    placement: str = "tuned"  # tuned | ort-default (see deploy/quantize.py)
+    placement: str = "auto"  # auto | tuned | split-hardswish | ort-default (see deploy/quantize.py)
+    # Quantize the final linear classifier and its input too. Off by default: the pooled features
+    # it reads have a few large channels, so one per-tensor 8-bit scale over them is coarse for
+    # all the others (docs/int8.md: the demo's classifier lost 3-6 points from that alone, while
+    # the INT8 backbone's features lost nothing); in float it is < 1% of the MACs and bytes.
+    int8_classifier: bool = False
     entropy_bins: int = 512
     max_drop: float | None = None
     # --max-drop keeps at most this share of the weighted layers in float: beyond it the file is no
@@ -105,6 +117,7 @@ class _State:
     artifacts: list[dict] = field(default_factory=list)
     paths: dict[str, str] = field(default_factory=dict)
     int8: dict = field(default_factory=dict)
+    recommendation: dict | None = None
     status: str = "ok"
     problems: list[str] = field(default_factory=list)
 
@@ -114,8 +127,13 @@ def _validate(opts: ExportOptions) -> None:
 
     if opts.target not in TARGETS:
         raise UserError(f"--target {opts.target!r}: use one of {', '.join(TARGETS)}")
+    from edgedistill.deploy.quantize import resolve_cpu_class
+
+    resolve_cpu_class(opts.cpu)
     if opts.placement not in PLACEMENTS:
         raise UserError(f"--placement {opts.placement!r}: use one of {', '.join(PLACEMENTS)}")
+    if opts.target == "tensorrt" and opts.placement == "split-hardswish":
+        raise UserError("--placement split-hardswish is for ONNX Runtime's CPU kernels: use auto or tuned with --target tensorrt")
     if opts.calibrator not in CALIBRATORS:
         raise UserError(f"--calibrator {opts.calibrator!r}: use one of {', '.join(CALIBRATORS)}")
     if opts.int8_format not in ("auto", *FORMATS):
@@ -344,6 +362,7 @@ def _export(run_dir: Path, opts: ExportOptions) -> Path:
     pick = np.sort(np.random.default_rng(0).permutation(len(images))[: min(SAMPLE_COUNT, len(images))])
     np.save(out / "sample_inputs.npy", np.ascontiguousarray(images[pick]))
     np.save(out / "sample_labels.npy", labels[pick])
+    _on_samples(ctx, pick)
     trt = _kit_and_engines(ctx)
     if ctx.failures:
         ctx.st.status = "parity_failed"
@@ -354,6 +373,22 @@ def _export(run_dir: Path, opts: ExportOptions) -> Path:
     if ctx.st.status != "ok":
         raise ExportCheckFailed("; ".join(ctx.st.problems) + f" (see {out / MANIFEST_FILE})", out)
     return out
+
+
+def _on_samples(ctx: _Export, pick: np.ndarray) -> None:
+    """The fp32 reference outputs of the sample inputs (`kit/edgekit.py check` holds every artifact
+    run on the device against them), and each artifact's own numbers on those samples, computed as
+    its target computes it: what the device is held to."""
+    from edgedistill.deploy import runtime
+    from edgedistill.kit import load_kit_module
+
+    kit = load_kit_module("edgekit")
+    np.save(ctx.out / kit.SAMPLE_REFERENCE, np.ascontiguousarray(ctx.ref[pick]))
+    exact = bool((ctx.st.int8.get("scored_with") or {}).get("exact"))
+    for art in ctx.st.artifacts:
+        if art.get("file"):
+            sess = runtime.session(ctx.out / art["file"], exact=exact and art["precision"] == "int8")
+            art["on_samples"] = kit.sample_agreement(ctx.ref[pick], runtime.run(sess, ctx.images[pick]), ctx.kind)
 
 
 def _kit_and_engines(ctx: _Export) -> dict:
@@ -403,8 +438,10 @@ def _write_manifest(ctx: _Export, run_dir: Path, val_total: int, samples: int, t
         "validation": accuracy["validation"],
         "artifacts": st.artifacts,
         "int8": st.int8 or None,
+        "recommendation": st.recommendation,
         "tensorrt": trt,
-        "samples": {"inputs": "sample_inputs.npy", "labels": "sample_labels.npy", "count": samples},
+        "samples": {"inputs": "sample_inputs.npy", "labels": "sample_labels.npy", "reference": "sample_reference.npy",
+                    "count": samples},
         "status": st.status,
         "problems": st.problems,
         "seconds": round(seconds, 2),
@@ -445,6 +482,7 @@ def _drop(torch_metrics: dict, m: dict, kind: str) -> float:
 class _Int8Setup:
     """The INT8 model's ingredients: prepared graph, placement, format, calibration, scorer."""
 
+    placement: str
     pre: Path
     prepared: dict
     plan: object  # quantize.QuantPlan
@@ -453,11 +491,26 @@ class _Int8Setup:
     calib: object  # quantize.Calibration
     calib_info: dict
     scorer: object | None  # quantize.Scorer on the held-out calibration images
+    arithmetic: dict  # quantize.scoring_arithmetic: how this machine computes the file as the target will
 
 
-def _int8_setup(ctx: _Export, work: Path) -> _Int8Setup:
-    """Prepare the graph, choose the format (timed on this CPU for ort-cpu + auto) and the
-    calibrator (scored on held-out calibration images, never the validation set)."""
+def _holdout_scorer(ctx: _Export, exact: bool):
+    """The held-out calibration images (never the validation set) and a scorer of INT8 files on
+    them against fp32, computed the target's way (`exact`); None below 4 calibration images."""
+    from edgedistill.deploy import data as ddata
+    from edgedistill.deploy import quantize as q
+
+    _, holdout = q.split_holdout(ctx.calib_files[0])
+    if not holdout:
+        return None
+    held = ddata.load_images(holdout, ctx.dep.cfg)
+    return q.Scorer(held, ddata.torch_outputs(ctx.dep.model, held), ctx.kind, exact)
+
+
+def _int8_setup(ctx: _Export, work: Path, placement: str, scorer, arithmetic: dict,
+                format_choice: tuple[str, dict] | None = None) -> _Int8Setup:
+    """Prepare the graph for `placement`, choose the format (timed on this CPU for ort-cpu + auto,
+    unless `format_choice` is given) and the calibrator (scored by `scorer`)."""
     from edgedistill.deploy import data as ddata
     from edgedistill.deploy import quantize as q
     from edgedistill.deploy.onnx_export import INPUT_NAME, preprocess_spec
@@ -465,9 +518,10 @@ def _int8_setup(ctx: _Export, work: Path) -> _Int8Setup:
     dep, opts = ctx.dep, ctx.opts
     files, source = ctx.calib_files
     calib_files_used, holdout = q.split_holdout(files)
-    pre = work / "model.pre.onnx"
-    prepared = q.prepare(ctx.out / "model.onnx", pre, opts.placement)
-    plan = q.make_plan(opts.target, pre, opts.placement)
+    pre = work / f"model.pre.{placement}.onnx"
+    prepared = q.prepare(ctx.out / "model.onnx", pre, placement)
+    plan = q.make_plan(opts.target, pre, placement, opts.cpu,
+                       float_classifier=ctx.kind == "classifier" and not opts.int8_classifier)
     cache_dir = opts.cache_dir or q.default_cache_dir()
     fingerprint = ddata.file_list_fingerprint(calib_files_used)
 
@@ -475,10 +529,6 @@ def _int8_setup(ctx: _Export, work: Path) -> _Int8Setup:
         return q.Calibration(pre, calib_files_used, fingerprint, settings, preprocess_spec(dep), cache_dir,
                              lambda: ddata.make_reader(calib_files_used, dep.cfg, INPUT_NAME, settings.calib_batch))
 
-    scorer = None
-    if holdout:
-        held = ddata.load_images(holdout, dep.cfg)
-        scorer = q.Scorer(held, ddata.torch_outputs(dep.model, held), ctx.kind)
     symmetric = opts.target == "tensorrt" or opts.int8_format == "qdq-s8s8-sym"
     if opts.calibrator == "auto":
         if scorer is None:
@@ -489,13 +539,20 @@ def _int8_setup(ctx: _Export, work: Path) -> _Int8Setup:
         candidates = [q.QuantSettings(opts.calibrator, percentile=opts.percentile, entropy_bins=opts.entropy_bins,
                                       symmetric=symmetric)]
 
-    if opts.target == "tensorrt":
+    if format_choice is not None:
+        fmt, choice = format_choice
+    elif opts.target == "tensorrt":
         fmt = "qdq-s8s8-sym"
         choice = {"chosen": fmt, "measured": False,
                   "reason": "TensorRT explicit quantization needs symmetric signed int8 Q/DQ (zero point 0)"}
     elif opts.int8_format != "auto":
         fmt = opts.int8_format
         choice = {"chosen": fmt, "measured": False, "reason": "chosen by the user (--int8-format)"}
+    elif plan.cpu_class != arithmetic["this_machine"]:  # another class's kernels cannot be timed here
+        fmt = q.CLASS_FORMAT[plan.cpu_class]
+        choice = {"chosen": fmt, "measured": False,
+                  "reason": f"the format for {plan.cpu_class} (not timed: {arithmetic['why']})"}
+        log.info("INT8 format for %s: %s", plan.cpu_class, choice["reason"])
     else:  # the ranges do not change the speed: time the formats with the cheapest candidate's
         fmt, choice = q.choose_cpu_format(pre, ctx.out / "model.onnx", make_calibration(candidates[-1]), plan,
                                           ctx.images[:1], work, budget_s=opts.timing_budget_s)
@@ -511,7 +568,7 @@ def _int8_setup(ctx: _Export, work: Path) -> _Int8Setup:
         calib.ensure(pre)
     calib_info = {**calib.describe(), "source": source, "held_out_images": len(holdout),
                   "seconds": round(calib.seconds, 2), "auto_scores": scores}
-    return _Int8Setup(pre, prepared, plan, fmt, choice, calib, calib_info, scorer)
+    return _Int8Setup(placement, pre, prepared, plan, fmt, choice, calib, calib_info, scorer, arithmetic)
 
 
 def export_int8(ctx: _Export) -> dict:
@@ -521,9 +578,17 @@ def export_int8(ctx: _Export) -> dict:
     from edgedistill.evaluate import classifier_noise_check
 
     opts, out = ctx.opts, ctx.out
+    cpu_class = q.resolve_cpu_class(opts.cpu)
+    arithmetic = q.scoring_arithmetic(opts.target, cpu_class)
+    log.info("INT8 for %s on %s: scored with %s (%s)", opts.target, cpu_class, arithmetic["name"], arithmetic["why"])
     work = Path(tempfile.mkdtemp(prefix="edgedistill-int8-"))
     try:
-        setup = _int8_setup(ctx, work)
+        scorer = _holdout_scorer(ctx, arithmetic["exact"])
+        if opts.placement == "auto":
+            setup, placement_choice = _choose_placement(ctx, work, scorer, arithmetic)
+        else:
+            setup = _int8_setup(ctx, work, opts.placement, scorer, arithmetic)
+            placement_choice = {"chosen": opts.placement, "measured": False, "reason": "chosen by the user (--placement)"}
         # Keep a copy of the ranges with the export (what the INT8 file was calibrated with).
         shutil.copyfile(setup.calib.path, out / "calibration.json")
         name, file = f"onnx-int8-{q.short_name(setup.fmt)}", f"model.int8.{q.short_name(setup.fmt)}.onnx"
@@ -532,25 +597,100 @@ def export_int8(ctx: _Export) -> dict:
         size_ratio = round((out / "model.onnx").stat().st_size / (out / file).stat().st_size, 3)
         log.info("%s: %d of %d weighted layers in INT8, file %.2fx smaller than fp32 (delivered by %s)", file,
                  share["int8"], share["weighted_layers"], size_ratio, made["delivered_by"])
-        record = {"placement": setup.plan.describe(), "int8_layers": share, "size_ratio_vs_fp32": size_ratio,
+        record = {"placement": {"name": setup.placement, **setup.plan.describe()}, "placement_choice": placement_choice,
+                  "int8_layers": share, "size_ratio_vs_fp32": size_ratio,
                   "delivered_by": made["delivered_by"], "ptq": made["ptq"], "qad": made["qad"]}
-        quant = {**q.describe_format(setup.fmt), "calibration": setup.calib_info, "prepare": setup.prepared,
+        quant = {**q.describe_format(setup.fmt, setup.plan.cpu_class, opts.target), "calibration": setup.calib_info, "prepare": setup.prepared,
                  "nodes_kept_in_float": made["excluded"], **record,
                  "ort_version": __import__("onnxruntime").__version__}
         ctx.stamp(out / file, {"name": name, "precision": "int8", "target": opts.target, "format": setup.fmt,
                                "calibrator": setup.calib.settings.label, "kept_in_float": made["excluded"]})
         check = (classifier_noise_check(ctx.dep.model, setup.scorer.images)
-                 if ctx.kind == "classifier" and setup.scorer else None)
-        ctx.st.int8 = {"target": opts.target, "format": setup.fmt, "format_choice": setup.format_choice,
+                 if ctx.kind == "classifier" and setup.scorer and not setup.plan.float_nodes else None)
+        ctx.st.int8 = {"target": opts.target, "cpu_class": {"declared": opts.cpu, "built_for": setup.plan.cpu_class},
+                       "scored_with": setup.arithmetic, "format": setup.fmt, "format_choice": setup.format_choice,
                        "calibration": setup.calib_info, **record, "classifier_check": check,
                        "max_drop": made["fallback"],
                        "sensitivity_file": "sensitivity.json" if made["sensitivity"] else None}
+        ctx.st.recommendation = _recommend(ctx, setup, out / file, made["drop"], size_ratio)
         if check and check["fragile"]:
             log.warning("the classifier is fragile under INT8 noise: %s", check["advice"])
         return _artifact(name, file, "onnx-qdq", "int8", opts.target, out,
-                         accuracy={**made["metrics"], "drop_vs_fp32": made["drop"]}, quantization=quant)
+                         accuracy={**made["metrics"], "drop_vs_fp32": made["drop"], "computed_with": setup.arithmetic["name"]},
+                         quantization=quant)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _choose_placement(ctx: _Export, work: Path, scorer, arithmetic: dict) -> tuple[_Int8Setup, dict]:
+    """`--placement auto`: for ort-cpu, the tuned placement and, where the model has HardSwish,
+    the split-HardSwish one, each calibrated and scored on the held-out calibration images and
+    timed side by side with fp32 on this CPU when it is of the declared class; the fastest whose
+    output divergence is within PLACEMENT_SLACK of the best is kept (speed that costs no accuracy).
+    Not timed (another class): split-HardSwish, whose int8 HardSigmoid/Mul kernels avoid the
+    float round trip of a whole HardSwish on every x86 class measured (docs/int8.md)."""
+    import onnx
+
+    from edgedistill.deploy import quantize as q
+
+    tuned = _int8_setup(ctx, work, "tuned", scorer, arithmetic)
+    has_hardswish = any(n.op_type == "HardSwish" for n in onnx.load(str(tuned.pre)).graph.node)
+    if ctx.opts.target != "ort-cpu" or scorer is None or not has_hardswish:
+        why = ("TensorRT: Q/DQ on the weighted layers' inputs, as its explicit-quantization guide places them"
+               if ctx.opts.target != "ort-cpu" else "no HardSwish to split" if not has_hardswish
+               else "no held-out calibration images to score another placement")
+        return tuned, {"chosen": "tuned", "measured": False, "reason": why}
+    setups = {"tuned": tuned,
+              "split-hardswish": _int8_setup(ctx, work, "split-hardswish", scorer, arithmetic,
+                                             (tuned.fmt, tuned.format_choice))}
+    files = {name: q.quantize(s.pre, work / f"placement.{name}.onnx", s.fmt, s.calib, s.plan) for name, s in setups.items()}
+    divergence = {name: round(scorer(path), 6) for name, path in files.items()}
+    timed = arithmetic["this_machine"] == tuned.plan.cpu_class
+    latency = (q.time_side_by_side({"fp32": ctx.out / "model.onnx", **files}, ctx.images[:1], ctx.opts.timing_budget_s)
+               if timed else None)
+    best = min(divergence.values())
+    eligible = [name for name in files if divergence[name] <= PLACEMENT_SLACK * best + 1e-6]
+    chosen = min(eligible, key=latency.get) if latency else ("split-hardswish" if "split-hardswish" in eligible else "tuned")
+    reason = (f"{chosen}: the fastest of the placements within {PLACEMENT_SLACK:g}x of the best held-out output "
+              f"divergence ({', '.join(eligible)}); divergence {', '.join(f'{k} {v:.4g}' for k, v in divergence.items())}; "
+              + (f"batch 1 on this CPU {', '.join(f'{k} {v:.3f} ms' for k, v in latency.items())}" if latency
+                 else f"not timed ({arithmetic['why']})"))
+    log.info("INT8 placement: %s", reason)
+    return setups[chosen], {"chosen": chosen, "measured": timed, "latency_ms_batch1": latency,
+                            "held_out_divergence": divergence, "reason": reason}
+
+
+def _recommend(ctx: _Export, setup: _Int8Setup, int8_path: Path, drop: float, size_ratio: float) -> dict:
+    """The artifact to ship for the declared device: the INT8 file when it meets the accuracy
+    budget (--max-drop, else RECOMMEND_MAX_DROP) and, where this CPU is of the declared class, is
+    faster than fp32 side by side at batch 1; otherwise fp32, saying plainly what INT8 buys."""
+    from edgedistill.deploy import quantize as q
+
+    budget = ctx.opts.max_drop if ctx.opts.max_drop is not None else RECOMMEND_MAX_DROP
+    fits = drop <= budget
+    timed = ctx.opts.target == "ort-cpu" and setup.arithmetic["this_machine"] == setup.plan.cpu_class
+    latency = (q.time_side_by_side({"fp32": ctx.out / "model.onnx", "int8": int8_path}, ctx.images[:1],
+                                   ctx.opts.timing_budget_s) if timed else None)
+    device = f"{setup.plan.cpu_class} ({ctx.opts.target})"
+    if not fits:
+        pick, why = "onnx-fp32", f"the INT8 file loses {drop:.2f} points, beyond the {budget:g}-point budget"
+    elif latency is None:
+        pick, why = f"onnx-int8-{q.short_name(setup.fmt)}", (f"INT8 meets the {budget:g}-point budget (drop {drop:.2f}) and "
+                                                            f"is {size_ratio:.1f}x smaller; its speed was not measured here "
+                                                            "(another device class): time it there with kit/edgekit.py bench")
+    else:
+        speedup = latency["fp32"] / latency["int8"]
+        if speedup > 1.0:
+            pick, why = f"onnx-int8-{q.short_name(setup.fmt)}", (f"INT8 is {speedup:.2f}x faster than fp32 ({latency['int8']:.3f} vs "
+                                                                f"{latency['fp32']:.3f} ms, batch 1), {size_ratio:.1f}x smaller, "
+                                                                f"drop {drop:.2f} (budget {budget:g})")
+        else:
+            pick, why = "onnx-fp32", (f"INT8 buys size ({size_ratio:.1f}x smaller) but not speed on this CPU: "
+                                      f"{latency['int8']:.3f} ms against fp32's {latency['fp32']:.3f} ms at batch 1 "
+                                      f"({speedup:.2f}x); ship model.onnx for speed, the INT8 file where size matters")
+    log.info("recommended for %s: %s (%s)", device, pick, why)
+    return {"artifact": pick, "device": device, "reason": why, "latency_ms_batch1": latency, "max_drop": budget,
+            "int8_drop": drop, "int8_size_ratio": size_ratio}
 
 
 def _deliver_int8(ctx: _Export, setup: _Int8Setup, work: Path, dst: Path) -> dict:
@@ -560,12 +700,16 @@ def _deliver_int8(ctx: _Export, setup: _Int8Setup, work: Path, dst: Path) -> dic
     from edgedistill.fileio import write_json
 
     opts, out, kind = ctx.opts, ctx.out, ctx.kind
+
+    def int8_session(path: Path):
+        return runtime.session(path, exact=setup.arithmetic["exact"])
+
     source = setup.pre  # the float model being quantized: the prepared export, or its QAD-trained weights
     learnt: dict[str, dict] = {}  # activation scales learnt by QAD
 
     def evaluate(excluded: list[str]) -> tuple[dict, float]:
         q.quantize(source, dst, setup.fmt, setup.calib, setup.plan, excluded, learnt)
-        m = runtime.compare(ctx.ref, runtime.run(runtime.session(dst), ctx.images), ctx.labels, kind)
+        m = runtime.compare(ctx.ref, runtime.run(int8_session(dst), ctx.images), ctx.labels, kind)
         return m, _drop(ctx.torch_metrics, m, kind)
 
     metrics, drop = evaluate([])
@@ -577,7 +721,7 @@ def _deliver_int8(ctx: _Export, setup: _Int8Setup, work: Path, dst: Path) -> dic
         ptq_divergence = setup.scorer(dst) if setup.scorer is not None else None
         source, learnt, record = _qad(ctx, setup.pre, dst, work)
         metrics, drop = evaluate([])
-        record["parity"] = _qad_parity(record.pop("torch_outputs"), runtime.run(runtime.session(dst), ctx.images),
+        record["parity"] = _qad_parity(record.pop("torch_outputs"), runtime.run(int8_session(dst), ctx.images),
                                        ctx.ref, kind)
         record["held_out_divergence"] = {"ptq": ptq_divergence,
                                          "qad": setup.scorer(dst) if setup.scorer is not None else None}
@@ -600,7 +744,7 @@ def _deliver_int8(ctx: _Export, setup: _Int8Setup, work: Path, dst: Path) -> dic
                                    f"(divergence {parity['ratio']:.1%} of the INT8 model's own from fp32, allowed "
                                    f"{parity['max_ratio']:.0%}; top-1 agreement {parity.get('agreement', '-')}%)")
     if setup.scorer is not None and (opts.sensitivity or (opts.max_drop is not None and drop > opts.max_drop)):
-        layers = q.weighted_nodes(source)
+        layers = [n for n in q.weighted_nodes(source) if n not in setup.plan.float_nodes]
         with progress_bar(len(layers), "INT8 sensitivity", show_loss=False) as bar:
             made["sensitivity"] = q.layer_sensitivity(source, setup.fmt, setup.calib, setup.plan, setup.scorer, work,
                                                       lambda: bar.advance(1))

@@ -14,7 +14,8 @@ How it is done here, so that what is trained is exactly what ONNX Runtime will r
 - The float weights and biases of the quantized layers are the trained parameters. Weight scales
   are re-estimated from the weights at every step, per output channel, with the formula ONNX
   Runtime applies at export (`max |w| / qmax`, zero point 0); bias scales are
-  `input scale x weight scale` as ONNX Runtime's int32 biases. Nothing about the weights' ranges
+  `input scale x weight scale` as ONNX Runtime's int32 biases; TensorRT's format keeps biases in
+  float, and they are trained as float. Nothing about the weights' ranges
   has to be learnt: they follow the weights, and the export reproduces them exactly.
 - Activation scales are learnt (LSQ: log-scales, their own learning rate, zero points fixed),
   starting from the calibrated ones: most of the INT8 error of a MobileNetV3 is the clipping of
@@ -162,6 +163,9 @@ class FakeQuantGraph(nn.Module):
             if node.op_type not in _OPS and node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
                 raise UserError(f"QAD: operator {node.op_type} (node {node.name}) is not implemented in the torch "
                                 "fake-quant graph: export without --qad-steps, or report the model")
+            if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2] in float_weights \
+                    and node.input[2] in consts:  # a float bias (TensorRT's format): trained as it is
+                self._param(node.input[2], float_weights[node.input[2]])
             self.steps.append(("op", node, {a.name: _attr(a) for a in node.attribute}))
         # Activation scales (one per scale initializer, shared by the Q and DQ nodes that use it),
         # learnt as log-scales when asked (LSQ: the straight-through round gives its gradient).
@@ -179,7 +183,8 @@ class FakeQuantGraph(nn.Module):
         zero_points = {n.input[2] for _, n, _ in self.steps if n.op_type in ("QuantizeLinear", "DequantizeLinear")}
         for kind, node, _ in self.steps:
             for name in node.input[1:] if kind == "weight" else node.input:
-                if name in consts and name not in self._act_scale_index and name not in self._buffers_by_name:
+                if (name in consts and name not in self._act_scale_index and name not in self._buffers_by_name
+                        and name not in self._param_index):
                     value = torch.from_numpy(np.array(consts[name]))
                     key = f"const_{len(self._buffers_by_name)}"
                     self.register_buffer(key, value.float() if name in zero_points else value, persistent=False)
@@ -189,6 +194,8 @@ class FakeQuantGraph(nn.Module):
         self.steps.sort(key=lambda step: rank.get(step[2].get("kind"), 2) if step[0] == "weight" else 2)
 
     def _tensor(self, name: str) -> torch.Tensor:
+        if name in self._param_index:
+            return self.params[self._param_index[name]]
         if name in self._act_scale_index:
             return self.act_scales[self._act_scale_index[name]].exp()
         return getattr(self, self._buffers_by_name[name])

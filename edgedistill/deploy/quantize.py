@@ -49,6 +49,7 @@ import io
 import json
 import logging
 import math
+import os
 import platform
 import shutil
 import tempfile
@@ -69,11 +70,24 @@ log = logging.getLogger(__name__)
 Calibrator = Literal["auto", "minmax", "entropy", "percentile"]
 Format = Literal["qdq-s8s8-sym", "qdq-u8s8"]
 Target = Literal["ort-cpu", "tensorrt"]
-# tuned: the preparation and placement described above; ort-default: ONNX Runtime's stock
-# quant_pre_process + quantize_static (every supported op quantized, its graph optimiser on), kept
-# to measure what the tuning buys.
-Placement = Literal["tuned", "ort-default"]
+# tuned: the preparation and placement described above, HardSwish whole (in float between DQ and
+# Q); split-hardswish: the same, but ONNX Runtime's graph optimiser first splits every HardSwish
+# into HardSigmoid + Mul, which its CPU kernels run in int8; auto: for ort-cpu both are built,
+# scored and timed on this CPU, and the fastest that costs no accuracy is kept (`export`);
+# ort-default: ONNX Runtime's stock quant_pre_process + quantize_static (every supported op
+# quantized, its graph optimiser on), kept to measure what the tuning buys.
+Placement = Literal["auto", "tuned", "split-hardswish", "ort-default"]
 PLACEMENTS: tuple[str, ...] = get_args(Placement)
+# The CPU class an INT8 file is built for (`export --cpu`): it decides the format's details
+# (7-bit weights without VNNI) and how the file is scored here (`scoring_arithmetic`).
+CpuClass = Literal["x86-avx2", "x86-vnni", "arm64"]
+CPU_CLASSES: tuple[str, ...] = get_args(CpuClass)
+CPU_CLASS_ENV = "EDGEDISTILL_CPU_CLASS"
+# The format a class gets when it cannot be timed here (`--int8-format auto` for another class):
+# x86's INT8 kernels multiply u8 activations by s8 weights (VPMADDUBSW / VPDPBUSD); ARM's
+# dot-product instructions are signed (SDOT), and the signed symmetric format is ONNX Runtime's
+# first recommendation there.
+CLASS_FORMAT = {"x86-avx2": "qdq-u8s8", "x86-vnni": "qdq-u8s8", "arm64": "qdq-s8s8-sym"}
 CALIBRATORS: tuple[str, ...] = get_args(Calibrator)
 FORMATS: tuple[str, ...] = get_args(Format)
 TARGETS: tuple[str, ...] = get_args(Target)
@@ -85,6 +99,10 @@ DEFAULT_OPSET = 17  # parses in ONNX Runtime and TensorRT 8.6+
 # the residual adds between them; the builder fuses everything else.
 QUANTIZED_OPS = ("Conv", "Gemm", "MatMul", "Add")
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
+# What may stand between a classifier and the last weighted layer (or residual Add) of its
+# backbone: pooling, activations and shape-only ops (`classifier_nodes`).
+CLASSIFIER_TAIL_OPS = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "GlobalAveragePool", "AveragePool", "ReduceMean",
+                       "Relu", "Clip", "HardSwish", "HardSigmoid", "Sigmoid", "Mul")
 # Share of the calibration images held out to score calibrators and layer sensitivity.
 HOLDOUT_FRACTION = 0.25
 
@@ -143,15 +161,19 @@ class QuantPlan:
     """Where the Q/DQ pairs go for one target: op types, outputs left in float, range overrides."""
 
     target: str
+    cpu_class: str  # one of CPU_CLASSES (resolved, never "auto")
     op_types: tuple[str, ...] = QUANTIZED_OPS
     exclude_output_ops: tuple[str, ...] = ()
     # tensor -> (rmin, rmax) clip applied on top of the calibrated range
     clips: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # nodes never quantized (the float classifier, see `classifier_nodes`)
+    float_nodes: tuple[str, ...] = ()
 
     def describe(self) -> dict:
-        return {"quantized_op_types": list(self.op_types) or "all (ONNX Runtime default)",
+        return {"cpu_class": self.cpu_class,
+                "quantized_op_types": list(self.op_types) or "all (ONNX Runtime default)",
                 "outputs_not_quantized": list(self.exclude_output_ops),
-                "activation_range_clips": len(self.clips)}
+                "activation_range_clips": len(self.clips), "float_nodes": list(self.float_nodes)}
 
 
 def _ort_method(name: str):
@@ -168,18 +190,42 @@ def cpu_has_vnni() -> bool:
     return bool(isa.get("avx512_vnni") or isa.get("avx_vnni") or isa.get("amx_int8"))
 
 
-def format_options(fmt: str) -> dict:
-    """quantize_static arguments of a format (activation/weight types, symmetry, reduce_range)."""
+def this_cpu_class() -> str:
+    """The INT8 class of this machine's CPU, or the one `EDGEDISTILL_CPU_CLASS` names (to run the
+    code paths of another class here, e.g. the test suite with AVX2's 7-bit weights on a VNNI CPU;
+    the kernels themselves stay this CPU's)."""
+    forced = os.environ.get(CPU_CLASS_ENV)
+    if forced:
+        if forced not in CPU_CLASSES:
+            raise UserError(f"{CPU_CLASS_ENV}={forced!r}: use one of {', '.join(CPU_CLASSES)} (or unset it)")
+        return forced
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return "arm64"
+    return "x86-vnni" if cpu_has_vnni() else "x86-avx2"
+
+
+def resolve_cpu_class(declared: str) -> str:
+    """`--cpu`: `auto` is this machine's class (said in the log and the manifest)."""
+    if declared == "auto":
+        return this_cpu_class()
+    if declared not in CPU_CLASSES:
+        raise UserError(f"--cpu {declared!r}: use auto or one of {', '.join(CPU_CLASSES)}")
+    return declared
+
+
+def format_options(fmt: str, cpu_class: str, target: str = "ort-cpu") -> dict:
+    """quantize_static arguments of a format for a CPU class (activation/weight types, symmetry,
+    7-bit weights on x86 without VNNI) and a target (TensorRT keeps float biases)."""
     from onnxruntime.quantization import QuantType
 
+    extra = {} if target != "tensorrt" else {"QuantizeBias": False}
     if fmt == "qdq-s8s8-sym":
         return {"activation_type": QuantType.QInt8, "weight_type": QuantType.QInt8, "reduce_range": False,
-                "extra_options": {"ActivationSymmetric": True, "WeightSymmetric": True}}
+                "extra_options": {"ActivationSymmetric": True, "WeightSymmetric": True, **extra}}
     if fmt == "qdq-u8s8":
-        x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
         return {"activation_type": QuantType.QUInt8, "weight_type": QuantType.QInt8,
-                "reduce_range": bool(x86 and not cpu_has_vnni()),
-                "extra_options": {"ActivationSymmetric": False, "WeightSymmetric": True}}
+                "reduce_range": cpu_class == "x86-avx2",
+                "extra_options": {"ActivationSymmetric": False, "WeightSymmetric": True, **extra}}
     raise UserError(f"unknown INT8 format {fmt!r}: use one of {', '.join(FORMATS)}")
 
 
@@ -187,29 +233,48 @@ def short_name(fmt: str) -> str:
     return "s8s8" if fmt == "qdq-s8s8-sym" else "u8s8"
 
 
-def describe_format(fmt: str) -> dict:
-    opts = format_options(fmt)
+def describe_format(fmt: str, cpu_class: str, target: str = "ort-cpu") -> dict:
+    opts = format_options(fmt, cpu_class, target)
     return {
         "format": "QDQ",
         "name": fmt,
+        "cpu_class": cpu_class,
         "activations": "int8 symmetric (zero point 0)" if fmt == "qdq-s8s8-sym" else "uint8 asymmetric",
         "weights": "int8 symmetric, per-channel" + (", 7-bit (reduce_range)" if opts["reduce_range"] else ""),
         "reduce_range": opts["reduce_range"],
+        "bias": "float (TensorRT)" if target == "tensorrt" else "int32 (input scale x weight scale)",
     }
+
+
+def scoring_arithmetic(target: str, cpu_class: str) -> dict:
+    """How this machine computes an INT8 file the way the target will: with ONNX Runtime's own
+    kernels when this CPU is of the target's class, otherwise with the exact QDQ arithmetic
+    (ONNX Runtime with graph optimisation off: DequantizeLinear -> float op -> QuantizeLinear),
+    which every correct INT8 kernel reproduces up to float summation order. TensorRT is always
+    scored the exact way: its kernels are not here, and x86 CPUs without VNNI saturate the s8s8
+    dot products TensorRT's format would use on them."""
+    here = this_cpu_class()
+    exact = target == "tensorrt" or cpu_class != here
+    why = ("TensorRT's kernels are not on this machine" if target == "tensorrt" else
+           f"this machine is {here}, the file is built for {cpu_class}" if exact else
+           f"this machine is of the declared class ({here})")
+    return {"exact": exact, "this_machine": here,
+            "name": "exact QDQ reference (ONNX Runtime, graph optimisation off)" if exact
+            else "ONNX Runtime's INT8 kernels on this CPU", "why": why}
 
 
 # --------------------------------------------------------------------------- graph preparation
 
 
 def prepare(src: Path, dst: Path, placement: str = "tuned") -> dict:
-    """Shape inference (+ ONNX Runtime's optimiser only where BatchNorm is still in the graph, or
-    always for `ort-default`), Identity nodes removed, every node named. Writes `dst`; returns
-    what was done."""
+    """Shape inference (+ ONNX Runtime's optimiser where BatchNorm is still in the graph, and for
+    `split-hardswish` and `ort-default`: it splits every HardSwish into HardSigmoid + Mul), Identity
+    nodes removed, every node named. Writes `dst`; returns what was done."""
     import onnx
     from onnxruntime.quantization import quant_pre_process
 
     has_bn = any(n.op_type == "BatchNormalization" for n in onnx.load(str(src)).graph.node)
-    optimise = has_bn or placement == "ort-default"
+    optimise = has_bn or placement in ("split-hardswish", "ort-default")
     try:
         quant_pre_process(str(src), str(dst), skip_optimization=not optimise, skip_symbolic_shape=True)
     except Exception as e:  # noqa: BLE001 - the optimiser can fail on unusual graphs
@@ -296,9 +361,9 @@ def weighted_nodes(model_path: Path) -> list[str]:
 
 
 def activation_clips(model_path: Path) -> dict[str, tuple[float, float]]:
-    """For each tensor read only by HardSwish / HardSigmoid, the interval outside which those
-    activations are flat: quantizing beyond it spends codes on values that all map to the same
-    output."""
+    """For each tensor read only by HardSwish / HardSigmoid (whole, or split into x * HardSigmoid(x)),
+    the interval outside which those activations are flat: quantizing beyond it spends codes on
+    values that all map to the same output."""
     import onnx
     from onnx import helper
 
@@ -309,6 +374,7 @@ def activation_clips(model_path: Path) -> dict[str, tuple[float, float]]:
             consumers.setdefault(i, []).append(n)
     clips = {}
     for tensor, nodes in consumers.items():
+        sigmoids = {n.output[0] for n in nodes if n.op_type == "HardSigmoid"}
         bounds = []
         for n in nodes:
             if n.op_type == "HardSwish":
@@ -316,7 +382,12 @@ def activation_clips(model_path: Path) -> dict[str, tuple[float, float]]:
             elif n.op_type == "HardSigmoid":
                 attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
                 alpha, beta = attrs.get("alpha", 0.2), attrs.get("beta", 0.5)
-                bounds.append((-beta / alpha, (1.0 - beta) / alpha))
+                low = -beta / alpha
+                # x * HardSigmoid(x) (a split HardSwish) is flat (0) below the sigmoid's low knee only.
+                split = any(m.op_type == "Mul" and set(m.input) == {tensor, n.output[0]} for m in nodes)
+                bounds.append((low, math.inf) if split else (low, (1.0 - beta) / alpha))
+            elif n.op_type == "Mul" and sigmoids & set(n.input):
+                continue  # the Mul of a split HardSwish: its bounds come from the HardSigmoid
             else:
                 bounds = []
                 break
@@ -325,13 +396,45 @@ def activation_clips(model_path: Path) -> dict[str, tuple[float, float]]:
     return clips
 
 
-def make_plan(target: str, prepared: Path, placement: str = "tuned") -> QuantPlan:
-    """() as op types = every op type ONNX Runtime can quantize."""
+def classifier_nodes(model_path: Path) -> list[str]:
+    """The linear classifier that ends a classifier graph, with the tail of the backbone that feeds
+    it back to the last weighted layer or residual Add: the weighted layer that makes the graph
+    output (Gemm, or MatMul + Add) and the pooling, activation (a HardSwish whole or split, SiLU's
+    Sigmoid and Mul) and shape-only ops before it. Kept in float, they leave the classifier's input
+    unquantized. [] when the graph does not end in a classifier (an embedding export)."""
+    import onnx
+
+    graph = onnx.load(str(model_path)).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    node = producer.get(graph.output[0].name)
+    found = []
+    if node is not None and node.op_type == "Add":  # MatMul + bias
+        found.append(node)
+        node = next((producer[i] for i in node.input if i in producer and producer[i].op_type == "MatMul"), None)
+    if node is None or node.op_type not in WEIGHTED_OPS:
+        return []
+    found.append(node)
+    queue = [node.input[0]]
+    while queue:
+        source = producer.get(queue.pop())
+        if source is None or source.op_type not in CLASSIFIER_TAIL_OPS or source in found:
+            continue
+        found.append(source)
+        queue += list(source.input)
+    return [n.name for n in found]
+
+
+def make_plan(target: str, prepared: Path, placement: str = "tuned", cpu_class: str = "auto",
+              float_classifier: bool = False) -> QuantPlan:
+    """() as op types = every op type ONNX Runtime can quantize. `float_classifier`: the final
+    linear classifier and its input stay in float (`classifier_nodes`)."""
+    cpu_class = resolve_cpu_class(cpu_class)
+    keep = tuple(classifier_nodes(prepared)) if float_classifier else ()
     if placement == "ort-default":
-        return QuantPlan(target, op_types=())
+        return QuantPlan(target, cpu_class, op_types=(), float_nodes=keep)
     if target == "tensorrt":
-        return QuantPlan(target, exclude_output_ops=("Conv", "Gemm", "MatMul"))
-    return QuantPlan(target, op_types=(), clips=activation_clips(prepared))
+        return QuantPlan(target, cpu_class, exclude_output_ops=("Conv", "Gemm", "MatMul"), float_nodes=keep)
+    return QuantPlan(target, cpu_class, op_types=(), clips=activation_clips(prepared), float_nodes=keep)  # tuned, split
 
 
 # --------------------------------------------------------------------------- calibration
@@ -445,7 +548,7 @@ def quantize(pre_path: Path, out_path: Path, fmt: str, calib: Calibration, plan:
     from onnxruntime.quantization import QuantFormat, quantize_static
 
     calib.ensure(pre_path)
-    opts = format_options(fmt)
+    opts = format_options(fmt, plan.cpu_class, plan.target)
     extra = dict(opts["extra_options"])
     if plan.exclude_output_ops:
         extra["OpTypesToExcludeOutputQuantization"] = list(plan.exclude_output_ops)
@@ -469,7 +572,7 @@ def quantize(pre_path: Path, out_path: Path, fmt: str, calib: Calibration, plan:
         quantize_static(str(pre_path), str(out_path), None, quant_format=QuantFormat.QDQ, per_channel=True,
                         reduce_range=opts["reduce_range"], activation_type=opts["activation_type"],
                         weight_type=opts["weight_type"], op_types_to_quantize=list(plan.op_types) or None,
-                        nodes_to_exclude=list(nodes_to_exclude or []),
+                        nodes_to_exclude=[*plan.float_nodes, *(nodes_to_exclude or [])],
                         calibrate_method=_ort_method(calib.settings.calibrator), extra_options=extra,
                         calibration_cache_path=str(calib.path))
     finally:
@@ -500,9 +603,10 @@ class Scorer:
     images: np.ndarray
     ref: np.ndarray
     kind: str
+    exact: bool = False  # score with the exact QDQ arithmetic (see `scoring_arithmetic`)
 
     def __call__(self, path: Path) -> float:
-        return output_divergence(self.ref, run(session(path), self.images), self.kind)
+        return output_divergence(self.ref, run(session(path, exact=self.exact), self.images), self.kind)
 
 
 def choose_calibrator(pre_path: Path, fmt: str, plan: QuantPlan, make_calibration: Callable[[QuantSettings], Calibration],
@@ -533,24 +637,30 @@ def choose_calibrator(pre_path: Path, fmt: str, plan: QuantPlan, make_calibratio
 # --------------------------------------------------------------------------- format choice
 
 
+def time_side_by_side(paths: dict[str, Path], sample: np.ndarray, budget_s: float = 0.6, rounds: int = 3) -> dict:
+    """Batch-1 median latency (ms) of each ONNX file on this CPU, in interleaved rounds (a busy
+    neighbour hurts all alike); the median of the rounds' medians."""
+    from edgedistill.deploy.runtime import latency_ms
+
+    sessions = {name: session(path) for name, path in paths.items()}
+    runs: dict[str, list[float]] = {k: [] for k in paths}
+    for _ in range(rounds):
+        for name, sess in sessions.items():
+            runs[name].append(latency_ms(sess, sample, budget_s=budget_s / rounds, min_runs=5, warmup=3)["median_ms"])
+    return {name: round(float(np.median(v)), 4) for name, v in runs.items()}
+
+
 def choose_cpu_format(pre_path: Path, fp32_path: Path, calib: Calibration, plan: QuantPlan, sample: np.ndarray,
                       work_dir: Path, budget_s: float = 0.6, rounds: int = 3) -> tuple[str, dict]:
     """Build every candidate format, time each at batch 1 on this CPU (interleaved rounds, so a
     busy neighbour hurts all alike) and return the fastest with the measured table."""
-    from edgedistill.deploy.runtime import cpu_threads, latency_ms
+    from edgedistill.deploy.runtime import cpu_threads
     from edgedistill.envinfo import cpu_info
 
     paths = {"fp32": fp32_path}
     for fmt in FORMATS:
         paths[fmt] = quantize(pre_path, work_dir / f"candidate.{fmt}.onnx", fmt, calib, plan)
-    sessions = {name: session(path) for name, path in paths.items()}
-    runs: dict[str, list[float]] = {k: [] for k in paths}
-    for _ in range(rounds):
-        for name, sess in sessions.items():
-            runs[name].append(latency_ms(sess, sample, budget_s=budget_s / rounds, min_runs=5,
-                                         warmup=3)["median_ms"])
-    del sessions
-    table = {name: round(float(np.median(v)), 4) for name, v in runs.items()}
+    table = time_side_by_side(paths, sample, budget_s, rounds)
     chosen = min(FORMATS, key=lambda f: table[f])
     other = next(f for f in FORMATS if f != chosen)
     cpu = cpu_info()
@@ -577,7 +687,7 @@ def layer_sensitivity(pre_path: Path, fmt: str, calib: Calibration, plan: QuantP
     path = work_dir / "sens.onnx"
     base = scorer(quantize(pre_path, path, fmt, calib, plan))
     layers = []
-    for name in weighted_nodes(pre_path):
+    for name in (n for n in weighted_nodes(pre_path) if n not in plan.float_nodes):
         divergence = scorer(quantize(pre_path, path, fmt, calib, plan, [name]))
         layers.append({"node": name, "op": ops[name], "divergence_with_layer_in_float": round(divergence, 6),
                        "gain": round(base - divergence, 6)})

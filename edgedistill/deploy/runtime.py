@@ -15,13 +15,16 @@ def cpu_threads() -> int:
     return load_kit_module("edgekit").default_threads()
 
 
-def session(path: Path, threads: int | None = None):
+def session(path: Path, threads: int | None = None, exact: bool = False):
+    """A CPU session; `exact`: graph optimisation off, so a QDQ file runs DequantizeLinear -> float
+    op -> QuantizeLinear (the reference arithmetic of the format, free of this CPU's INT8 kernels)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or cpu_threads()
     opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    level = ort.GraphOptimizationLevel
+    opts.graph_optimization_level = level.ORT_DISABLE_ALL if exact else level.ORT_ENABLE_ALL
     opts.log_severity_level = 3
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
@@ -51,27 +54,16 @@ def compare(ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None, kind: s
             delta = (pred == labels).astype(np.float64) - (ref_pred == labels).astype(np.float64)
             res["drop_se"] = round(100.0 * float(delta.std(ddof=1) / np.sqrt(len(delta))) if len(delta) > 1 else 0.0, 3)
     else:
-        cosines = _cosines(ref, out)
+        cosines = load_kit_module("edgekit").cosines(ref, out)
         res["min_cosine"] = float(cosines.min())
         res["mean_cosine"] = float(cosines.mean())
     return res
 
 
-def _cosines(ref: np.ndarray, out: np.ndarray) -> np.ndarray:
-    return (out * ref).sum(1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1) + 1e-12)
-
-
 def output_divergence(ref: np.ndarray, out: np.ndarray, kind: str) -> float:
-    """How far an INT8 output is from fp32: mean KL(softmax(fp32) || softmax(int8)) for logits,
-    mean 1 - cosine for embeddings."""
-    if kind == "classifier":
-        def log_softmax(x):
-            x = x - x.max(1, keepdims=True)
-            return x - np.log(np.exp(x).sum(1, keepdims=True))
-
-        lp, lq = log_softmax(ref.astype(np.float64)), log_softmax(out.astype(np.float64))
-        return float((np.exp(lp) * (lp - lq)).sum(1).mean())
-    return float((1.0 - _cosines(ref, out)).mean())
+    """How far an INT8 output is from fp32: the device kit's measure (mean KL of the softmaxes for
+    logits, mean 1 - cosine for embeddings)."""
+    return load_kit_module("edgekit").output_divergence(ref, out, kind)
 
 
 def latency_ms(path_or_session, sample: np.ndarray, threads: int | None = None, budget_s: float = 1.0,

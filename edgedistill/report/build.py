@@ -4,7 +4,9 @@ Inputs (all read, none modified):
     RUN/eval.json                 student (and optional teacher) scores, `edgedistill eval`
     RUN/export/manifest.json      artifacts: file, format, precision, bytes, params, accuracy
     RUN/export/bench*.json        latency measured here (`edgedistill bench`)
-    --device-results FILE ...     latency measured on devices (`kit/edgekit.py bench`), same schema
+    RUN/export/check*.json        accuracy checks run on devices (`kit/edgekit.py check`)
+    --device-results FILE ...     latency measured on devices (`kit/edgekit.py bench`), same schema,
+                                  or their accuracy checks (`kit/edgekit.py check`)
 Outputs in RUN/report/: report.json ("edgedistill.report/1"), report.md, accuracy_vs_size.png,
 accuracy_vs_latency.png.
 
@@ -65,6 +67,34 @@ def _bench_docs(export_dir: Path | None, device_results) -> list[tuple[str, dict
         except kit.KitError as e:
             raise UserError(str(e)) from None
     return docs
+
+
+def _split_device_results(device_results) -> tuple[list[Path], list[Path]]:
+    """(bench results, check results) among the --device-results files, by their schema."""
+    from edgedistill.kit import load_kit_module
+
+    check_schema = load_kit_module("edgekit").CHECK_SCHEMA
+    benches, checks = [], []
+    for path in map(Path, device_results):
+        is_check = path.is_file() and _read_json(path, "pass a JSON written by the device kit").get("schema") == check_schema
+        (checks if is_check else benches).append(path)
+    return benches, checks
+
+
+def _check_rows(export_dir: Path | None, paths: list[Path]) -> list[dict]:
+    """One row per artifact x runtime x device of the accuracy checks run on devices."""
+    if export_dir is not None and export_dir.is_dir():
+        paths = sorted(export_dir.glob("check*.json")) + [p for p in paths if p.parent != export_dir]
+    rows = []
+    for path in paths:
+        doc = _read_json(path, "pass a JSON written by `kit/edgekit.py check`")
+        env = doc.get("environment") or {}
+        for r in doc.get("results", []):
+            rows.append({"artifact": r["artifact"], "runtime": r["runtime"], "precision": r.get("precision"),
+                         "host": env.get("host"), "cpu": (env.get("cpu") or {}).get("model"),
+                         "samples": r.get("samples"), "agreement": r.get("agreement"), "divergence": r.get("divergence"),
+                         "max_rel_diff": r.get("max_rel_diff"), "passed": r.get("passed"), "source": str(path)})
+    return rows
 
 
 def _latency_rows(docs) -> list[dict]:
@@ -182,7 +212,9 @@ def build_report(run_dir, device_results=(), export_dir=None, out_dir=None) -> P
     else:
         log.warning("%s has no manifest.json: the report covers the torch student only "
                     "(run `edgedistill export %s`)", export_dir, run_dir)
-    docs = _bench_docs(export_dir if manifest else None, device_results)
+    bench_paths, check_paths = _split_device_results(device_results)
+    docs = _bench_docs(export_dir if manifest else None, bench_paths)
+    device_checks = _check_rows(export_dir if manifest else None, check_paths)
     latency = _latency_rows(docs)
 
     student = ev["student"]
@@ -273,6 +305,7 @@ def build_report(run_dir, device_results=(), export_dir=None, out_dir=None) -> P
         "reference": {"artifact": ref["name"], "top1": ref.get("top1")},
         "artifacts": artifacts,
         "latency": latency,
+        "device_checks": device_checks,
         "summary": _summary(artifacts, latency),
         "notes": _notes(artifacts, latency, docs, manifest),
         "int8": _int8_section(manifest, export_dir),
@@ -408,6 +441,16 @@ def render_markdown(report: dict) -> str:
         out += [_table(["artifact", "runtime", "host", "batch", "threads", "p50", "p90", "p99", "std", "img/s",
                         "H2D", "D2H"], rows), "",
                 "Milliseconds. On GPU, p50..p99 are device time; H2D/D2H are the copies, measured apart.", ""]
+
+    if report.get("device_checks"):
+        out += ["## Accuracy checks on the devices", "",
+                "Each artifact run on the device on the export's sample images, against the fp32 reference "
+                "outputs (`kit/edgekit.py check`).", ""]
+        rows = [[f"`{r['artifact']}`", r["runtime"], str(r.get("host")), str(r.get("samples")),
+                 _f(r.get("agreement")), _f(r.get("divergence"), "{:.2e}"), _f(r.get("max_rel_diff"), "{:.2e}"),
+                 "ok" if r.get("passed") else "**beyond tolerance**"] for r in report["device_checks"]]
+        out += [_table(["artifact", "runtime", "host", "samples", "agreement (%)", "divergence", "max rel diff",
+                        "verdict"], rows), ""]
 
     env = report["environment"]
     rep = env.get("report") or {}
