@@ -52,6 +52,11 @@ def fast_teacher_modes(device: torch.device) -> list[str]:
 
 def check_teacher_precision(mode: str, device: torch.device) -> None:
     """A one-line error for an explicit teacher.precision this device cannot run fast."""
+    from edgedistill.config import TEACHER_PRECISION_NOT_OFFERED
+
+    if mode not in ("auto", "fp32", *AMP_DTYPES):
+        raise UserError(TEACHER_PRECISION_NOT_OFFERED.get(mode)
+                        or f"teacher precision {mode!r} is not one of auto, fp32, {', '.join(AMP_DTYPES)}")
     if mode in ("fp32", "auto") or mode in fast_teacher_modes(device):
         return
     if mode == "fp16":
