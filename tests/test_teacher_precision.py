@@ -140,3 +140,29 @@ def test_precision_errors_name_the_key_and_the_fix(teacher_ckpt, tmp_path, monke
         prepared(cfg_for(teacher_ckpt, "bf16"), tmp_path)
     with pytest.raises(UserError, match="not one of fp32"):
         FrozenTeacher(cfg_for(teacher_ckpt).teacher).set_mode("int4")
+
+
+def _bench_script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_teacher_speed_script_quick(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        assert _bench_script("teacher_speed").main(["--quick", "--rounds", "1", "--steps", "1",
+                                                    "--out", str(tmp_path / "t.json")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    data = json.loads((tmp_path / "t.json").read_text())
+    row = data["rows"][0]
+    assert row["teacher_macs_per_image"] > 0 and data["peak"]["assumption"]
+    fp32 = row["modes"]["fp32"]
+    assert fp32["mean_cosine"] == 1.0 and fp32["disco_speedup_over_fp32"] == 1.0
+    assert fp32["disco_images_per_s"] > 0 and fp32["mocov2_images_per_s"] > 0 and fp32["teacher_gmac_per_s"] > 0
