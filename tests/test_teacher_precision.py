@@ -166,3 +166,18 @@ def test_teacher_speed_script_quick(tmp_path):
     fp32 = row["modes"]["fp32"]
     assert fp32["mean_cosine"] == 1.0 and fp32["disco_speedup_over_fp32"] == 1.0
     assert fp32["disco_images_per_s"] > 0 and fp32["mocov2_images_per_s"] > 0 and fp32["teacher_gmac_per_s"] > 0
+
+
+def test_gpu_check_cpu_path(tmp_path):
+    """bench/gpu_check.py on the CPU: train, stop at half way, resume, export + parity, teacher modes timed."""
+    threads = torch.get_num_threads()
+    try:
+        rc = _bench_script("gpu_check").main(["--device", "cpu", "--out", str(tmp_path / "g.json")])
+    finally:
+        torch.set_num_threads(threads)
+    data = json.loads((tmp_path / "g.json").read_text())
+    assert rc == 0 and data["ok"]
+    assert data["train_resume"]["steps"] == data["settings"]["steps"] and data["train_resume"]["stopped_at"] == 3
+    assert data["teacher_precision"]["requested"] == "auto"
+    assert data["export"]["artifacts"]["onnx-fp32"]["parity_passed"]
+    assert "fp32" in data["teacher_modes"] and data["mocov2"]["images_per_s"] > 0
