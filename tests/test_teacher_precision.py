@@ -39,8 +39,10 @@ def teacher_ckpt(tmp_path_factory):
 
 @pytest.fixture
 def bf16_cpu(monkeypatch):
-    """Let this CPU count as bf16-capable (autocast runs either way), so the tests do not depend on the ISA."""
+    """Let this CPU count as bf16-capable (autocast runs either way), so the tests do not depend on the ISA;
+    a smaller fidelity sample keeps them fast."""
     monkeypatch.setattr(components, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(components, "FIDELITY_IMAGES", 128)
 
 
 def cfg_for(ckpt, precision: str | None = None, **extra):
