@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,16 +126,18 @@ def _cosine(stepper, model: dict, modes: list[str], seed: int, run_dir: Path) ->
     return {"images": f"{x.shape[0]} uniform-noise images (random weights: speed only)", "modes": out}
 
 
-def bench_model(model: dict, rounds: int, steps: int, seed: int, peak: dict, log=print) -> dict:
+def bench_model(model: dict, rounds: int, steps: int, seed: int, peak: dict, compile_: bool = False, log=print) -> dict:
     import torch
 
     from edgedistill.bench.train_speed import _random_teacher_checkpoint, _Stepper, _synthetic_batch, default_teacher_modes
     from edgedistill.kit import load_kit_module
+    from edgedistill.methods.components import cosine_summary
     from edgedistill.recipe import load_config
 
     kit = load_kit_module("edgekit")
     device = torch.device("cpu")
-    modes = default_teacher_modes(device)
+    base_modes = default_teacher_modes(device)
+    modes = base_modes + ([f"{m}+compile" for m in base_modes if m != "fp32"] if compile_ else [])
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = model["checkpoint"]
         random_weights = checkpoint is None or not Path(checkpoint).is_file()
@@ -155,7 +158,26 @@ def bench_model(model: dict, rounds: int, steps: int, seed: int, peak: dict, log
         moco = _Stepper(load_config(None, [f"{k}={v}" for k, v in {**common, "method.name": "mocov2"}.items()]),
                         device, 10, False, total)
         log(f"{model['name']}: fidelity ...")
-        fidelity = _cosine(disco, {**model, "checkpoint": None if random_weights else checkpoint}, modes, seed, Path(tmp))
+        fidelity = _cosine(disco, {**model, "checkpoint": None if random_weights else checkpoint}, base_modes, seed,
+                           Path(tmp))
+        for mode in modes[len(base_modes):]:  # compiled: cosine through the compiled module, first call compiles it
+            log(f"{model['name']}: compiling the {mode} teacher ...")
+            disco.set_teacher(mode)
+            x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+            x = x.contiguous(memory_format=torch.channels_last)
+            t0 = time.perf_counter()
+            teacher = disco.method.teacher
+            with torch.no_grad():
+                got = teacher._target(x, mode.partition("+")[0])
+            compile_s = time.perf_counter() - t0
+            teacher.compile = False
+            teacher.set_mode(mode.partition("+")[0])
+            with torch.no_grad():
+                ref = teacher._target(x, mode.partition("+")[0])
+            cos = cosine_summary(ref, got)
+            fidelity["modes"][mode] = {"compile_s": round(compile_s, 1),
+                                       "cosine_to_uncompiled_mean": cos["mean_cosine"],
+                                       "cosine_to_uncompiled_q001": cos["q001_cosine"]}
     macs = count_macs(disco.method.teacher.encoder, size)
     views, labels = _synthetic_batch(batch, size, 10, seed, device)
     views = [v.contiguous(memory_format=torch.channels_last) for v in views]
@@ -176,7 +198,7 @@ def bench_model(model: dict, rounds: int, steps: int, seed: int, peak: dict, log
         step = kit.latency_stats(times[mode]["disco"])
         per_image = teacher_ms / (2 * batch)
         rate = macs / (per_image / 1000) / 1e9
-        peak_rate = peak["gmac_per_s"].get(mode)
+        peak_rate = peak["gmac_per_s"].get(mode.partition("+")[0])
         rows[mode] = {
             "teacher_ms_per_image": round(per_image, 4), "teacher_ms_both_views": round(teacher_ms, 2),
             "teacher_gmac_per_s": round(rate, 2), "peak_gmac_per_s": peak_rate,
@@ -202,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="timed DisCo / MoCo v2 steps per mode and round")
     parser.add_argument("--fma-units", type=int, default=2)
     parser.add_argument("--ghz", type=float, default=None)
+    parser.add_argument("--compile", action="store_true",
+                        help="also time each fast mode torch.compile'd (teacher.compile; about a minute to compile each)")
     parser.add_argument("--quick", action="store_true", help="a tiny ResNet-20 at 16 px, batch 8 (a smoke run)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULT)
@@ -216,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     peak = cpu_peak(args.fma_units, args.ghz)
-    rows = [bench_model(m, args.rounds, args.steps, args.seed, peak, log=lambda s: print(s, flush=True))
+    rows = [bench_model(m, args.rounds, args.steps, args.seed, peak, args.compile, log=lambda s: print(s, flush=True))
             for m in (QUICK if args.quick else MODELS)]
     for row in rows:
         for mode, r in row["modes"].items():
@@ -226,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['disco_images_per_s']:6.1f} img/s (x{r['disco_speedup_over_fp32']:.2f})  "
                   f"MoCo v2 {r['mocov2_images_per_s']:6.1f}  DisCo/MoCo {r['disco_over_mocov2']:.2f}", flush=True)
     write_json(args.out, {"benchmark": "teacher_speed", "device": "cpu", "threads": torch.get_num_threads(),
+                          "compile": args.compile,
                           "rounds": args.rounds, "timed_steps_per_round": args.steps, "channels_last": True,
                           "peak": peak, "rows": rows,
                           "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()],

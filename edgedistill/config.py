@@ -58,6 +58,9 @@ class TeacherConfig(ModelConfig):
 
     # auto | fp32 | bf16 | fp16: see TeacherPrecision above. The student's arithmetic is train.precision.
     precision: TeacherPrecision = "auto"
+    # torch.compile the bf16/fp16 teacher (its folded copy; fp32 stays as loaded). Compiles once at
+    # the start (about a minute on one CPU thread, needs a C++ compiler on the CPU), for one batch shape.
+    compile: bool = False
 
 
 # auto: DALI on GPU when CUDA is present, DALI's CPU pipeline otherwise, torchvision without DALI.

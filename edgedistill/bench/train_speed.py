@@ -99,13 +99,18 @@ class _Stepper:
         self.method = create_method(cfg, num_classes=num_classes).to(device)
         self.state = setup_training(cfg, self.method, device, 1, total_steps)
         self.forward = torch.compile(self.method) if compile_ else self.method
+        self.recipe_teacher_compile = bool(cfg.teacher is not None and cfg.teacher.compile)
         self.method.train()
 
     def set_teacher(self, mode: str) -> None:
-        """Run the teacher in `mode` (fp32 | bf16 | fp16), in the step's memory format."""
+        """Run the teacher in `mode` (fp32 | bf16 | fp16, "+compile": torch.compile'd; without it the
+        recipe's teacher.compile), in the step's memory format."""
         import torch
 
-        self.method.teacher.set_mode(mode)
+        precision, _, extra = mode.partition("+")
+        teacher = self.method.teacher
+        teacher.compile = extra == "compile" if extra else self.recipe_teacher_compile
+        teacher.set_mode(precision)
         if self.state.channels_last and self.method.teacher.fast is not None:
             self.method.teacher.fast.to(memory_format=torch.channels_last)
         self.method.train()
@@ -218,7 +223,7 @@ def run_bench(teacher_arch: str, student_arch: str, teacher_checkpoint: str | No
               data: str, modes: list[str], warmup: int, steps: int, compile_: bool, device_spec: str,
               workers: int | None, stem_stride: int | None, seed: int = 0, threads: int | None = None,
               channels_last: str = "auto", log=print, teacher_precision: str = "auto",
-              teacher_modes: list[str] | None = None) -> dict:
+              teacher_modes: list[str] | None = None, teacher_compile: bool = False) -> dict:
     import os
     import tempfile
 
@@ -257,13 +262,17 @@ def run_bench(teacher_arch: str, student_arch: str, teacher_checkpoint: str | No
             overrides["student.stem_stride"] = stem_stride
             overrides["teacher.stem_stride"] = stem_stride
         overrides["teacher.precision"] = teacher_precision
+        overrides["teacher.compile"] = teacher_compile
         cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
         from edgedistill.methods.components import check_teacher_precision, fast_teacher_modes
 
         fast = fast_teacher_modes(device)
         teacher_modes = default_teacher_modes(device) if teacher_modes is None else teacher_modes
         for mode in [teacher_precision, *teacher_modes]:
-            check_teacher_precision(mode, device)
+            precision, _, extra = mode.partition("+")
+            check_teacher_precision(precision, device)
+            if extra not in ("", "compile") or (extra and precision in ("fp32", "auto")):
+                raise UserError(f"--teacher-modes: {mode!r}: only bf16+compile / fp16+compile take a suffix")
         # auto (unmeasured here): the device's fastest native mode.
         teacher_modes = list(dict.fromkeys((fast[0] if fast else "fp32") if m == "auto" else m for m in teacher_modes))
         folder = train_folder(cfg.data, cfg.seed)
@@ -428,7 +437,10 @@ def bench_train(
     teacher_precision: Annotated[str, typer.Option(
         help="teacher.precision of the loader modes: auto (this device's fastest native mode) | fp32 | bf16 | fp16.")] = "auto",
     teacher_modes: Annotated[Optional[str], typer.Option(
-        help="Teacher precisions timed side by side (default: fp32 and every fast mode this device runs).")] = None,
+        help="Teacher precisions timed side by side (default: fp32 and every fast mode this device runs); "
+             "bf16+compile / fp16+compile: torch.compile'd.")] = None,
+    teacher_compile: Annotated[bool, typer.Option(
+        "--teacher-compile/--no-teacher-compile", help="teacher.compile for the loader modes.")] = False,
     out: Annotated[Path, typer.Option(help="JSON result file.")] = DEFAULT_OUT,
 ):
     """Training throughput (images/s), peak GPU memory and the teacher's share of the step for DisCo: synthetic batches vs DALI GPU vs DALI CPU vs torchvision loaders."""
@@ -439,6 +451,7 @@ def bench_train(
     result = run_bench(teacher_arch, student_arch, teacher_checkpoint, img_size, batch_size, data, comma_list(modes),
                        warmup, steps, compile_, device, workers, stem_stride, threads=threads,
                        channels_last=channels_last, teacher_precision=teacher_precision,
+                       teacher_compile=teacher_compile,
                        teacher_modes=comma_list(teacher_modes) if teacher_modes else None,
                        log=lambda msg: console.print(msg, highlight=False))
     print_table(result)

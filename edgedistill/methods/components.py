@@ -140,6 +140,9 @@ class FrozenTeacher(nn.Module):
         self.precision = getattr(cfg, "precision", "fp32")
         self.mode: str | None = "fp32" if self.precision == "fp32" else None  # resolved by prepare / set_mode
         self.fast: nn.Module | None = None
+        self.compile = bool(getattr(cfg, "compile", False))
+        self._compiled = None  # torch.compile(self.fast): not a submodule (self.fast holds the weights)
+        self.batch_size = 256  # the forward's batch: fidelity chunks are padded to it (one compiled shape)
         self.fidelity: dict | None = None
         self.train(True)
 
@@ -148,17 +151,31 @@ class FrozenTeacher(nn.Module):
         the encoder's device and memory format (no fidelity check: `prepare` does that)."""
         if mode not in ("fp32", *AMP_DTYPES):
             raise UserError(f"teacher precision {mode!r} is not one of fp32, {', '.join(AMP_DTYPES)}")
-        self.fast = None
-        if mode != "fp32" and self.bn_mode == "eval":
-            param = next(self.encoder.parameters())
-            self.fast = fold_batchnorm(self.encoder).to(param.device).to(memory_format=torch.channels_last)
-            self.fast.requires_grad_(False)
+        param = next(self.encoder.parameters())
+        cache = self.__dict__.setdefault("_built", {})  # (mode, compile) -> (fast, compiled): switching back is free
+        key = (mode, self.compile)
+        fast, compiled = cache.get(key, (None, None))
+        if fast is None or next(fast.parameters()).device != param.device:
+            fast, compiled = None, None
+            if mode != "fp32" and self.bn_mode == "eval":
+                fast = fold_batchnorm(self.encoder).to(param.device).to(memory_format=torch.channels_last)
+                fast.requires_grad_(False)
+                if self.compile:
+                    compiled = torch.compile(fast, dynamic=False)
+            elif self.compile and mode != "fp32":
+                logging.getLogger(__name__).info("teacher.compile: not with method.teacher_bn=train (BN unfolded)")
+            if fast is not None:
+                cache[key] = (fast, compiled)
+        self.fast = fast
+        object.__setattr__(self, "_compiled", compiled)
         self.mode = mode
 
     def _features(self, x: torch.Tensor, mode: str) -> torch.Tensor:
         if mode == "fp32":
             return self.encoder(x).float()
         module = self.fast if self.fast is not None else self.encoder
+        if self._compiled is not None:
+            module = self._compiled
         with torch.autocast(x.device.type, dtype=AMP_DTYPES[mode]):
             return module(x.contiguous(memory_format=torch.channels_last)).float()
 
@@ -170,9 +187,12 @@ class FrozenTeacher(nn.Module):
 
     @torch.no_grad()
     def prepare(self, run_dir, folder, data_cfg, seed: int, device: torch.device,
-                augmentation: str = "mocov2") -> dict | None:
+                augmentation: str = "mocov2", batch_size: int | None = None) -> dict | None:
         """Load or compute the centre, then settle the precision (see the class doc); returns the
-        centre's statistics, or None when centring is off."""
+        centre's statistics, or None when centring is off. `batch_size`: the training step's
+        per-process batch (the teacher's forward batch)."""
+        if batch_size:
+            self.batch_size = batch_size
         stats = self._prepare_center(run_dir, folder, data_cfg, seed, device)
         self._prepare_precision(run_dir, folder, data_cfg, seed, device, augmentation)
         return stats
@@ -227,14 +247,15 @@ class FrozenTeacher(nn.Module):
         path = Path(run_dir) / TEACHER_FIDELITY_FILE
         if path.is_file():
             saved = json.loads(path.read_text())
-            if saved.get("requested") == self.precision and saved.get("device_type") == device.type:
+            if (saved.get("requested"), saved.get("compile", False), saved.get("device_type")) == (
+                    self.precision, self.compile, device.type):
                 self.fidelity = saved
                 self.set_mode(saved["chosen"])
                 log.info("teacher precision %s -> %s, reused from %s", self.precision, self.mode, path)
                 return
         candidates = fast_teacher_modes(device) if self.precision == "auto" else (
             [] if self.precision == "fp32" else [self.precision])
-        record = {"requested": self.precision, "device_type": device.type, "device": str(device),
+        record = {"requested": self.precision, "compile": self.compile, "device_type": device.type, "device": str(device),
                   "threshold_mean_cosine": FIDELITY_MIN_COSINE, "candidates": candidates, "modes": {}}
         if candidates and folder is None:
             # Nothing to measure on: auto stays exact; an explicit mode is taken unmeasured.
@@ -302,7 +323,15 @@ class FrozenTeacher(nn.Module):
         self.encoder.eval()  # the kNN and the cosine use the frozen statistics
 
         def embed(images):
-            return torch.cat([self._target(chunk.to(device), mode).cpu() for chunk in images.split(256)])
+            # Every chunk padded to the training batch: a compiled teacher sees one shape (BN is frozen
+            # here, so padding rows change nothing in the others).
+            out, n = [], self.batch_size
+            for chunk in images.split(n):
+                rows = chunk.shape[0]
+                if rows < n:
+                    chunk = torch.cat([chunk, chunk.new_zeros((n - rows, *chunk.shape[1:]))])
+                out.append(self._target(chunk.to(device), mode)[:rows].cpu())
+            return torch.cat(out)
 
         try:
             out = {"views": embed(views), "bank": embed(bank[0]), "queries": embed(queries[0])}
