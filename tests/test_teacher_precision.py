@@ -183,3 +183,22 @@ def test_gpu_check_cpu_path(tmp_path):
     assert data["teacher_precision"]["requested"] == "auto"
     assert data["export"]["artifacts"]["onnx-fp32"]["parity_passed"]
     assert "fp32" in data["teacher_modes"] and data["mocov2"]["images_per_s"] > 0
+
+
+def test_teacher_compile_wraps_only_the_fast_copy(teacher_ckpt, bf16_cpu):
+    """teacher.compile: a torch.compile wrapper of the folded copy (built lazily: nothing compiles
+    here), never of fp32, not in the state dict; switching modes reuses the built copies."""
+    from edgedistill.methods import create_method
+
+    m = create_method(cfg_for(teacher_ckpt, "bf16", **{"teacher.compile": "true"}), num_classes=10)
+    teacher = m.teacher
+    teacher.set_mode("bf16")
+    fast, compiled = teacher.fast, teacher._compiled
+    assert compiled is not None and compiled._orig_mod is fast
+    teacher.set_mode("fp32")
+    assert teacher.fast is None and teacher._compiled is None
+    teacher.set_mode("bf16")
+    assert teacher.fast is fast and teacher._compiled is compiled
+    assert not any("_compiled" in k or "_orig_mod" in k for k in m.state_dict())
+    with pytest.raises(UserError, match="teacher.compile: expected bool"):
+        cfg_for(teacher_ckpt, **{"teacher.compile": "sometimes"})
