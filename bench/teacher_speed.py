@@ -40,7 +40,7 @@ STUDENT = "mobilenetv3_small_100"
 MODELS = [
     # name, arch, img_size, batch, checkpoint (None: random weights), training images for the fidelity check
     {"name": "resnet56_cifar@32", "arch": "resnet56_cifar", "img_size": 32, "batch": 128,
-     "checkpoint": R56_CHECKPOINT, "data": CIFAR_TRAIN},
+     "checkpoint": R56_CHECKPOINT, "data": CIFAR_TRAIN, "recipe": ROOT / "recipes" / "fidelity" / "disco.yaml"},
     # timm's resnet50: the torchvision ResNet-50 architecture (v1.5, stride in the 3x3), random weights.
     {"name": "resnet50@224", "arch": "resnet50", "img_size": 224, "batch": 16, "checkpoint": None, "data": None},
 ]
@@ -150,7 +150,9 @@ def bench_model(model: dict, rounds: int, steps: int, seed: int, peak: dict, com
                   "data.train": model["data"] if model["data"] is not None and Path(model["data"]).is_dir() else "embedded:digits",
                   "data.workers": 0, "method.queue_size": batch * max(1, 4096 // batch)}
         total = rounds * (steps + 1) * (len(modes) + 1) + 10
-        disco_cfg = load_config(None, [f"{k}={v}" for k, v in {
+        # The fidelity table's DisCo recipe where there is one (its data settings: crop, centring).
+        recipe = model.get("recipe") if not random_weights else None
+        disco_cfg = load_config(recipe, [f"{k}={v}" for k, v in {
             **common, "method.name": "disco", "teacher.arch": model["arch"], "teacher.checkpoint": checkpoint,
             "teacher.precision": "auto"}.items()])
         disco = _Stepper(disco_cfg, device, 10, False, total)
