@@ -39,6 +39,30 @@ class ModelConfig:
     stem_stride: int | None = None
 
 
+# The frozen teacher's arithmetic (DisCo, SEED; see methods/components.FrozenTeacher): fp32 is the
+# teacher as loaded, untouched; bf16/fp16 run it under autocast with BatchNorm folded into the
+# convolutions and channels_last; auto picks the fastest of those this device runs whose measured
+# fidelity passes (mean cosine to fp32 >= 0.999 on augmented training views), else fp32.
+TeacherPrecision = Literal["auto", "fp32", "bf16", "fp16"]
+# Asked for but not offered, with the measurement that decided it (docs/results.md, "The frozen teacher's precision").
+TEACHER_PRECISION_NOT_OFFERED = {
+    "int8": "teacher.precision: int8 is not offered: ONNX Runtime INT8 (static QDQ, calibrated on 512 augmented "
+            "training views) of the CIFAR ResNet-56 gave mean cosine 0.993 to fp32 (below the 0.999 threshold) for "
+            "1.3x the speed of bf16 on this AVX512-VNNI CPU; use auto, bf16 or fp32",
+}
+
+
+@dataclass
+class TeacherConfig(ModelConfig):
+    """The teacher (DisCo, SEED): a backbone from a local checkpoint, plus the arithmetic it runs in."""
+
+    # auto | fp32 | bf16 | fp16: see TeacherPrecision above. The student's arithmetic is train.precision.
+    precision: TeacherPrecision = "auto"
+    # torch.compile the bf16/fp16 teacher (its folded copy; fp32 stays as loaded). Compiles once at
+    # the start (about a minute on one CPU thread, needs a C++ compiler on the CPU), for one batch shape.
+    compile: bool = False
+
+
 # auto: DALI on GPU when CUDA is present, DALI's CPU pipeline otherwise, torchvision without DALI.
 Loader = Literal["auto", "dali-gpu", "dali-cpu", "torchvision"]
 
@@ -126,7 +150,7 @@ class RunConfig:
     seed: int = 0
     out_dir: str = "runs"
     student: ModelConfig = field(default_factory=ModelConfig)
-    teacher: ModelConfig | None = None
+    teacher: TeacherConfig | None = None
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -202,6 +226,8 @@ def from_dict(cls, data: dict, where: str = ""):
     kwargs = {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
+        if path == "teacher.precision" and value in TEACHER_PRECISION_NOT_OFFERED:
+            raise UserError(TEACHER_PRECISION_NOT_OFFERED[value])
         if key not in fields:
             raise UserError(f"unknown key {path!r}{_did_you_mean(key, fields)}")
         kwargs[key] = _coerce(value, hints[key], path)

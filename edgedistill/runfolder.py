@@ -8,6 +8,7 @@
     <run>/student.safetensors    the student backbone (what is deployed)
     <run>/head.safetensors       the projection head (training machinery)
     <run>/teacher_center.json    the teacher target's per-channel mean (DisCo/SEED, head-less teachers)
+    <run>/teacher_fidelity.json  the teacher's precision: requested, chosen, cosine / kNN vs fp32 (DisCo/SEED)
     <run>/eval.json              `edgedistill eval`: kNN / linear top-1, probe choice, environment
     <run>/classifier.safetensors `edgedistill eval`: the classifier deployed on top of the backbone
 
@@ -24,5 +25,6 @@ CHECKPOINT_FILE = "checkpoint.pt"
 STUDENT_FILE = "student.safetensors"
 HEAD_FILE = "head.safetensors"
 TEACHER_CENTER_FILE = "teacher_center.json"
+TEACHER_FIDELITY_FILE = "teacher_fidelity.json"
 EVAL_FILE = "eval.json"
 CLASSIFIER_FILE = "classifier.safetensors"

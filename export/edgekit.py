@@ -129,6 +129,8 @@ def cpu_stamp() -> dict:
         "avx512_vnni": "avx512_vnni" in flags,
         "avx_vnni": "avx_vnni" in flags,
         "amx_int8": "amx_int8" in flags,
+        "avx512_bf16": "avx512_bf16" in flags,
+        "amx_bf16": "amx_bf16" in flags,
         "neon": arch in ("aarch64", "arm64") or "asimd" in flags,
         "arm_dotprod": "asimddp" in flags,
     }

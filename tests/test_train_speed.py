@@ -43,6 +43,21 @@ def _bench_train_tiny(tmp_path):
                                    "dali_cpu_over_synthetic", "dali_cpu_over_torchvision"}
     assert data["environment"]["versions"]["torch"] and data["config"]["method"]["name"] == "disco"
     assert data["config"]["teacher"]["checkpoint"] is None
+    # Teacher precisions side by side, and MoCo v2 on the same student and batch (issue 20).
+    from edgedistill.methods.components import fast_teacher_modes
+
+    assert list(data["teacher_modes"]) == ["fp32", *fast_teacher_modes(torch.device("cpu"))]
+    assert data["mocov2"]["images_per_s"] > 0
+    for row in data["teacher_modes"].values():
+        assert row["images_per_s"] > 0 and 0 < row["teacher_share_of_step"] < 1.5
+        assert row["disco_over_mocov2_images_per_s"] > 0
+    assert data["teacher_modes"]["fp32"]["speedup_over_fp32_teacher"] == 1.0
+
+
+def test_bench_train_rejects_a_teacher_mode_this_cpu_lacks(tmp_path):
+    result = CliRunner().invoke(app, ["bench-train", "--device", "cpu", "--teacher-modes", "fp32,fp16",
+                                      "--out", str(tmp_path / "x.json")])
+    assert result.exit_code != 0 and "fp16 needs a CUDA device" in result.output
 
 
 def test_bench_train_rejects_unknown_mode(tmp_path):

@@ -16,7 +16,13 @@ batch to the end of the optimizer step, synchronised on CUDA, and the median is 
 statistics are the device kit's (`edgekit.time_calls`, `edgekit.latency_stats`). The teacher's
 share of the step is its forward on both views (the same autocast / memory format), timed
 separately with CUDA events on GPU (perf_counter on CPU), divided by the median step time of
-the synthetic mode. Peak GPU memory is `torch.cuda.max_memory_allocated` per mode. Absent
+the synthetic mode. Side by side in the same run (`teacher_modes`), on the synthetic batches: the
+DisCo step and the teacher's share of it for each teacher precision (`--teacher-modes`, default
+fp32 and every fast mode this device runs natively; `teacher.precision`, see
+methods/components.FrozenTeacher), and MoCo v2's step on the same student, batch and memory format
+(`mocov2`), so DisCo's images/s over MoCo v2's is read per teacher precision. The loader modes run
+the teacher in `--teacher-precision` (auto: the device's fastest native mode, unmeasured: the
+fidelity check needs the trainer's `prepare`). Peak GPU memory is `torch.cuda.max_memory_allocated` per mode. Absent
 modes are skipped with a one-line reason. Without `--teacher-checkpoint` the teacher is a
 randomly initialised MoCo v2 encoder of `--teacher-arch` (backbone + 2-layer MLP head, 128-d):
 the numbers are then labelled "random teacher weights: throughput only".
@@ -93,6 +99,20 @@ class _Stepper:
         self.method = create_method(cfg, num_classes=num_classes).to(device)
         self.state = setup_training(cfg, self.method, device, 1, total_steps)
         self.forward = torch.compile(self.method) if compile_ else self.method
+        self.recipe_teacher_compile = bool(cfg.teacher is not None and cfg.teacher.compile)
+        self.method.train()
+
+    def set_teacher(self, mode: str) -> None:
+        """Run the teacher in `mode` (fp32 | bf16 | fp16, "+compile": torch.compile'd; without it the
+        recipe's teacher.compile), in the step's memory format."""
+        import torch
+
+        precision, _, extra = mode.partition("+")
+        teacher = self.method.teacher
+        teacher.compile = extra == "compile" if extra else self.recipe_teacher_compile
+        teacher.set_mode(precision)
+        if self.state.channels_last and self.method.teacher.fast is not None:
+            self.method.teacher.fast.to(memory_format=torch.channels_last)
         self.method.train()
 
     def step(self, views, labels) -> None:
@@ -149,10 +169,61 @@ def _ratio(mode: dict, reference: dict) -> float | None:
     return None
 
 
+def _synthetic_batch(batch_size: int, img_size: int, classes: int, seed: int, device):
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    views = [torch.randn(batch_size, 3, img_size, img_size, generator=gen).to(device) for _ in range(2)]
+    return views, torch.randint(0, classes, (batch_size,), generator=gen).to(device)
+
+
+def teacher_mode_table(disco: _Stepper, mocov2: _Stepper, views, labels, batch_size: int, teacher_modes: list[str],
+                       warmup: int, steps: int, log=print) -> tuple[dict, dict]:
+    """The DisCo step (synthetic batch) and the teacher's share of it for each teacher precision, and
+    MoCo v2's step on the same batch, one after the other in this process; returns (per mode, mocov2)."""
+    from edgedistill.kit import load_kit_module
+
+    kit = load_kit_module("edgekit")
+
+    def timed(stepper) -> dict:
+        def step():
+            stepper.step(views, labels)
+            _sync(stepper.device)
+
+        lat = kit.latency_stats(kit.time_calls(step, warmup=warmup, runs=steps))
+        return {"step_ms_median": round(lat["p50"], 3), "step_ms_p90": round(lat["p90"], 3),
+                "images_per_s": round(batch_size * 1000.0 / lat["p50"], 2)}
+
+    log(f"mocov2 (same student and batch): {warmup} warm-up + {steps} timed steps ...")
+    moco = {"status": "ok", **timed(mocov2)}
+    table = {}
+    for mode in teacher_modes:
+        log(f"disco, teacher {mode}: {warmup} warm-up + {steps} timed steps ...")
+        disco.set_teacher(mode)
+        row = timed(disco)
+        teacher = disco.teacher_ms(views, reps=max(3, min(steps, 10)))
+        row.update({"status": "ok", "teacher_ms_both_views": round(teacher, 3),
+                    "teacher_share_of_step": round(teacher / row["step_ms_median"], 4),
+                    "disco_over_mocov2_images_per_s": round(row["images_per_s"] / moco["images_per_s"], 3)})
+        table[mode] = row
+    if "fp32" in table:
+        for row in table.values():
+            row["speedup_over_fp32_teacher"] = round(row["images_per_s"] / table["fp32"]["images_per_s"], 3)
+    return table, moco
+
+
+def default_teacher_modes(device) -> list[str]:
+    """fp32 and every fast teacher precision `device` runs natively."""
+    from edgedistill.methods.components import fast_teacher_modes
+
+    return ["fp32", *fast_teacher_modes(device)]
+
+
 def run_bench(teacher_arch: str, student_arch: str, teacher_checkpoint: str | None, img_size: int, batch_size: int,
               data: str, modes: list[str], warmup: int, steps: int, compile_: bool, device_spec: str,
               workers: int | None, stem_stride: int | None, seed: int = 0, threads: int | None = None,
-              channels_last: str = "auto", log=print) -> dict:
+              channels_last: str = "auto", log=print, teacher_precision: str = "auto",
+              teacher_modes: list[str] | None = None, teacher_compile: bool = False) -> dict:
     import os
     import tempfile
 
@@ -190,12 +261,31 @@ def run_bench(teacher_arch: str, student_arch: str, teacher_checkpoint: str | No
         if stem_stride is not None:
             overrides["student.stem_stride"] = stem_stride
             overrides["teacher.stem_stride"] = stem_stride
+        overrides["teacher.precision"] = teacher_precision
+        overrides["teacher.compile"] = teacher_compile
         cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
+        from edgedistill.methods.components import check_teacher_precision, fast_teacher_modes
+
+        fast = fast_teacher_modes(device)
+        teacher_modes = default_teacher_modes(device) if teacher_modes is None else teacher_modes
+        for mode in [teacher_precision, *teacher_modes]:
+            precision, _, extra = mode.partition("+")
+            check_teacher_precision(precision, device)
+            if extra not in ("", "compile") or (extra and precision in ("fp32", "auto")):
+                raise UserError(f"--teacher-modes: {mode!r}: only bf16+compile / fp16+compile take a suffix")
+        # auto (unmeasured here): the device's fastest native mode.
+        teacher_modes = list(dict.fromkeys((fast[0] if fast else "fp32") if m == "auto" else m for m in teacher_modes))
         folder = train_folder(cfg.data, cfg.seed)
         if len(folder) < batch_size:
             raise UserError(f"{folder.root} has {len(folder)} usable images, fewer than one batch of {batch_size}")
         # The lr schedule spans every step taken (it only sets the lr, not the cost of a step).
-        stepper = _Stepper(cfg, device, len(folder.classes), compile_, total_steps=len(modes) * (warmup + steps))
+        total_steps = (len(modes) + len(teacher_modes)) * (warmup + steps)
+        stepper = _Stepper(cfg, device, len(folder.classes), compile_, total_steps=total_steps)
+        loader_teacher = teacher_precision if teacher_precision != "auto" else (fast[0] if fast else "fp32")
+        stepper.set_teacher(loader_teacher)
+        moco_overrides = {k: v for k, v in overrides.items() if not k.startswith("teacher.")}
+        moco_cfg = load_config(None, [f"{k}={v}" for k, v in {**moco_overrides, "method.name": "mocov2"}.items()])
+        mocov2 = _Stepper(moco_cfg, device, len(folder.classes), compile_, total_steps=warmup + steps)
 
     results: dict[str, dict] = {}
     synthetic_views = None
@@ -241,10 +331,14 @@ def run_bench(teacher_arch: str, student_arch: str, teacher_checkpoint: str | No
 
     teacher = {"status": "skipped", "reason": "the synthetic mode was not run"}
     if synthetic_views is not None:
+        stepper.set_teacher(loader_teacher)
         ms = stepper.teacher_ms(synthetic_views, reps=max(3, min(steps, 10)))
         step_ms = results["synthetic"]["step_ms_median"]
         teacher = {"status": "ok", "forward_ms_both_views": round(ms, 3), "share_of_step": round(ms / step_ms, 4),
                    "timer": "cuda events" if device.type == "cuda" else "perf_counter"}
+
+    views, labels = _synthetic_batch(batch_size, img_size, len(folder.classes), seed, device)
+    per_mode, moco = teacher_mode_table(stepper, mocov2, views, labels, batch_size, teacher_modes, warmup, steps, log)
 
     dali_gpu, synthetic, dali_cpu, torchvision = (results.get(m.value, {}) for m in
                                                   (Mode.dali_gpu, Mode.synthetic, Mode.dali_cpu, Mode.torchvision))
@@ -267,7 +361,10 @@ def run_bench(teacher_arch: str, student_arch: str, teacher_checkpoint: str | No
         "warmup_steps": warmup,
         "timed_steps": steps,
         "modes": results,
+        "teacher_precision_loader_modes": loader_teacher,
         "teacher_share": teacher,
+        "teacher_modes": per_mode,
+        "mocov2": moco,
         "ratios": {
             "dali_gpu_over_synthetic": _ratio(dali_gpu, synthetic),
             "dali_gpu_over_torchvision": _ratio(dali_gpu, torchvision),
@@ -302,6 +399,16 @@ def print_table(result: dict) -> None:
     if t["status"] == "ok":
         console.print(f"teacher forward (both views): {t['forward_ms_both_views']:.1f} ms = "
                       f"{100 * t['share_of_step']:.1f}% of the synthetic step ({t['timer']})")
+    modes = Table(title=f"Teacher precision side by side (synthetic batches); MoCo v2 on the same student and batch: "
+                        f"{result['mocov2']['images_per_s']:.1f} images/s")
+    for col in ("teacher", "DisCo images/s", "step ms", "teacher ms", "teacher share", "DisCo / MoCo v2", "x fp32"):
+        modes.add_column(col, justify="left" if col == "teacher" else "right")
+    for mode, r in result["teacher_modes"].items():
+        x = r.get("speedup_over_fp32_teacher")
+        modes.add_row(mode, f"{r['images_per_s']:.1f}", f"{r['step_ms_median']:.1f}", f"{r['teacher_ms_both_views']:.1f}",
+                      f"{100 * r['teacher_share_of_step']:.0f}%", f"{r['disco_over_mocov2_images_per_s']:.2f}",
+                      "-" if x is None else f"{x:.2f}")
+    console.print(modes)
     ratios = ", ".join(f"{k.replace('_over_', ' / ')} = {v:.2f}" for k, v in result["ratios"].items() if v is not None)
     if ratios:
         console.print(f"ratios: {ratios}")
@@ -327,6 +434,13 @@ def bench_train(
     stem_stride: Annotated[Optional[int], typer.Option(help="First-conv stride of both models (1 for tiny inputs).")] = None,
     channels_last: Annotated[str, typer.Option(
         help="train.channels_last for the step: auto (the trainer's default) | true | false.")] = "auto",
+    teacher_precision: Annotated[str, typer.Option(
+        help="teacher.precision of the loader modes: auto (this device's fastest native mode) | fp32 | bf16 | fp16.")] = "auto",
+    teacher_modes: Annotated[Optional[str], typer.Option(
+        help="Teacher precisions timed side by side (default: fp32 and every fast mode this device runs); "
+             "bf16+compile / fp16+compile: torch.compile'd.")] = None,
+    teacher_compile: Annotated[bool, typer.Option(
+        "--teacher-compile/--no-teacher-compile", help="teacher.compile for the loader modes.")] = False,
     out: Annotated[Path, typer.Option(help="JSON result file.")] = DEFAULT_OUT,
 ):
     """Training throughput (images/s), peak GPU memory and the teacher's share of the step for DisCo: synthetic batches vs DALI GPU vs DALI CPU vs torchvision loaders."""
@@ -336,7 +450,9 @@ def bench_train(
     setup_logging()
     result = run_bench(teacher_arch, student_arch, teacher_checkpoint, img_size, batch_size, data, comma_list(modes),
                        warmup, steps, compile_, device, workers, stem_stride, threads=threads,
-                       channels_last=channels_last,
+                       channels_last=channels_last, teacher_precision=teacher_precision,
+                       teacher_compile=teacher_compile,
+                       teacher_modes=comma_list(teacher_modes) if teacher_modes else None,
                        log=lambda msg: console.print(msg, highlight=False))
     print_table(result)
     write_json(out, result)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import numpy as np
@@ -9,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from edgedistill.runfolder import TEACHER_CENTER_FILE
+from edgedistill.runfolder import TEACHER_CENTER_FILE, TEACHER_FIDELITY_FILE
 from edgedistill.config import ModelConfig
 from edgedistill.distributed import all_gather_cat
 from edgedistill.errors import UserError
@@ -20,6 +21,70 @@ from edgedistill.models import load_encoder
 CENTER_IMAGES = 10_000
 # Images whose pairwise cosines are summarised in the log (before / after centring).
 COSINE_IMAGES = 2_000
+
+# Teacher precision (teacher.precision): the fidelity a fast mode must reach, mean cosine between
+# its target and fp32's on augmented training views, for `auto` to take it.
+FIDELITY_MIN_COSINE = 0.999
+# Training images whose two augmented views measure that cosine (seeded subset).
+FIDELITY_IMAGES = 512
+# kNN top-1 of the teacher's targets, fp32 and fast: a labelled bank and held-out queries, both
+# seeded subsets of the training set (centre crops); k and temperature are eval's defaults.
+FIDELITY_KNN_BANK, FIDELITY_KNN_QUERIES, FIDELITY_KNN_K, FIDELITY_KNN_T = 2_000, 1_000, 20, 0.07
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has native bf16 dot products (AVX512_BF16 or AMX-BF16), per the environment stamp."""
+    from edgedistill.envinfo import cpu_info
+
+    isa = cpu_info()["isa"]
+    return bool(isa.get("avx512_bf16") or isa.get("amx_bf16"))
+
+
+def fast_teacher_modes(device: torch.device) -> list[str]:
+    """The fast teacher precisions `device` runs natively, fastest first ([] = fp32 only)."""
+    if device.type == "cuda":
+        return ["bf16", "fp16"] if torch.cuda.is_bf16_supported() else ["fp16"]
+    if device.type == "cpu" and cpu_has_bf16():
+        return ["bf16"]
+    return []
+
+
+def check_teacher_precision(mode: str, device: torch.device) -> None:
+    """A one-line error for an explicit teacher.precision this device cannot run fast."""
+    from edgedistill.config import TEACHER_PRECISION_NOT_OFFERED
+
+    if mode not in ("auto", "fp32", *AMP_DTYPES):
+        raise UserError(TEACHER_PRECISION_NOT_OFFERED.get(mode)
+                        or f"teacher precision {mode!r} is not one of auto, fp32, {', '.join(AMP_DTYPES)}")
+    if mode in ("fp32", "auto") or mode in fast_teacher_modes(device):
+        return
+    if mode == "fp16":
+        raise UserError(f"teacher.precision: fp16 needs a CUDA device (this run is on {device.type}): "
+                        "use teacher.precision=auto (or bf16 / fp32)")
+    raise UserError(f"teacher.precision: {mode} on {device.type} needs AVX512_BF16 or AMX (this CPU has neither, bf16 "
+                    "would be emulated and slower than fp32): use teacher.precision=auto or fp32")
+
+
+def fold_batchnorm(module: nn.Module) -> nn.Module:
+    """A copy of `module` (in eval mode) with every Conv-BN pair folded into one convolution
+    (torch.fx); an untraceable model is copied unfolded."""
+    from torch.fx.experimental.optimization import fuse
+
+    module = copy.deepcopy(module).eval()
+    try:
+        return fuse(module)
+    except Exception as e:  # noqa: BLE001 - fx tracing fails in many ways on dynamic models
+        logging.getLogger(__name__).info("teacher BatchNorm not folded (%s: %s)", type(e).__name__,
+                                         str(e).splitlines()[0] if str(e) else "")
+        return module
+
+
+def cosine_summary(reference: torch.Tensor, other: torch.Tensor) -> dict:
+    """Per-row cosine between two sets of embeddings: mean, 0.1% quantile and minimum."""
+    cos = F.cosine_similarity(reference.float(), other.float(), dim=1).double()
+    return {"mean_cosine": round(float(cos.mean()), 6), "q001_cosine": round(float(torch.quantile(cos, 0.001)), 6),
+            "min_cosine": round(float(cos.min()), 6), "rows": int(cos.numel())}
 
 
 def mean_pairwise_cosine(features: torch.Tensor) -> float:
@@ -47,6 +112,16 @@ class FrozenTeacher(nn.Module):
     embedding there too. The mean is computed once by `prepare` and kept in the run folder
     (teacher_center.json), which a resumed run reuses. Teachers with a projection head (MoCo
     checkpoints) already give centred, spread embeddings and are left as they are.
+
+    precision (`teacher.precision`): "fp32" runs `encoder` exactly as before (under whatever
+    autocast the trainer's train.precision sets). "bf16" / "fp16" run `fast`, a copy of the encoder
+    with BatchNorm folded into the convolutions (bn_mode eval; with bn_mode "train" the encoder
+    itself, BN unfolded), in channels_last under autocast of that dtype; the target is still
+    centred and normalised in fp32. "auto" takes, at `prepare`, the first of
+    `fast_teacher_modes(device)` whose target has mean cosine >= FIDELITY_MIN_COSINE to fp32's on
+    augmented training views, else fp32, and says which it refused and why. The measurement
+    (cosine mean / 0.1% quantile, kNN top-1 with fp32 and with the fast targets) is logged and
+    written to <run>/teacher_fidelity.json, which a resumed run reuses.
     """
 
     def __init__(self, cfg: ModelConfig, bn_mode: str = "eval", center: bool = False):
@@ -62,11 +137,67 @@ class FrozenTeacher(nn.Module):
         self.register_buffer("center", torch.zeros(self.out_dim))
         self.centered = False
         self._warned = False
+        self.precision = getattr(cfg, "precision", "fp32")
+        self.mode: str | None = "fp32" if self.precision == "fp32" else None  # resolved by prepare / set_mode
+        self.fast: nn.Module | None = None
+        self.compile = bool(getattr(cfg, "compile", False))
+        self._compiled = None  # torch.compile(self.fast): not a submodule (self.fast holds the weights)
+        self.batch_size = 256  # the forward's batch: fidelity chunks are padded to it (one compiled shape)
+        self.fidelity: dict | None = None
         self.train(True)
 
+    def set_mode(self, mode: str) -> None:
+        """Run the teacher in `mode` (fp32 | bf16 | fp16) from now on; builds the folded copy on
+        the encoder's device and memory format (no fidelity check: `prepare` does that)."""
+        if mode not in ("fp32", *AMP_DTYPES):
+            raise UserError(f"teacher precision {mode!r} is not one of fp32, {', '.join(AMP_DTYPES)}")
+        param = next(self.encoder.parameters())
+        cache = self.__dict__.setdefault("_built", {})  # (mode, compile) -> (fast, compiled): switching back is free
+        key = (mode, self.compile)
+        fast, compiled = cache.get(key, (None, None))
+        if fast is None or next(fast.parameters()).device != param.device:
+            fast, compiled = None, None
+            if mode != "fp32" and self.bn_mode == "eval":
+                fast = fold_batchnorm(self.encoder).to(param.device).to(memory_format=torch.channels_last)
+                fast.requires_grad_(False)
+                if self.compile:
+                    compiled = torch.compile(fast, dynamic=False)
+            elif self.compile and mode != "fp32":
+                logging.getLogger(__name__).info("teacher.compile: not with method.teacher_bn=train (BN unfolded)")
+            if fast is not None:
+                cache[key] = (fast, compiled)
+        self.fast = fast
+        object.__setattr__(self, "_compiled", compiled)
+        self.mode = mode
+
+    def _features(self, x: torch.Tensor, mode: str) -> torch.Tensor:
+        if mode == "fp32":
+            return self.encoder(x).float()
+        module = self.fast if self.fast is not None else self.encoder
+        if self._compiled is not None:
+            module = self._compiled
+        with torch.autocast(x.device.type, dtype=AMP_DTYPES[mode]):
+            return module(x.contiguous(memory_format=torch.channels_last)).float()
+
+    def _target(self, x: torch.Tensor, mode: str) -> torch.Tensor:
+        features = self._features(x, mode)
+        if self.centered:
+            features = features - self.center
+        return F.normalize(features, dim=1)
+
     @torch.no_grad()
-    def prepare(self, run_dir, folder, data_cfg, seed: int, device: torch.device) -> dict | None:
-        """Load or compute the centre (see the class doc); returns its statistics, or None when off."""
+    def prepare(self, run_dir, folder, data_cfg, seed: int, device: torch.device,
+                augmentation: str = "mocov2", batch_size: int | None = None) -> dict | None:
+        """Load or compute the centre, then settle the precision (see the class doc); returns the
+        centre's statistics, or None when centring is off. `batch_size`: the training step's
+        per-process batch (the teacher's forward batch)."""
+        if batch_size:
+            self.batch_size = batch_size
+        stats = self._prepare_center(run_dir, folder, data_cfg, seed, device)
+        self._prepare_precision(run_dir, folder, data_cfg, seed, device, augmentation)
+        return stats
+
+    def _prepare_center(self, run_dir, folder, data_cfg, seed: int, device: torch.device) -> dict | None:
         import json
         from pathlib import Path
 
@@ -105,9 +236,121 @@ class FrozenTeacher(nn.Module):
                  stats["mean_pairwise_cosine_after"])
         return stats
 
+    def _prepare_precision(self, run_dir, folder, data_cfg, seed: int, device: torch.device, augmentation: str) -> None:
+        import json
+        from pathlib import Path
+
+        from edgedistill.fileio import write_json
+
+        log = logging.getLogger(__name__)
+        check_teacher_precision(self.precision, device)
+        path = Path(run_dir) / TEACHER_FIDELITY_FILE
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if (saved.get("requested"), saved.get("compile", False), saved.get("device_type")) == (
+                    self.precision, self.compile, device.type):
+                self.fidelity = saved
+                self.set_mode(saved["chosen"])
+                log.info("teacher precision %s -> %s, reused from %s", self.precision, self.mode, path)
+                return
+        candidates = fast_teacher_modes(device) if self.precision == "auto" else (
+            [] if self.precision == "fp32" else [self.precision])
+        record = {"requested": self.precision, "compile": self.compile, "device_type": device.type, "device": str(device),
+                  "threshold_mean_cosine": FIDELITY_MIN_COSINE, "candidates": candidates, "modes": {}}
+        if candidates and folder is None:
+            # Nothing to measure on: auto stays exact; an explicit mode is taken unmeasured.
+            chosen = "fp32" if self.precision == "auto" else self.precision
+            record["note"] = "no training images to measure fidelity on"
+        else:
+            chosen = "fp32"
+            if candidates:
+                views, bank, queries = self._fidelity_data(folder, data_cfg, seed, device, augmentation)
+                reference = self._fidelity(views, bank, queries, "fp32")
+                record["fp32"] = {"knn_top1": reference["knn_top1"]}
+                for mode in candidates:
+                    self.set_mode(mode)
+                    measured = self._fidelity(views, bank, queries, mode, reference)
+                    passed = measured["mean_cosine"] >= FIDELITY_MIN_COSINE
+                    record["modes"][mode] = {**measured, "passed": passed}
+                    log.info("teacher %s vs fp32 on %d augmented training views: mean cosine %.6f, 0.1%% quantile "
+                             "%.6f; teacher kNN top-1 fp32 %.2f, %s %.2f (%s queries on the fp32 bank %.2f)",
+                             mode, measured["rows"], measured["mean_cosine"], measured["q001_cosine"],
+                             reference["knn_top1"], mode, measured["knn_top1"], mode, measured["knn_top1_on_fp32_bank"])
+                    if passed or self.precision != "auto":
+                        chosen = mode
+                        if not passed:
+                            log.warning("teacher.precision %s: mean cosine %.6f to fp32 is below %.4f (auto would "
+                                        "refuse it); kept because the recipe asks for it", mode,
+                                        measured["mean_cosine"], FIDELITY_MIN_COSINE)
+                        break
+                    log.warning("teacher.precision auto: %s refused (mean cosine %.6f to fp32 < %.4f)", mode,
+                                measured["mean_cosine"], FIDELITY_MIN_COSINE)
+            elif self.precision == "auto":
+                record["note"] = f"no fast teacher precision on this {device.type} (bf16 needs AVX512_BF16/AMX or CUDA)"
+        self.set_mode(chosen)
+        record["chosen"] = chosen
+        self.fidelity = record
+        write_json(path, record)
+        log.info("teacher precision %s -> %s (%s)", self.precision, chosen, path)
+
+    def _fidelity_data(self, folder, data_cfg, seed: int, device: torch.device, augmentation: str):
+        """Augmented views of a seeded subset of the training images (the training recipe's
+        augmentation, two views each), and a kNN bank / query split of centre crops with labels."""
+        from torch.utils.data import DataLoader
+
+        from edgedistill.data.torch_loader import ViewsDataset, eval_loader, view_transform
+
+        rng = np.random.default_rng([seed, 0xF1])
+        order = rng.permutation(len(folder)).tolist()
+        count = min(len(folder), FIDELITY_IMAGES)
+        dataset = ViewsDataset(folder, view_transform(data_cfg, augmentation), 2, seed, 0xF1)
+        views = torch.cat([v.flatten(0, 1) for v, _ in DataLoader(dataset, batch_size=128, sampler=order[:count],
+                                                                   num_workers=data_cfg.workers)])
+        n_bank = min(FIDELITY_KNN_BANK, len(folder) * 2 // 3)
+        n_query = min(FIDELITY_KNN_QUERIES, len(folder) - n_bank)
+
+        def crops(indices):
+            images, labels = zip(*eval_loader(folder, data_cfg, 256, indices))
+            return torch.cat(images), torch.cat(labels)
+
+        return views.to(device), crops(order[:n_bank]), crops(order[n_bank:n_bank + n_query])
+
+    def _fidelity(self, views, bank, queries, mode: str, reference: dict | None = None) -> dict:
+        from edgedistill.evaluate import knn_top1
+
+        device = views.device
+        was_training = self.encoder.training
+        self.encoder.eval()  # the kNN and the cosine use the frozen statistics
+
+        def embed(images):
+            # Every chunk padded to the training batch: a compiled teacher sees one shape (BN is frozen
+            # here, so padding rows change nothing in the others).
+            out, n = [], self.batch_size
+            for chunk in images.split(n):
+                rows = chunk.shape[0]
+                if rows < n:
+                    chunk = torch.cat([chunk, chunk.new_zeros((n - rows, *chunk.shape[1:]))])
+                out.append(self._target(chunk.to(device), mode)[:rows].cpu())
+            return torch.cat(out)
+
+        try:
+            out = {"views": embed(views), "bank": embed(bank[0]), "queries": embed(queries[0])}
+        finally:
+            self.encoder.train(was_training)
+        classes = int(max(bank[1].max(), queries[1].max())) + 1
+        knn = round(knn_top1(out["bank"], bank[1], out["queries"], queries[1], FIDELITY_KNN_K, FIDELITY_KNN_T, classes), 2)
+        if reference is None:
+            return {**out, "knn_top1": knn}
+        return {**cosine_summary(reference["views"], out["views"]), "knn_top1": knn,
+                "knn_top1_on_fp32_bank": round(knn_top1(reference["bank"], bank[1], out["queries"], queries[1],
+                                                        FIDELITY_KNN_K, FIDELITY_KNN_T, classes), 2),
+                "knn_bank": int(bank[1].numel()), "knn_queries": int(queries[1].numel())}
+
     def train(self, mode: bool = True):
         super().train(mode)
         self.encoder.train(mode and self.bn_mode == "train")
+        if self.fast is not None:
+            self.fast.eval()  # folded: no BatchNorm left to put in train mode
         return self
 
     @torch.no_grad()
@@ -116,10 +359,14 @@ class FrozenTeacher(nn.Module):
             # The trainer always prepares; a bare forward (e.g. a speed benchmark) gets the raw target.
             logging.getLogger(__name__).warning("teacher centring is on but prepare() has not run: uncentred target")
             self._warned = True
-        features = self.encoder(x).float()
-        if self.centered:
-            features = features - self.center
-        return F.normalize(features, dim=1)
+        if self.mode is None:
+            # Not prepared (a bare forward): the requested mode unmeasured, or auto's first candidate.
+            check_teacher_precision(self.precision, x.device)
+            fast = fast_teacher_modes(x.device)
+            self.set_mode(self.precision if self.precision != "auto" else (fast[0] if fast else "fp32"))
+            logging.getLogger(__name__).warning("teacher precision %s -> %s without a fidelity check (prepare() has "
+                                                "not run)", self.precision, self.mode)
+        return self._target(x, self.mode)
 
 
 class EmbeddingQueue(nn.Module):

@@ -68,7 +68,8 @@ class DisCo(MoCoV2):
         return {"loss": loss, "info_nce": contrastive.detach(), "distill": distill.detach()}
 
     def prepare(self, run_dir, folder, device):
-        self.teacher.prepare(run_dir, folder, self.cfg.data, self.cfg.seed, device)
+        self.teacher.prepare(run_dir, folder, self.cfg.data, self.cfg.seed, device,
+                             batch_size=self.cfg.train.batch_size)
 
     def frozen_prefixes(self):
         return ("teacher.",)

@@ -76,7 +76,8 @@ class SEED(Method):
         return {"student": self.student.backbone, "head": self.student.head}
 
     def prepare(self, run_dir, folder, device):
-        self.teacher.prepare(run_dir, folder, self.cfg.data, self.cfg.seed, device)
+        self.teacher.prepare(run_dir, folder, self.cfg.data, self.cfg.seed, device,
+                             batch_size=self.cfg.train.batch_size)
 
     def frozen_prefixes(self):
         return ("teacher.",)

@@ -1,0 +1,204 @@
+"""Issue 20: the frozen teacher's precision (teacher.precision), its fidelity check and `auto`."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_overrides
+from edgedistill.errors import UserError
+from edgedistill.methods import components
+from edgedistill.methods.components import TEACHER_FIDELITY_FILE, FrozenTeacher
+from edgedistill.recipe import load_config
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory):
+    """A random CIFAR ResNet-20 (plain state dict, no head); BN statistics set so it is not an identity."""
+    from edgedistill.config import ModelConfig
+    from edgedistill.models import create_backbone
+
+    torch.manual_seed(0)
+    model = create_backbone(ModelConfig(arch="resnet20_cifar"))
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.0)
+            m.bias.data.uniform_(-0.1, 0.1)
+    path = tmp_path_factory.mktemp("teacher") / "resnet20.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture
+def bf16_cpu(monkeypatch):
+    """Let this CPU count as bf16-capable (autocast runs either way), so the tests do not depend on the ISA;
+    a smaller fidelity sample keeps them fast."""
+    monkeypatch.setattr(components, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(components, "FIDELITY_IMAGES", 128)
+
+
+def cfg_for(ckpt, precision: str | None = None, **extra):
+    items = {"method.name": "disco", "teacher.arch": "resnet20_cifar", "teacher.checkpoint": str(ckpt),
+             "train.batch_size": 64, "method.queue_size": 128, "data.max_images": 400, **extra}
+    if precision is not None:
+        items["teacher.precision"] = precision
+    return load_config(None, tiny_overrides(**items))
+
+
+def prepared(cfg, run_dir):
+    from edgedistill.data import train_folder
+    from edgedistill.methods import create_method
+
+    method = create_method(cfg, num_classes=10)
+    method.prepare(run_dir, train_folder(cfg.data, cfg.seed), CPU)
+    method.train()
+    return method
+
+
+def test_auto_is_the_default_and_fp32_is_the_old_teacher_bit_for_bit(teacher_ckpt, tmp_path, bf16_cpu):
+    assert cfg_for(teacher_ckpt).teacher.precision == "auto"
+    m = prepared(cfg_for(teacher_ckpt, "fp32"), tmp_path)
+    teacher = m.teacher
+    assert teacher.mode == "fp32" and teacher.fast is None
+    assert json.loads((tmp_path / TEACHER_FIDELITY_FILE).read_text())["chosen"] == "fp32"
+    x = torch.randn(16, 3, 32, 32)
+    old = F.normalize(teacher.encoder(x).float() - teacher.center, dim=1)  # the teacher before issue 20
+    assert torch.equal(teacher(x), old)
+    assert not any(k.startswith("teacher.fast") for k in m.state_dict())
+
+
+def test_auto_takes_bf16_when_its_cosine_passes_and_a_resume_reuses_it(teacher_ckpt, tmp_path, bf16_cpu, caplog):
+    cfg = cfg_for(teacher_ckpt)
+    m = prepared(cfg, tmp_path)
+    record = json.loads((tmp_path / TEACHER_FIDELITY_FILE).read_text())
+    assert record["chosen"] == "bf16" == m.teacher.mode
+    bf16 = record["modes"]["bf16"]
+    assert bf16["passed"] and bf16["mean_cosine"] >= 0.999 and bf16["q001_cosine"] >= 0.99
+    assert abs(bf16["knn_top1"] - record["fp32"]["knn_top1"]) <= 5
+    # The fast copy: BatchNorm folded away, channels_last, eval mode; a direct cosine check.
+    assert not any(isinstance(mod, torch.nn.BatchNorm2d) for mod in m.teacher.fast.modules())
+    assert not m.teacher.fast.training
+    x = torch.randn(64, 3, 32, 32)
+    cos = F.cosine_similarity(m.teacher(x), m.teacher._target(x, "fp32"), dim=1)
+    assert float(cos.mean()) >= 0.999
+    with caplog.at_level(logging.INFO):
+        again = prepared(cfg, tmp_path)
+    assert again.teacher.mode == "bf16" and "reused" in caplog.text
+
+
+def test_auto_refuses_a_mode_below_the_threshold(teacher_ckpt, tmp_path, bf16_cpu, monkeypatch, caplog):
+    monkeypatch.setattr(components, "FIDELITY_MIN_COSINE", 1.000001)  # no cosine reaches it
+    with caplog.at_level(logging.WARNING):
+        m = prepared(cfg_for(teacher_ckpt), tmp_path / "auto")
+    assert m.teacher.mode == "fp32" and m.teacher.fast is None
+    assert "bf16 refused" in caplog.text
+    record = json.loads((tmp_path / "auto" / TEACHER_FIDELITY_FILE).read_text())
+    assert record["chosen"] == "fp32" and record["modes"]["bf16"]["passed"] is False
+    # Asked for explicitly, the mode is kept, with a warning.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        m = prepared(cfg_for(teacher_ckpt, "bf16"), tmp_path / "bf16")
+    assert m.teacher.mode == "bf16" and "auto would refuse it" in caplog.text
+
+
+def test_auto_without_a_fast_mode_is_fp32(teacher_ckpt, tmp_path, monkeypatch):
+    monkeypatch.setattr(components, "cpu_has_bf16", lambda: False)
+    m = prepared(cfg_for(teacher_ckpt), tmp_path)
+    assert m.teacher.mode == "fp32"
+    assert "no fast teacher precision" in json.loads((tmp_path / TEACHER_FIDELITY_FILE).read_text())["note"]
+
+
+def test_train_mode_bn_is_left_unfolded(teacher_ckpt, bf16_cpu):
+    from edgedistill.methods import create_method
+
+    m = create_method(cfg_for(teacher_ckpt, "bf16", **{"method.teacher_bn": "train"}), num_classes=10)
+    m.teacher.set_mode("bf16")
+    m.train()
+    assert m.teacher.fast is None and m.teacher.encoder.training  # batch statistics, as the reference
+    assert m.teacher(torch.randn(8, 3, 32, 32)).shape == (8, 64)
+
+
+def test_precision_errors_name_the_key_and_the_fix(teacher_ckpt, tmp_path, monkeypatch):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"method: disco\nteacher:\n  arch: resnet20_cifar\n  checkpoint: {teacher_ckpt}\n  precision: fp8\n")
+    with pytest.raises(UserError, match=r"r\.yaml: teacher\.precision: 'fp8' is not one of auto, fp32, bf16, fp16"):
+        load_config(recipe)
+    with pytest.raises(UserError, match="int8 is not offered: .*0.993.*use auto, bf16 or fp32"):
+        cfg_for(teacher_ckpt, "int8")
+    with pytest.raises(UserError, match="unknown key 'student.precision'"):
+        load_config(None, ["student.precision=bf16"])
+    with pytest.raises(UserError, match="fp16 needs a CUDA device.*teacher.precision=auto"):
+        prepared(cfg_for(teacher_ckpt, "fp16"), tmp_path)
+    monkeypatch.setattr(components, "cpu_has_bf16", lambda: False)
+    with pytest.raises(UserError, match="bf16 on cpu needs AVX512_BF16 or AMX"):
+        prepared(cfg_for(teacher_ckpt, "bf16"), tmp_path)
+    with pytest.raises(UserError, match="not one of fp32"):
+        FrozenTeacher(cfg_for(teacher_ckpt).teacher).set_mode("int4")
+
+
+def _bench_script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_teacher_speed_script_quick(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        assert _bench_script("teacher_speed").main(["--quick", "--rounds", "1", "--steps", "1",
+                                                    "--out", str(tmp_path / "t.json")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    data = json.loads((tmp_path / "t.json").read_text())
+    row = data["rows"][0]
+    assert row["teacher_macs_per_image"] > 0 and data["peak"]["assumption"]
+    fp32 = row["modes"]["fp32"]
+    assert fp32["mean_cosine"] == 1.0 and fp32["disco_speedup_over_fp32"] == 1.0
+    assert fp32["disco_images_per_s"] > 0 and fp32["mocov2_images_per_s"] > 0 and fp32["teacher_gmac_per_s"] > 0
+
+
+def test_gpu_check_cpu_path(tmp_path):
+    """bench/gpu_check.py on the CPU: train, stop at half way, resume, export + parity, teacher modes timed."""
+    threads = torch.get_num_threads()
+    try:
+        rc = _bench_script("gpu_check").main(["--device", "cpu", "--out", str(tmp_path / "g.json")])
+    finally:
+        torch.set_num_threads(threads)
+    data = json.loads((tmp_path / "g.json").read_text())
+    assert rc == 0 and data["ok"]
+    assert data["train_resume"]["steps"] == data["settings"]["steps"] and data["train_resume"]["stopped_at"] == 3
+    assert data["teacher_precision"]["requested"] == "auto"
+    assert data["export"]["artifacts"]["onnx-fp32"]["parity_passed"]
+    assert "fp32" in data["teacher_modes"] and data["mocov2"]["images_per_s"] > 0
+
+
+def test_teacher_compile_wraps_only_the_fast_copy(teacher_ckpt, bf16_cpu):
+    """teacher.compile: a torch.compile wrapper of the folded copy (built lazily: nothing compiles
+    here), never of fp32, not in the state dict; switching modes reuses the built copies."""
+    from edgedistill.methods import create_method
+
+    m = create_method(cfg_for(teacher_ckpt, "bf16", **{"teacher.compile": "true"}), num_classes=10)
+    teacher = m.teacher
+    teacher.set_mode("bf16")
+    fast, compiled = teacher.fast, teacher._compiled
+    assert compiled is not None and compiled._orig_mod is fast
+    teacher.set_mode("fp32")
+    assert teacher.fast is None and teacher._compiled is None
+    teacher.set_mode("bf16")
+    assert teacher.fast is fast and teacher._compiled is compiled
+    assert not any("_compiled" in k or "_orig_mod" in k for k in m.state_dict())
+    with pytest.raises(UserError, match="teacher.compile: expected bool"):
+        cfg_for(teacher_ckpt, **{"teacher.compile": "sometimes"})
