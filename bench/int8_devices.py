@@ -184,8 +184,7 @@ def markdown(doc: dict) -> str:
 def _write(path: Path, data: dict) -> None:
     from edgedistill.fileio import write_json
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, data)
+    write_json(path, data)  # atomic; the folder exists (WORK is made first, RESULT's is in the repo)
 
 
 def main() -> None:

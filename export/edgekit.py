@@ -1025,29 +1025,21 @@ def main(argv=None) -> int:
         runtimes = [r for r in RUNTIMES if avail.get(r) is None]
     else:
         runtimes = [p if p in RUNTIMES else f"ort-{p}" for p in args.providers.split(",")]
-    if args.cmd == "check":
-        try:
-            doc = check_export(args.export_dir, runtimes, args.threads, log=lambda m: print(m, file=sys.stderr))
-        except KitError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        out = args.out or Path(args.export_dir) / f"check-{platform.node() or 'device'}.json"
-        write_results(doc, out)
-        print(format_check(doc))
-        print(f"results: {out}", file=sys.stderr)
-        return 0 if doc["passed"] and doc["results"] else 1
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     try:
-        doc = bench_export(args.export_dir, runtimes, args.batch, args.threads, args.warmup,
-                           None if args.time_s else args.runs, args.time_s, args.artifact, args.engine,
-                           log=lambda m: print(m, file=sys.stderr))
+        if args.cmd == "check":
+            doc = check_export(args.export_dir, runtimes, args.threads, log=log)
+        else:
+            doc = bench_export(args.export_dir, runtimes, args.batch, args.threads, args.warmup,
+                               None if args.time_s else args.runs, args.time_s, args.artifact, args.engine, log=log)
     except KitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = args.out or Path(args.export_dir) / f"bench-{platform.node() or 'device'}.json"
+    out = args.out or Path(args.export_dir) / f"{args.cmd}-{platform.node() or 'device'}.json"
     write_results(doc, out)
-    print(format_table(doc))
+    print(format_check(doc) if args.cmd == "check" else format_table(doc))
     print(f"results: {out}", file=sys.stderr)
-    return 0 if doc["results"] else 1
+    return 0 if doc["results"] and doc.get("passed", True) else 1
 
 
 if __name__ == "__main__":
