@@ -780,11 +780,26 @@ def write_results(doc: dict, path) -> Path:
         if missing:
             raise ValueError(f"result row lacks {sorted(missing)}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, (json.dumps(doc, indent=2) + "\n").encode())
     return path
+
+
+def write_atomic(path, data: bytes) -> None:
+    """Write `data` through a uniquely named temporary file beside `path`, then rename: readers
+    never see half a file, and two processes writing the same path do not share a temporary."""
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def read_results(path) -> dict:

@@ -207,6 +207,18 @@ def test_results_schema_checked(kit, tmp_path):
     assert kit.available_runtimes()["ort-cpu"] is None
 
 
+def test_write_results_uses_a_unique_temporary(kit, tmp_path):
+    """Two processes writing one results file must not share a temporary: a fixed `<name>.tmp`
+    that another writer is filling is left alone, and no temporary is left behind."""
+    other = tmp_path / "bench.json.tmp"
+    other.write_text("another process is writing this")
+    doc = kit.make_results([], [], {"host": "h"})
+    kit.write_results(doc, tmp_path / "bench.json")
+    assert other.read_text() == "another process is writing this"
+    assert kit.read_results(tmp_path / "bench.json")["schema"] == kit.SCHEMA
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "bench.json.tmp"]
+
+
 # ----------------------------------------------------------------------------- TensorRT path, faked
 # TensorRT cannot be installed here. These fakes follow the TensorRT 10 Python API and cuda-python's
 # runtime bindings closely enough to execute the kit's engine runner end to end (buffers, shapes,

@@ -140,3 +140,30 @@ def test_report_cli_errors(evaluated_run, tmp_path):
     assert result.exit_code == 2 and "bad.json" in result.output
     result = CliRunner().invoke(app, ["report", str(tmp_path / "no-run")])
     assert result.exit_code == 2
+
+
+def test_stale_bench_results_are_skipped(export_dir, device_results, tmp_path, caplog):
+    """A bench file records the manifest it timed: after a re-export (a new manifest) the report
+    must not join the previous model's latency."""
+    import logging
+
+    from edgedistill.kit import load_kit_module
+    from edgedistill.report.build import _bench_docs
+
+    kit = load_kit_module("edgekit")
+    exp = tmp_path / "export"
+    shutil.copytree(export_dir, exp, ignore=shutil.ignore_patterns("bench*.json"))
+    doc = kit.read_results(device_results)
+    doc["export"] = {**doc.get("export", {}), "manifest_sha256": kit.file_sha256(exp / "manifest.json")}
+    kit.write_results(doc, exp / "bench.json")
+    fresh = _bench_docs(exp, [])
+    assert [s for s, _ in fresh] == [str(exp / "bench.json")]
+
+    manifest = json.loads((exp / "manifest.json").read_text())
+    manifest["created"] = "re-exported"
+    (exp / "manifest.json").write_text(json.dumps(manifest))
+    stale: list[str] = []
+    with caplog.at_level(logging.WARNING):
+        assert _bench_docs(exp, [], stale) == []
+    assert stale == [str(exp / "bench.json")]
+    assert "stale" in caplog.text and "bench.json" in caplog.text

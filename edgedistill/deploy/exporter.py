@@ -147,22 +147,41 @@ def _validate(opts: ExportOptions) -> None:
         raise UserError(f"TensorRT batches must satisfy 1 <= min <= opt <= max, got {tuple(b)}")
     if opts.tolerance <= 0 or opts.tolerance_fp16 <= 0:
         raise UserError("tolerances must be positive")
+    if opts.val_count is not None and opts.val_count < 1:
+        raise UserError(f"--val-count must be at least 1, got {opts.val_count}: every artifact is scored on one "
+                        f"in-memory array of that many validation images (default {DEFAULT_VAL_COUNT})")
 
 
 def _clean(out: Path) -> None:
-    """Remove what an earlier export wrote here (files named in its manifest, kit/, engines/ kept)."""
+    """Remove what an earlier export wrote here (files named in its manifest, kit/, engines/ kept).
+
+    A manifest is input like any other: a path in it that leaves `out` (absolute, `..`, or a
+    symlink out of the folder) is refused, and a manifest that cannot be read is an error, so a
+    tampered or foreign manifest never deletes files elsewhere."""
     from edgedistill.deploy.manifest import MANIFEST_FILE
 
     manifest = out / MANIFEST_FILE
-    if manifest.is_file():
-        try:
-            old = json.loads(manifest.read_text())
-            for entry in old.get("files", []):
-                p = out / entry["path"]
-                if p.is_file() and not entry["path"].startswith("engines/"):
-                    p.unlink()
-        except (ValueError, KeyError, OSError):
-            pass
+    if not manifest.is_file():
+        shutil.rmtree(out / "kit", ignore_errors=True)
+        return
+    fix = f"delete {manifest} (or pass another --out) and export again"
+    try:
+        old = json.loads(manifest.read_text())
+        entries = [e["path"] for e in old.get("files", [])]
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
+        raise UserError(f"cannot read the earlier export's manifest {manifest} ({type(e).__name__}: {e}): {fix}") from None
+    root = out.resolve()
+    doomed = []
+    for rel in entries:
+        if not isinstance(rel, str) or not rel:
+            raise UserError(f"{manifest} lists a file path {rel!r} that is not a relative path: {fix}")
+        p = out / rel
+        if Path(rel).is_absolute() or not p.resolve().is_relative_to(root):
+            raise UserError(f"{manifest} lists {rel!r}, which is outside {out}: refusing to delete it; {fix}")
+        if p.is_file() and not rel.startswith("engines/"):
+            doomed.append(p)
+    for p in doomed:
+        p.unlink()
     shutil.rmtree(out / "kit", ignore_errors=True)
 
 
@@ -342,8 +361,10 @@ def _export(run_dir: Path, opts: ExportOptions) -> Path:
 
     # Real sample inputs for torch-free benchmarks on the device.
     pick = np.sort(np.random.default_rng(0).permutation(len(images))[: min(SAMPLE_COUNT, len(images))])
-    np.save(out / "sample_inputs.npy", np.ascontiguousarray(images[pick]))
-    np.save(out / "sample_labels.npy", labels[pick])
+    from edgedistill.fileio import save_npy
+
+    save_npy(out / "sample_inputs.npy", np.ascontiguousarray(images[pick]))
+    save_npy(out / "sample_labels.npy", labels[pick])
     trt = _kit_and_engines(ctx)
     if ctx.failures:
         ctx.st.status = "parity_failed"

@@ -167,7 +167,10 @@ def stamp_metadata(path: Path, meta: dict[str, str]) -> None:
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     proto.doc_string = f"edgedistill {edgedistill.__version__} export of {dep_desc(meta)}"
-    onnx.save(proto, str(path))
+    from edgedistill.fileio import atomic_write
+
+    # Not in place: a kill mid-write would leave a truncated model under the artifact's name.
+    atomic_write(path, lambda tmp: onnx.save(proto, str(tmp)))
 
 
 def dep_desc(meta: dict[str, str]) -> str:

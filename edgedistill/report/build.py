@@ -20,6 +20,7 @@ import json
 import logging
 from pathlib import Path
 
+from edgedistill.deploy.manifest import MANIFEST_FILE
 from edgedistill.runfolder import CLASSIFIER_FILE, EVAL_FILE, STUDENT_FILE
 from edgedistill.errors import UserError
 from edgedistill.fileio import write_json, write_text
@@ -46,13 +47,20 @@ def _read_json(path: Path, fix: str) -> dict:
         raise UserError(str(e)) from None
 
 
-def _bench_docs(export_dir: Path | None, device_results) -> list[tuple[str, dict]]:
+def _bench_docs(export_dir: Path | None, device_results, stale: list[str] | None = None) -> list[tuple[str, dict]]:
+    """Every bench results file of the export folder plus `device_results`, minus the stale ones:
+    a results file records the sha256 of the manifest of the export it timed, and one whose hash
+    is not the current manifest's timed an earlier export (skipped with a warning, listed in
+    `stale`)."""
     from edgedistill.kit import load_kit_module
 
     kit = load_kit_module("edgekit")
     paths: list[Path] = []
+    current = None
     if export_dir is not None and export_dir.is_dir():
         paths += sorted(export_dir.glob("bench*.json"))
+        if (export_dir / MANIFEST_FILE).is_file():
+            current = kit.file_sha256(export_dir / MANIFEST_FILE)
     paths += [Path(p) for p in device_results]
     docs, seen = [], set()
     for p in paths:
@@ -61,9 +69,17 @@ def _bench_docs(export_dir: Path | None, device_results) -> list[tuple[str, dict
             continue
         seen.add(key)
         try:
-            docs.append((str(p), kit.read_results(p)))
+            doc = kit.read_results(p)
         except kit.KitError as e:
             raise UserError(str(e)) from None
+        timed = (doc.get("export") or {}).get("manifest_sha256")
+        if current is not None and timed is not None and timed != current:
+            log.warning("%s is stale: it timed an earlier export (manifest sha256 %s..., now %s...); skipped: "
+                        "re-run `edgedistill bench %s`", p, timed[:12], current[:12], export_dir)
+            if stale is not None:
+                stale.append(str(p))
+            continue
+        docs.append((str(p), doc))
     return docs
 
 
@@ -174,15 +190,16 @@ def build_report(run_dir, device_results=(), export_dir=None, out_dir=None) -> P
         raise UserError(f"{run_dir / 'eval.json'} has no 'student' entry: re-run `edgedistill eval {run_dir}`")
     export_dir = Path(export_dir) if export_dir else run_dir / "export"
     manifest = None
-    if (export_dir / "manifest.json").is_file():
-        manifest = _read_json(export_dir / "manifest.json", f"re-run `edgedistill export {run_dir}`")
+    if (export_dir / MANIFEST_FILE).is_file():
+        manifest = _read_json(export_dir / MANIFEST_FILE, f"re-run `edgedistill export {run_dir}`")
         if not str(manifest.get("schema", "edgedistill.export/1")).startswith("edgedistill.export/"):
-            raise UserError(f"{export_dir / 'manifest.json'} has schema {manifest.get('schema')!r}, "
+            raise UserError(f"{export_dir / MANIFEST_FILE} has schema {manifest.get('schema')!r}, "
                             "expected 'edgedistill.export/1'")
     else:
         log.warning("%s has no manifest.json: the report covers the torch student only "
                     "(run `edgedistill export %s`)", export_dir, run_dir)
-    docs = _bench_docs(export_dir if manifest else None, device_results)
+    stale: list[str] = []
+    docs = _bench_docs(export_dir if manifest else None, device_results, stale)
     latency = _latency_rows(docs)
 
     student = ev["student"]
@@ -274,7 +291,8 @@ def build_report(run_dir, device_results=(), export_dir=None, out_dir=None) -> P
         "artifacts": artifacts,
         "latency": latency,
         "summary": _summary(artifacts, latency),
-        "notes": _notes(artifacts, latency, docs, manifest),
+        "notes": [f"{p} skipped: stale (it timed an earlier export of this folder; re-run `edgedistill bench`)"
+                  for p in stale] + _notes(artifacts, latency, docs, manifest),
         "int8": _int8_section(manifest, export_dir),
         "macs_method": "conv + linear multiply-accumulates for one image (ONNX graph per artifact; torch hooks "
                        "for the torch student); activations, norms, pooling not counted",
