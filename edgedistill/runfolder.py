@@ -1,20 +1,20 @@
-"""The run folder: the name of every file `train` and `eval` write, in one place (a leaf module).
+"""The run folder: the name of every file `train` and `eval` write, and the readers of them.
 
-    <run>/config.yaml            the resolved recipe (what `eval`, `export`, `compare` rebuild from)
-    <run>/run.json               summary: status, steps, images/s, final losses, environment
-    <run>/metrics.jsonl          one JSON record per logged step
-    <run>/train.log              the log
-    <run>/checkpoint.pt          model + optimizer + scheduler + RNG state (`--resume`)
-    <run>/student.safetensors    the student backbone (what is deployed)
-    <run>/head.safetensors       the projection head (training machinery)
-    <run>/teacher_center.json    the teacher target's per-channel mean (DisCo/SEED, head-less teachers)
-    <run>/eval.json              `edgedistill eval`: kNN / linear top-1, probe choice, environment
-    <run>/classifier.safetensors `edgedistill eval`: the classifier deployed on top of the backbone
-
-JSON files are written atomically (`edgedistill.fileio`), tensors through `models.checkpoint`.
+`RUN_FOLDER` is the one listing of the folder (README.md and docs/design.md are tested against
+it). JSON files are written atomically (`edgedistill.fileio`), tensors through
+`models.checkpoint`. Torch-free at import: light commands (report, gate, compare tables) read a
+run folder through this module.
 """
 
 from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from edgedistill.errors import UserError
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
 RUN_FILE = "run.json"
@@ -23,6 +23,51 @@ LOG_FILE = "train.log"
 CHECKPOINT_FILE = "checkpoint.pt"
 STUDENT_FILE = "student.safetensors"
 HEAD_FILE = "head.safetensors"
+PEER_FILE = "peer.safetensors"
 TEACHER_CENTER_FILE = "teacher_center.json"
+TENSORBOARD_DIR = "tensorboard"
 EVAL_FILE = "eval.json"
 CLASSIFIER_FILE = "classifier.safetensors"
+EXPORT_DIR = "export"
+REPORT_DIR = "report"
+
+# (name, what it holds): every file or folder a run folder can hold, in the order of the docs.
+RUN_FOLDER: tuple[tuple[str, str], ...] = (
+    (CONFIG_FILE, "the resolved recipe (itself a valid recipe; what eval, export and compare rebuild from)"),
+    (METRICS_FILE, "one JSON object per logging interval (losses, lr, images/s)"),
+    (LOG_FILE, "the log"),
+    (CHECKPOINT_FILE, "last training checkpoint, written atomically: weights, optimizer, lr schedule, CPU and "
+                      "CUDA RNG state, the recipe; --resume continues from it"),
+    (STUDENT_FILE, "the student backbone only: what is deployed"),
+    (HEAD_FILE, "its projection head (lets the run be a teacher later; never deployed)"),
+    (PEER_FILE, "DoGo only: the peer backbone (scored by eval like the student)"),
+    (TEACHER_CENTER_FILE, "DisCo/SEED with a head-less teacher: the per-channel mean the teacher target is "
+                          "centred by (computed once, reused on --resume)"),
+    (TENSORBOARD_DIR + "/", "train.tensorboard: true only: TensorBoard event files of the metrics"),
+    (RUN_FILE, "status, steps, loader, images/s, wall time, skipped images, resumes, versions"),
+    (EVAL_FILE, "edgedistill eval: kNN / linear top-1, student and optionally teacher"),
+    (CLASSIFIER_FILE, "edgedistill eval: the deployed classifier on top of the backbone"),
+    (EXPORT_DIR + "/", "edgedistill export: ONNX / INT8 / engines, manifest, device kit"),
+    (REPORT_DIR + "/", "edgedistill report: report.json, report.md, plots"),
+)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records of `<run>/metrics.jsonl` ([] when absent). A cut last line (the run was killed
+    mid-write) is skipped with a warning; a bad line before it is an error naming the file."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if i == len(lines) - 1:
+                log.warning("%s: the last line is cut (the run was stopped mid-write): skipped", path)
+                continue
+            raise UserError(f"{path} line {i + 1} is not JSON: the file was edited or damaged; remove that line") from None
+    return records

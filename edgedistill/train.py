@@ -1,13 +1,9 @@
 """The training loop shared by every method.
 
-Run folder (the contract `eval`, `export` and `report` build on):
-    config.yaml          the resolved recipe
-    metrics.jsonl        one JSON object per logging interval
-    train.log            the log
-    checkpoint.pt        last training checkpoint (atomic; `--resume` continues from it)
-    student.safetensors  the student backbone only (what is deployed)
-    head.safetensors     its projection head (lets the run serve as a teacher; not deployed)
-    run.json             summary: status, steps, loader, images/s, wall time, versions
+It writes the run folder (the contract `eval`, `export` and `report` build on): config.yaml,
+metrics.jsonl, train.log, checkpoint.pt, student.safetensors, head.safetensors, run.json and, per
+method, peer.safetensors / teacher_center.json / tensorboard/. `edgedistill.runfolder.RUN_FOLDER`
+is the one listing of those files with what each holds.
 """
 
 from __future__ import annotations
@@ -22,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from edgedistill.runfolder import CHECKPOINT_FILE, CONFIG_FILE, LOG_FILE, METRICS_FILE, RUN_FILE
+from edgedistill.runfolder import CHECKPOINT_FILE, CONFIG_FILE, LOG_FILE, METRICS_FILE, RUN_FILE, TENSORBOARD_DIR
 from edgedistill import distributed as dist_utils
 from edgedistill.config import RunConfig, config_to_yaml, to_dict
 from edgedistill.data import build_train_loader, train_folder
@@ -332,9 +328,6 @@ def _save_deployable(method: Method, run_dir: Path, cfg: RunConfig, classes: lis
         path = run_dir / {"student": STUDENT_FILE, "head": HEAD_FILE, "classifier": CLASSIFIER_FILE}.get(
             role, f"{role}.safetensors")
         save_safetensors(module.state_dict(), path, meta)
-
-
-TENSORBOARD_DIR = "tensorboard"
 
 
 def tensorboard_writer(run_dir: Path):
