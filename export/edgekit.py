@@ -274,9 +274,21 @@ class Runner:
         raise NotImplementedError
 
     def bench(self, x: np.ndarray, warmup: int, runs: int | None, time_s: float | None) -> dict:
+        """Statistics of the timed calls, with `clock`: what each time is ("cuda-events": device
+        time between CUDA events around the work; "host": host wall time of one synchronous call,
+        which on a GPU includes launch and synchronisation, e.g. ONNX Runtime's CUDA / TensorRT
+        providers through IOBinding)."""
+        clocks: set[bool] = set()
+
+        def timed():
+            dt = step()
+            clocks.add(isinstance(dt, (int, float)))
+            return dt
+
         with self.timing(x) as (step, copies):
-            out = summarize(time_calls(step, warmup, runs, time_s), x.shape[0])
+            out = summarize(time_calls(timed, warmup, runs, time_s), x.shape[0])
             out.update(copies(out["runs"]))
+        out["clock"] = "cuda-events" if clocks == {True} else "host"
         return out
 
 

@@ -68,11 +68,13 @@ def test_report_joins_every_artifact(report, export_dir):
     assert int8 and all(a["bytes"] < by["onnx-fp32"]["bytes"] / 2 for a in int8)
     assert by["onnx-fp32"]["macs"] == by["torch-fp32"]["macs"] == int8[0]["macs"]
     assert rep["environment"]["bench"] and rep["environment"]["report"]["versions"]["torch"]
+    # Every latency says what it measured (on the CPU: the host wall time of the call).
+    assert rep["latency"] and all(r["clock"] == "host" for r in rep["latency"])
 
     md = path.with_name("report.md").read_text()
     for name in names:
         assert f"`{name}`" in md
-    assert "accuracy_vs_size.png" in md and "jetson-test" in md and "MMACs" in md
+    assert "accuracy_vs_size.png" in md and "jetson-test" in md and "MMACs" in md and "`cuda-events`" in md
 
 
 def test_plots_exist_and_are_not_trivial(report):

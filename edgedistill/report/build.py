@@ -100,6 +100,7 @@ def _latency_rows(docs) -> list[dict]:
                 "mean_ms": lat.get("mean"), "std_ms": lat.get("std"), "throughput_ips": r.get("throughput_ips"),
                 "h2d_ms": r.get("h2d_ms"), "d2h_ms": r.get("d2h_ms"), "top1_samples": r.get("top1"),
                 "spread_p90_p50": r.get("spread_p90_p50"), "unreliable": bool(r.get("unreliable")),
+                "clock": r.get("clock"),
             })
     return rows
 
@@ -422,10 +423,13 @@ def render_markdown(report: dict) -> str:
             rows.append([f"`{r['artifact']}`", r["runtime"], str(r.get("host")), str(r["batch"]),
                          str(r.get("threads") or "-"), _f(r["p50_ms"], "{:.3f}"), _f(r["p90_ms"], "{:.3f}"),
                          _f(r["p99_ms"], "{:.3f}"), _f(r["std_ms"], "{:.3f}"), _f(r["throughput_ips"], "{:.1f}"),
-                         _f(r.get("h2d_ms"), "{:.3f}"), _f(r.get("d2h_ms"), "{:.3f}")])
+                         _f(r.get("h2d_ms"), "{:.3f}"), _f(r.get("d2h_ms"), "{:.3f}"), str(r.get("clock") or "-")])
         out += [_table(["artifact", "runtime", "host", "batch", "threads", "p50", "p90", "p99", "std", "img/s",
-                        "H2D", "D2H"], rows), "",
-                "Milliseconds. On GPU, p50..p99 are device time; H2D/D2H are the copies, measured apart.", ""]
+                        "H2D", "D2H", "clock"], rows), "",
+                "Milliseconds. `clock` says what each time is: `cuda-events`, device time between CUDA events "
+                "(TensorRT engines, torch on CUDA); `host`, the wall time of one synchronous call (the CPU, and "
+                "ONNX Runtime's CUDA / TensorRT providers, whose time includes launch and synchronisation). "
+                "On a GPU, H2D/D2H are the copies, measured apart.", ""]
 
     env = report["environment"]
     rep = env.get("report") or {}
