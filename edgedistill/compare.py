@@ -318,7 +318,7 @@ def compare(
     untrained: Annotated[bool, typer.Option(help="Add a row for the student as initialised (0 steps), the floor every method must clear.")] = False,
     teacher: Annotated[bool, typer.Option(help="Add a row for the teacher of the first recipe that has one, scored by the same evaluation (the ceiling).")] = False,
 ):
-    """Train and evaluate several recipes like for like (same data, student, budget, seed) and write one table (method, teacher, student, parameters, kNN / linear top-1, images/s, wall time) and a PNG of the training curves beside it.
+    """Train and evaluate several recipes like for like (same data, student, budget, seed; any of the methods disco, mocov2, simclr, seed, dogo, supervised) and write one table (method, teacher, student, parameters, kNN / linear top-1, images/s, wall time) and a PNG of the training curves beside it.
 
     Recipes that differ in data, student, epochs/steps, batch size, evaluation or seed are refused; shared --set overrides apply to every recipe and can force them to agree.
     """
