@@ -31,7 +31,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from edgedistill.runfolder import CONFIG_FILE, EVAL_FILE
+from edgedistill.runfolder import EVAL_FILE
+from edgedistill.runfolder.load import (  # noqa: F401 (load_run_config, load_student_backbone: public here before)
+    load_joint_classifier,
+    load_peer_backbone,
+    load_run_config,
+    load_student_backbone,
+)
 from edgedistill import distributed as dist_utils
 from edgedistill.config import RunConfig, apply_overrides
 from edgedistill.recipe import build_config
@@ -97,20 +103,6 @@ class EvalResult:
     # DoGo's second model (peer.safetensors), scored like the student.
     peer: ModelScores | None = None
     environment: dict = field(default_factory=dict)
-
-
-def load_run_config(run: Path, overrides: list[str] | None = None) -> RunConfig:
-    data = apply_overrides(read_run_config(run), overrides or [])
-    return build_config(data, str(Path(run) / CONFIG_FILE))
-
-
-def load_student_backbone(run: Path, cfg: RunConfig) -> nn.Module:
-    path = Path(run) / STUDENT_FILE
-    if not path.is_file():
-        raise UserError(f"{path} is missing: the run did not finish; `edgedistill train --resume` it first")
-    backbone = create_backbone(cfg.student)
-    load_into(backbone, load_file(str(path)), str(path), allow_mismatch=False)
-    return backbone.eval()
 
 
 @torch.no_grad()
@@ -314,15 +306,6 @@ def score_backbone(backbone: nn.Module, arch: str, train: ImageFolder, val: Imag
     return scores, fc
 
 
-def load_joint_classifier(run: Path) -> nn.Linear | None:
-    """The classifier a run trained with its backbone (classifier.safetensors marked `joint`)."""
-    path = Path(run) / CLASSIFIER_FILE
-    if not path.is_file():
-        return None
-    fc, meta = read_classifier(path)
-    return fc if meta.get("source") == "joint" else None
-
-
 def evaluate_run(run: str | Path, with_teacher: bool = False, overrides: list[str] | None = None) -> EvalResult:
     run = Path(run)
     cfg = load_run_config(run, overrides)
@@ -349,12 +332,9 @@ def evaluate_run(run: str | Path, with_teacher: bool = False, overrides: list[st
             raise UserError(f"{run} was trained without a teacher: drop --teacher")
         teacher, _ = score_backbone(load_encoder(cfg.teacher).backbone, cfg.teacher.arch, train, val, cfg, device, "teacher")
     peer = None
-    peer_file = run / "peer.safetensors"
-    peer_cfg = getattr(cfg.method, "peer", None)
-    if peer_file.is_file() and peer_cfg is not None:
-        peer_backbone = create_backbone(peer_cfg)
-        load_into(peer_backbone, load_file(str(peer_file)), str(peer_file), allow_mismatch=False)
-        peer, _ = score_backbone(peer_backbone.eval(), peer_cfg.arch, train, val, cfg, device, "peer")
+    peer_backbone = load_peer_backbone(run, cfg)  # DoGo's second model, scored like the student
+    if peer_backbone is not None:
+        peer, _ = score_backbone(peer_backbone, cfg.method.peer.arch, train, val, cfg, device, "peer")
     result = EvalResult(str(run), student, teacher, train.classes, len(train), len(val), cfg.eval.knn_k,
                         cfg.eval.protocol, peer, environment())
     if dist_utils.is_main():

@@ -91,7 +91,7 @@ def test_plots_exist_and_are_not_trivial(report):
 
 
 def test_macs_torch_and_onnx_agree(evaluated_run, export_dir):
-    from edgedistill.bench.torch_runtime import load_run_classifier
+    from edgedistill.runfolder.load import load_run_classifier
     from edgedistill.report.macs import onnx_macs, torch_macs
 
     model = load_run_classifier(evaluated_run)

@@ -95,7 +95,8 @@ def bench_export(export_dir, runtimes="ort-cpu,torch-cpu", batches=(1,), threads
         torch_rts = []
     model = run_dir = None
     if torch_rts:
-        from edgedistill.bench.torch_runtime import find_source_run, load_run_classifier
+        from edgedistill.bench.torch_runtime import find_source_run
+        from edgedistill.runfolder.load import load_run_classifier
 
         run_dir = find_source_run(export_dir, exp["manifest"])
         if run_dir is None:

@@ -20,27 +20,11 @@ import torch
 import torch.nn as nn
 
 from edgedistill.runfolder import CONFIG_FILE, EVAL_FILE, STUDENT_FILE
-from edgedistill.errors import UserError
 from edgedistill.kit import load_kit_module
 
 kit = load_kit_module("edgekit")
 
 TORCH_ARTIFACT = "torch-fp32"
-
-
-def load_run_classifier(run_dir: Path) -> nn.Module:
-    """backbone (student.safetensors) + linear probe (classifier.safetensors) of an evaluated run."""
-    from edgedistill.evaluate import load_run_config, load_student_backbone
-    from edgedistill.models import CLASSIFIER_FILE, Classifier, read_classifier
-
-    run_dir = Path(run_dir)
-    path = run_dir / CLASSIFIER_FILE
-    if not path.is_file():
-        raise UserError(f"{path} is missing: run `edgedistill eval {run_dir}` first")
-    cfg = load_run_config(run_dir)
-    backbone = load_student_backbone(run_dir, cfg)
-    fc, _ = read_classifier(path)
-    return Classifier(backbone, fc).eval()
 
 
 def find_source_run(export_dir: Path, manifest: dict) -> Path | None:

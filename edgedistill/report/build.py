@@ -107,7 +107,7 @@ def _latency_rows(docs) -> list[dict]:
 
 def _torch_model(run_dir: Path):
     try:
-        from edgedistill.bench.torch_runtime import load_run_classifier
+        from edgedistill.runfolder.load import load_run_classifier
 
         return load_run_classifier(run_dir)
     except UserError as e:

@@ -1,9 +1,11 @@
 """The run folder: the name of every file `train` and `eval` write, and the readers of them.
 
 `RUN_FOLDER` is the one listing of the folder (README.md and docs/design.md are tested against
-it). JSON files are written atomically (`edgedistill.fileio`), tensors through
-`models.checkpoint`. Torch-free at import: light commands (report, gate, compare tables) read a
-run folder through this module.
+it). This package owns reading a run folder: here the torch-free readers (the recipe as a dict,
+metrics.jsonl, the JSON files), in `runfolder.load` the models (recipe as config, student,
+classifier, peer), which `eval`, `export`, `bench` and `report` share. JSON files are written
+atomically (`edgedistill.fileio`), tensors through `models.checkpoint`. This module is a leaf
+(it imports only `errors`), so models and methods may import its names.
 """
 
 from __future__ import annotations
@@ -50,6 +52,30 @@ RUN_FOLDER: tuple[tuple[str, str], ...] = (
     (EXPORT_DIR + "/", "edgedistill export: ONNX / INT8 / engines, manifest, device kit"),
     (REPORT_DIR + "/", "edgedistill report: report.json, report.md, plots"),
 )
+
+
+def read_config(run_dir: str | Path) -> dict:
+    """`<run>/config.yaml` as a dict (UserError when the folder is not a run)."""
+    import yaml
+
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not an edgedistill run folder: {CONFIG_FILE} is missing")
+    return yaml.safe_load(path.read_text())
+
+
+def read_json(path: str | Path, fix: str) -> dict | None:
+    """A JSON object of the run folder, None when absent; damaged JSON is a UserError with `fix`."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:
+        raise UserError(f"{path} is not valid JSON ({e}): {fix}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} does not hold a JSON object: {fix}")
+    return data
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
