@@ -150,7 +150,7 @@ def test_stale_bench_results_are_skipped(export_dir, device_results, tmp_path, c
     import logging
 
     from edgedistill.kit import load_kit_module
-    from edgedistill.report.build import _bench_docs
+    from edgedistill.deploy.manifest import bench_results as _bench_docs
 
     kit = load_kit_module("edgekit")
     exp = tmp_path / "export"

@@ -39,7 +39,6 @@ KIT_RUNTIMES = tuple(r for r in ALL_RUNTIMES if not r.startswith("torch-"))
 AUTO_RUNTIMES = tuple(r for r in ALL_RUNTIMES if not r.startswith("torch-compile"))
 ALIASES = {"ort": "ort-cpu", "onnxruntime": "ort-cpu", "torch": "torch-cpu", "trt": "tensorrt",
            "ort-tensorrt": "ort-trt", "compile": "torch-compile"}
-BENCH_FILE = "bench.json"
 
 
 def parse_runtimes(spec: str | list[str] | tuple[str, ...] | None) -> list[str]:
@@ -74,13 +73,14 @@ def bench_export(export_dir, runtimes="ort-cpu,torch-cpu", batches=(1,), threads
     batches = [int(size) for size in batches]
     if not batches or min(batches) < 1:
         raise UserError(f"batch sizes must be >= 1, got {batches}")
-    from edgedistill.bench.torch_runtime import TORCH_ARTIFACT, torch_unavailable
+    from edgedistill.bench.torch_runtime import torch_unavailable
+    from edgedistill.deploy.manifest import BENCH_FILE, MANIFEST_FILE, TORCH_ARTIFACT
 
     if artifacts:
         names = [a["name"] for a in exp["artifacts"]] + [TORCH_ARTIFACT]
         unknown = sorted(set(artifacts) - set(names))
         if unknown:
-            raise UserError(f"unknown artifact(s) {', '.join(unknown)}: {export_dir / 'manifest.json'} has "
+            raise UserError(f"unknown artifact(s) {', '.join(unknown)}: {export_dir / MANIFEST_FILE} has "
                             f"{', '.join(names)}")
     wanted = parse_runtimes(runtimes)
     avail = kit.available_runtimes()

@@ -84,13 +84,13 @@ def export(
 
 def print_export(folder: Path) -> None:
     """One table: artifact, file, size, top-1, agreement, max |diff|, notes."""
-    import json
-
     from rich.table import Table
 
     from edgedistill.ui import console
 
-    manifest = json.loads((Path(folder) / "manifest.json").read_text())
+    from edgedistill.deploy.manifest import MANIFEST_FILE, read_manifest
+
+    manifest = read_manifest(Path(folder), f"re-run `edgedistill export` into {folder}")
     table = Table(title=f"{folder}  ({manifest['arch']}, {manifest['kind']}, {manifest['validation']['images']} val images)")
     for col in ("artifact", "file", "size (KB)", "top-1", "agreement", "max |diff|", "notes"):
         table.add_column(col, justify="left" if col in ("artifact", "file", "notes") else "right")
@@ -124,4 +124,4 @@ def print_export(folder: Path) -> None:
         console.print(f"TensorRT engines skipped: {trt.get('reason')}", highlight=False)
         for job in trt.get("commands", []):
             console.print(f"  on the device: {job['kit_command']}", highlight=False, soft_wrap=True)
-    console.print(f"manifest: {Path(folder) / 'manifest.json'}  status: {manifest['status']}", highlight=False)
+    console.print(f"manifest: {Path(folder) / MANIFEST_FILE}  status: {manifest['status']}", highlight=False)

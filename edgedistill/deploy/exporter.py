@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from edgedistill.runfolder import CLASSIFIER_FILE, STUDENT_FILE
-from edgedistill.deploy.manifest import MANIFEST_FILE
+from edgedistill.deploy.manifest import MANIFEST_FILE, TORCH_ARTIFACT
 from edgedistill.deploy.quantize import DEFAULT_OPSET
 from edgedistill.errors import UserError
 from edgedistill.ui import progress_bar
@@ -158,8 +158,6 @@ def _clean(out: Path) -> None:
     A manifest is input like any other: a path in it that leaves `out` (absolute, `..`, or a
     symlink out of the folder) is refused, and a manifest that cannot be read is an error, so a
     tampered or foreign manifest never deletes files elsewhere."""
-    from edgedistill.deploy.manifest import MANIFEST_FILE
-
     manifest = out / MANIFEST_FILE
     if not manifest.is_file():
         shutil.rmtree(out / "kit", ignore_errors=True)
@@ -353,7 +351,7 @@ def _export(run_dir: Path, opts: ExportOptions) -> Path:
     use_labels = labels if dep.kind == "classifier" else None
     ref = ddata.torch_outputs(dep.model, images)
     ctx = _Export(dep, opts, out, images, use_labels, ref, runtime.compare(ref, ref, use_labels, dep.kind), calib_files)
-    ctx.st.artifacts.append(_artifact("torch-fp32", None, "pytorch", "fp32", "any", out,
+    ctx.st.artifacts.append(_artifact(TORCH_ARTIFACT, None, "pytorch", "fp32", "any", out,
                                       source=[str(run_dir / STUDENT_FILE)] +
                                       ([str(run_dir / CLASSIFIER_FILE)] if dep.kind == "classifier" else []),
                                       accuracy=ctx.torch_metrics))
@@ -363,15 +361,14 @@ def _export(run_dir: Path, opts: ExportOptions) -> Path:
 
     # Real sample inputs for torch-free benchmarks on the device.
     pick = np.sort(np.random.default_rng(0).permutation(len(images))[: min(SAMPLE_COUNT, len(images))])
-    from edgedistill.fileio import save_npy
+    from edgedistill.deploy.manifest import write_samples
 
-    save_npy(out / "sample_inputs.npy", np.ascontiguousarray(images[pick]))
-    save_npy(out / "sample_labels.npy", labels[pick])
+    samples = write_samples(out, np.ascontiguousarray(images[pick]), labels[pick])
     trt = _kit_and_engines(ctx)
     if ctx.failures:
         ctx.st.status = "parity_failed"
     ctx.st.problems.extend(ctx.failures)
-    _write_manifest(ctx, run_dir, val_total, len(pick), trt, time.perf_counter() - t_start)
+    _write_manifest(ctx, run_dir, val_total, samples, trt, time.perf_counter() - t_start)
     if ctx.failures:
         raise ParityError("; ".join(ctx.failures) + f" (see {out / MANIFEST_FILE})", out)
     if ctx.st.status != "ok":
@@ -395,7 +392,7 @@ def _kit_and_engines(ctx: _Export) -> dict:
             "commands": jobs}
 
 
-def _write_manifest(ctx: _Export, run_dir: Path, val_total: int, samples: int, trt: dict, seconds: float) -> None:
+def _write_manifest(ctx: _Export, run_dir: Path, val_total: int, samples: dict, trt: dict, seconds: float) -> None:
     """accuracy.json and manifest.json (schema edgedistill.export/1), built in one place."""
     from edgedistill.deploy.manifest import ACCURACY_FILE, SCHEMA, file_entries
     from edgedistill.deploy.onnx_export import INPUT_NAME, preprocess_spec
@@ -427,7 +424,7 @@ def _write_manifest(ctx: _Export, run_dir: Path, val_total: int, samples: int, t
         "artifacts": st.artifacts,
         "int8": st.int8 or None,
         "tensorrt": trt,
-        "samples": {"inputs": "sample_inputs.npy", "labels": "sample_labels.npy", "count": samples},
+        "samples": samples,
         "status": st.status,
         "problems": st.problems,
         "seconds": round(seconds, 2),

@@ -1,6 +1,12 @@
-"""`manifest.json` of an export folder (schema "edgedistill.export/1").
+"""The export folder: its file names, `manifest.json` (schema "edgedistill.export/1"), the
+sample arrays and the bench results, written and read here only (torch-free; the names are the
+device kit's, so the kit and the package agree on them).
 
-Top-level keys:
+Files: manifest.json, accuracy.json, sample_inputs.npy / sample_labels.npy (real preprocessed
+validation images and their labels, for benchmarks), bench*.json (results of `edgedistill bench`,
+schema "edgedistill.bench/1"), the artifacts, kit/, engines/.
+
+Manifest, top-level keys:
   schema, created, edgedistill_version, source_run, arch, kind ("classifier" | "embedding"),
   params, input {name, shape ["batch", 3, H, W], dtype, layout, preprocess...}, output {name, shape},
   classes, validation {images, total, folder}, files [{path, sha256, bytes}],
@@ -15,19 +21,30 @@ Paths are relative to the export folder.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
-SCHEMA = "edgedistill.export/1"
-MANIFEST_FILE = "manifest.json"
+from edgedistill.errors import UserError
+from edgedistill.kit import load_kit_module
+
+log = logging.getLogger(__name__)
+
+_kit = load_kit_module("edgekit")
+SCHEMA = _kit.MANIFEST_SCHEMA
+MANIFEST_FILE = _kit.MANIFEST
+SAMPLE_INPUTS_FILE = _kit.SAMPLE_INPUTS
+SAMPLE_LABELS_FILE = _kit.SAMPLE_LABELS
 ACCURACY_FILE = "accuracy.json"
+BENCH_FILE = "bench.json"
+BENCH_GLOB = "bench*.json"
+# The torch student, as the manifest and the bench results name it.
+TORCH_ARTIFACT = "torch-fp32"
 
 
 def sha256(path: Path) -> str:
     """The device kit's hash (one implementation, so manifests verify the same on the device)."""
-    from edgedistill.kit import load_kit_module
-
-    return load_kit_module("edgekit").file_sha256(path)
+    return _kit.file_sha256(path)
 
 
 def file_entries(root: Path) -> list[dict]:
@@ -42,3 +59,58 @@ def file_entries(root: Path) -> list[dict]:
                 continue
             entries.append({"path": rel, "sha256": sha256(path), "bytes": path.stat().st_size})
     return entries
+
+
+def write_samples(out: Path, images, labels) -> dict:
+    """sample_inputs.npy / sample_labels.npy, written atomically; returns the manifest's record."""
+    from edgedistill.fileio import save_npy
+
+    save_npy(Path(out) / SAMPLE_INPUTS_FILE, images)
+    save_npy(Path(out) / SAMPLE_LABELS_FILE, labels)
+    return {"inputs": SAMPLE_INPUTS_FILE, "labels": SAMPLE_LABELS_FILE, "count": int(len(images))}
+
+
+def read_manifest(export_dir: Path, fix: str) -> dict:
+    """The export's manifest.json (UserError with `fix` when missing, damaged or of another schema)."""
+    path = Path(export_dir) / MANIFEST_FILE
+    try:
+        manifest = _kit.read_json_object(path, fix)
+    except _kit.KitError as e:
+        raise UserError(str(e)) from None
+    if not str(manifest.get("schema", SCHEMA)).startswith(SCHEMA.split("/")[0] + "/"):
+        raise UserError(f"{path} has schema {manifest.get('schema')!r}, expected {SCHEMA!r}")
+    return manifest
+
+
+def bench_results(export_dir: Path | None, device_results=(), stale: list[str] | None = None) -> list[tuple[str, dict]]:
+    """Every bench results file of the export folder plus `device_results`, minus the stale ones:
+    a results file records the sha256 of the manifest of the export it timed, and one whose hash
+    is not the current manifest's timed an earlier export (skipped with a warning, listed in
+    `stale`)."""
+    paths: list[Path] = []
+    current = None
+    if export_dir is not None and Path(export_dir).is_dir():
+        export_dir = Path(export_dir)
+        paths += sorted(export_dir.glob(BENCH_GLOB))
+        if (export_dir / MANIFEST_FILE).is_file():
+            current = sha256(export_dir / MANIFEST_FILE)
+    paths += [Path(p) for p in device_results]
+    docs, seen = [], set()
+    for p in paths:
+        key = p.resolve()
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            doc = _kit.read_results(p)
+        except _kit.KitError as e:
+            raise UserError(str(e)) from None
+        timed = (doc.get("export") or {}).get("manifest_sha256")
+        if current is not None and timed is not None and timed != current:
+            log.warning("%s is stale: it timed an earlier export (manifest sha256 %s..., now %s...); skipped: "
+                        "re-run `edgedistill bench %s`", p, timed[:12], current[:12], export_dir)
+            if stale is not None:
+                stale.append(str(p))
+            continue
+        docs.append((str(p), doc))
+    return docs

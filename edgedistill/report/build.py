@@ -20,8 +20,8 @@ import json
 import logging
 from pathlib import Path
 
-from edgedistill.deploy.manifest import MANIFEST_FILE
-from edgedistill.runfolder import CLASSIFIER_FILE, EVAL_FILE, STUDENT_FILE
+from edgedistill.deploy.manifest import MANIFEST_FILE, TORCH_ARTIFACT, bench_results, read_manifest
+from edgedistill.runfolder import CLASSIFIER_FILE, STUDENT_FILE, read_eval
 from edgedistill.errors import UserError
 from edgedistill.fileio import write_json, write_text
 
@@ -33,54 +33,6 @@ REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 PLOT_SIZE = "accuracy_vs_size.png"
 PLOT_LATENCY = "accuracy_vs_latency.png"
-TORCH_ARTIFACT = "torch-fp32"
-
-
-def _read_json(path: Path, fix: str) -> dict:
-    """The device kit's JSON reader, its errors as UserError."""
-    from edgedistill.kit import load_kit_module
-
-    kit = load_kit_module("edgekit")
-    try:
-        return kit.read_json_object(path, fix)
-    except kit.KitError as e:
-        raise UserError(str(e)) from None
-
-
-def _bench_docs(export_dir: Path | None, device_results, stale: list[str] | None = None) -> list[tuple[str, dict]]:
-    """Every bench results file of the export folder plus `device_results`, minus the stale ones:
-    a results file records the sha256 of the manifest of the export it timed, and one whose hash
-    is not the current manifest's timed an earlier export (skipped with a warning, listed in
-    `stale`)."""
-    from edgedistill.kit import load_kit_module
-
-    kit = load_kit_module("edgekit")
-    paths: list[Path] = []
-    current = None
-    if export_dir is not None and export_dir.is_dir():
-        paths += sorted(export_dir.glob("bench*.json"))
-        if (export_dir / MANIFEST_FILE).is_file():
-            current = kit.file_sha256(export_dir / MANIFEST_FILE)
-    paths += [Path(p) for p in device_results]
-    docs, seen = [], set()
-    for p in paths:
-        key = p.resolve()
-        if key in seen:
-            continue
-        seen.add(key)
-        try:
-            doc = kit.read_results(p)
-        except kit.KitError as e:
-            raise UserError(str(e)) from None
-        timed = (doc.get("export") or {}).get("manifest_sha256")
-        if current is not None and timed is not None and timed != current:
-            log.warning("%s is stale: it timed an earlier export (manifest sha256 %s..., now %s...); skipped: "
-                        "re-run `edgedistill bench %s`", p, timed[:12], current[:12], export_dir)
-            if stale is not None:
-                stale.append(str(p))
-            continue
-        docs.append((str(p), doc))
-    return docs
 
 
 def _latency_rows(docs) -> list[dict]:
@@ -186,21 +138,16 @@ def build_report(run_dir, device_results=(), export_dir=None, out_dir=None) -> P
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir} is not a run folder: pass the folder written by `edgedistill train`")
-    ev = _read_json(run_dir / EVAL_FILE, f"run `edgedistill eval {run_dir}` first")
-    if "student" not in ev:
-        raise UserError(f"{run_dir / 'eval.json'} has no 'student' entry: re-run `edgedistill eval {run_dir}`")
+    ev = read_eval(run_dir)
     export_dir = Path(export_dir) if export_dir else run_dir / "export"
     manifest = None
     if (export_dir / MANIFEST_FILE).is_file():
-        manifest = _read_json(export_dir / MANIFEST_FILE, f"re-run `edgedistill export {run_dir}`")
-        if not str(manifest.get("schema", "edgedistill.export/1")).startswith("edgedistill.export/"):
-            raise UserError(f"{export_dir / MANIFEST_FILE} has schema {manifest.get('schema')!r}, "
-                            "expected 'edgedistill.export/1'")
+        manifest = read_manifest(export_dir, f"re-run `edgedistill export {run_dir}`")
     else:
         log.warning("%s has no manifest.json: the report covers the torch student only "
                     "(run `edgedistill export %s`)", export_dir, run_dir)
     stale: list[str] = []
-    docs = _bench_docs(export_dir if manifest else None, device_results, stale)
+    docs = bench_results(export_dir if manifest else None, device_results, stale)
     latency = _latency_rows(docs)
 
     student = ev["student"]

@@ -78,6 +78,21 @@ def read_json(path: str | Path, fix: str) -> dict | None:
     return data
 
 
+def read_eval(run_dir: str | Path, required: bool = True) -> dict | None:
+    """`<run>/eval.json` (what `edgedistill eval` wrote); missing: a UserError saying to run eval
+    (None when not `required`)."""
+    path = Path(run_dir) / EVAL_FILE
+    fix = f"re-run `edgedistill eval {run_dir}`"
+    data = read_json(path, fix)
+    if data is None:
+        if required:
+            raise UserError(f"{path} is missing: run `edgedistill eval {run_dir}` first")
+        return None
+    if "student" not in data:
+        raise UserError(f"{path} has no 'student' entry: {fix}")
+    return data
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """The records of `<run>/metrics.jsonl` ([] when absent). A cut last line (the run was killed
     mid-write) is skipped with a warning; a bad line before it is an error naming the file."""
