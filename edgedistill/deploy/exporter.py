@@ -669,7 +669,6 @@ def _qad(ctx: _Export, pre: Path, ptq_path: Path, work: Path) -> tuple[Path, dic
     import onnx
     import torch
 
-    from edgedistill.data import build_train_loader, train_folder
     from edgedistill.deploy import qad
 
     dep, opts = ctx.dep, ctx.opts
@@ -678,12 +677,7 @@ def _qad(ctx: _Export, pre: Path, ptq_path: Path, work: Path) -> tuple[Path, dic
                                images=opts.qad_images)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     graph = qad.FakeQuantGraph(onnx.load(str(ptq_path)), qad.float_initializers(pre), settings.learn_scales).to(device)
-    folder = train_folder(dep.cfg.data, dep.cfg.seed)
-    batch = min(settings.batch_size, len(folder))
-    if settings.images == "clean":
-        loader = qad.CleanImages([path for path, _ in folder.samples], dep.cfg, batch, settings.seed)
-    else:
-        loader = build_train_loader(dep.cfg.data, folder, 1, batch, settings.seed, device)
+    folder, loader = qad.training_images(dep.cfg, settings, device)
     log.info("QAD: %d steps of batch %d on %s (%s loader), teacher: the fp32 model", settings.steps,
              loader.batch_size, folder.root, loader.name)
     record = qad.train(graph, dep.model.to(device), loader, dep.kind, settings, ctx.out,
