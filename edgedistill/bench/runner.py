@@ -142,8 +142,7 @@ def bench_export(export_dir, runtimes="ort-cpu,torch-cpu", batches=(1,), threads
 
 
 def _bench_torch(kit, model, run_dir, exp, runtimes, batches, threads, warmup, runs, time_s, skipped, bar):
-    import platform
-
+    """The torch student on each torch runtime, through the kit's own loop (`bench_runner`)."""
     from edgedistill.bench.torch_runtime import TorchRunner, torch_artifact
 
     art = torch_artifact(run_dir, model)
@@ -151,23 +150,14 @@ def _bench_torch(kit, model, run_dir, exp, runtimes, batches, threads, warmup, r
     for runtime in runtimes:
         try:
             runner = TorchRunner(model, runtime, threads)
-            acc = None
-            if exp["labels"] is not None:
-                acc = kit.top1(runner.predict(exp["samples"]), exp["labels"])
+            runner.predict(exp["samples"][:1])  # torch.compile compiles here: a failure skips the runtime
         except Exception as e:  # e.g. torch.compile without a working C compiler
             skipped.append({"artifact": art["name"], "runtime": runtime, "reason": f"{type(e).__name__}: {e}"[:300]})
             log.warning("skip %s: %s", runtime, e)
             bar.advance(len(batches))
             continue
-        for batch in batches:
-            stats = kit.measure(runner, kit.tile_batch(exp["samples"], batch), warmup, runs, time_s)
-            row = {"artifact": art["name"], "file": art["file"], "format": "torch", "runtime": runtime,
-                   "provider": runner.provider, "precision": "fp32", "batch": batch, "threads": runner.threads,
-                   "warmup": warmup, **stats, "host": platform.node()}
-            if acc is not None:
-                row["top1"], row["top1_n"] = acc, int(exp["labels"].shape[0])
-            rows.append(row)
-            bar.advance(1)
+        rows += kit.bench_runner(runner, art, exp, batches, threads, warmup, runs, time_s, skipped,
+                                 log=log.warning, on_step=lambda: bar.advance(1))
     return rows
 
 
