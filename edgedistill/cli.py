@@ -20,8 +20,8 @@ from edgedistill.report.commands import gate, report
 
 app = typer.Typer(
     name="edgedistill",
-    help="Distil a ResNet teacher into a small student (DisCo, MoCo v2, SEED, DoGo), export it to "
-    "ONNX / INT8 / TensorRT, time it, report it, and gate it in CI.",
+    help="Distil a ResNet teacher into a small student (methods: disco, mocov2, simclr, seed, dogo, supervised), "
+    "export it to ONNX / INT8 / TensorRT, time it, report it, and gate it in CI.",
     no_args_is_help=True,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
@@ -37,9 +37,9 @@ def train(
     out: Annotated[Optional[Path], typer.Option(help="Run folder (default: <out_dir>/<name> from the recipe).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the run folder's last checkpoint.")] = False,
 ):
-    """Train with a recipe: DisCo, MoCo v2, SEED, DoGo or supervised.
+    """Train with a recipe; method.name is one of disco, mocov2, simclr, seed, dogo or supervised.
 
-    Writes config.yaml, metrics.jsonl, checkpoint.pt and student.safetensors into the run folder. Data goes through DALI on the GPU when CUDA is present, DALI's CPU pipeline otherwise, and torchvision when DALI is missing (force one with --set data.loader=...).
+    Writes config.yaml, metrics.jsonl, checkpoint.pt and student.safetensors into the run folder (the full listing: README, "Run folder"). --resume refuses a recipe that differs from the checkpoint's except in train.max_steps, train.epochs (the lr schedule is re-planned), train.log_every, train.checkpoint_every, train.tensorboard, data.workers, name and out_dir. Data goes through DALI on the GPU when CUDA is present, DALI's CPU pipeline otherwise, and torchvision when DALI is missing (force one with --set data.loader=...).
     """
     from edgedistill.recipe import load_config
     from edgedistill.distributed import is_main

@@ -26,7 +26,7 @@ from typing import Annotated
 
 import typer
 
-from edgedistill.runfolder import CONFIG_FILE, EVAL_FILE, METRICS_FILE, RUN_FILE
+from edgedistill.runfolder import CONFIG_FILE, EVAL_FILE, RUN_FILE, read_metrics
 from edgedistill.cli_helpers import SetOption, handle_errors
 
 COMPARE_JSON = "compare.json"
@@ -176,16 +176,13 @@ def _row(recipe: str, run_dir: Path, method: str, teacher: str, cfg, scores: dic
 
 def draw_curves(result: dict, path: Path) -> Path | None:
     """compare.png from the rows' metrics.jsonl (None when matplotlib is missing)."""
-    import json
-
     try:
         from edgedistill.report.plots import training_curves
     except ImportError:  # pragma: no cover - matplotlib is a dependency
         return None
     curves = []
     for row in result["rows"]:
-        metrics = Path(row["run"]) / METRICS_FILE
-        records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+        records = read_metrics(row["run"])
         own = row["method"] not in ("dogo (peer)", TEACHER)  # rows that share another row's run folder
         label = row["method"] if row["method"] != "dogo (peer)" else "dogo peer"
         curves.append({"label": label, "records": records if own else [],
@@ -321,7 +318,7 @@ def compare(
     untrained: Annotated[bool, typer.Option(help="Add a row for the student as initialised (0 steps), the floor every method must clear.")] = False,
     teacher: Annotated[bool, typer.Option(help="Add a row for the teacher of the first recipe that has one, scored by the same evaluation (the ceiling).")] = False,
 ):
-    """Train and evaluate several recipes like for like (same data, student, budget, seed) and write one table (method, teacher, student, parameters, kNN / linear top-1, images/s, wall time) and a PNG of the training curves beside it.
+    """Train and evaluate several recipes like for like (same data, student, budget, seed; any of the methods disco, mocov2, simclr, seed, dogo, supervised) and write one table (method, teacher, student, parameters, kNN / linear top-1, images/s, wall time) and a PNG of the training curves beside it.
 
     Recipes that differ in data, student, epochs/steps, batch size, evaluation or seed are refused; shared --set overrides apply to every recipe and can force them to agree.
     """

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -105,7 +104,9 @@ def run_demo(out: Path, steps: int = 200, gate_baseline: Path | None = BASELINE,
 
 def int8_summary(export_dir: Path) -> dict:
     """The INT8 artifact's drop (with its standard error), layers in INT8 and size ratio."""
-    manifest = json.loads((Path(export_dir) / "manifest.json").read_text())
+    from edgedistill.deploy.manifest import read_manifest
+
+    manifest = read_manifest(Path(export_dir), "re-run `edgedistill demo`")
     art = next(a for a in manifest["artifacts"] if a["precision"] == "int8")
     qz, acc = art["quantization"], art["accuracy"]
     return {"file": art["file"], "calibrator": qz["calibration"]["label"], "drop": acc["drop_vs_fp32"],

@@ -73,6 +73,15 @@ def same_on_all_ranks(value: int, what: str) -> None:
                         "(a shared or identical copy of the data folder)")
 
 
+def ranks_with(flag: bool) -> list[int]:
+    """The ranks where `flag` is true, known on every rank (a collective: every rank must call
+    it at the same point). One process: [0] or []."""
+    if not is_distributed():
+        return [0] if flag else []
+    flags = all_gather_cat(torch.tensor([int(bool(flag))], dtype=torch.long)).tolist()
+    return [r for r, f in enumerate(flags) if f]
+
+
 @contextmanager
 def main_process_first():
     """Rank 0 runs the block first (e.g. writes the embedded dataset or a cache), then the rest:

@@ -10,8 +10,8 @@ The deployed classifier must survive INT8. A probe on the pooled features of a s
 reads a tensor whose range is set by a few large channels, so one 8-bit scale over it (the INT8
 classifier's input) is coarse for all the others: the demo's probe lost 3-6 points from that
 alone while the INT8 backbone's features cost nothing. So `export` keeps the classifier and its
-input in float by default (`--int8-classifier` quantizes them; `classifier_noise_check` is the
-warning it then runs), and the probe is chosen for accuracy: unless `eval.linear_weight_decay` is
+input in float by default (`--int8-classifier` quantizes them; `deploy.quantize.classifier_check`
+is the warning it then runs), and the probe is chosen for accuracy: unless `eval.linear_weight_decay` is
 set, its weight decay is the one of PROBE_WEIGHT_DECAYS with the best top-1 on 10% of the
 training features held out. A run whose classifier was trained jointly with the backbone
 (`supervised` with `embed_dim: 0`) keeps it: `eval` scores the probe but deploys the joint
@@ -32,7 +32,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from edgedistill.runfolder import CONFIG_FILE, EVAL_FILE
+from edgedistill.runfolder import EVAL_FILE
+from edgedistill.runfolder.load import (  # noqa: F401 (load_run_config, load_student_backbone: public here before)
+    load_joint_classifier,
+    load_peer_backbone,
+    load_run_config,
+    load_student_backbone,
+)
 from edgedistill import distributed as dist_utils
 from edgedistill.config import RunConfig, apply_overrides
 from edgedistill.recipe import build_config
@@ -57,11 +63,6 @@ from edgedistill.fileio import write_json
 
 log = logging.getLogger(__name__)
 
-# An INT8 classifier (`export --int8-classifier`) quantizes its input, the pooled features, to 8
-# bits with one scale over their range: the check runs that on held-out images, and a classifier
-# whose decisions change for more than (100 - FRAGILE_AGREEMENT)% of them is fragile.
-NOISE_BITS = 8
-FRAGILE_AGREEMENT = 98.0
 PROBE_WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2)
 
 
@@ -96,20 +97,6 @@ class EvalResult:
     # DoGo's second model (peer.safetensors), scored like the student.
     peer: ModelScores | None = None
     environment: dict = field(default_factory=dict)
-
-
-def load_run_config(run: Path, overrides: list[str] | None = None) -> RunConfig:
-    data = apply_overrides(read_run_config(run), overrides or [])
-    return build_config(data, str(Path(run) / CONFIG_FILE))
-
-
-def load_student_backbone(run: Path, cfg: RunConfig) -> nn.Module:
-    path = Path(run) / STUDENT_FILE
-    if not path.is_file():
-        raise UserError(f"{path} is missing: the run did not finish; `edgedistill train --resume` it first")
-    backbone = create_backbone(cfg.student)
-    load_into(backbone, load_file(str(path)), str(path), allow_mismatch=False)
-    return backbone.eval()
 
 
 @torch.no_grad()
@@ -234,31 +221,6 @@ def paper_linear_probe(backbone: nn.Module, train: ImageFolder, val_f: torch.Ten
                    "weight_decay": 0.0, "crop_scale": [0.08, 1.0]}
 
 
-def quantize_features(feats: torch.Tensor, lo: float, hi: float, bits: int = NOISE_BITS) -> torch.Tensor:
-    """Per-tensor asymmetric fake quantization of features over [lo, hi]."""
-    step = max(hi - lo, 1e-12) / (2**bits - 1)
-    return torch.round((feats.clamp(lo, hi) - lo) / step) * step + lo
-
-
-@torch.no_grad()
-def classifier_noise_check(model: nn.Module, images) -> dict:
-    """Top-1 agreement of a `Classifier` with itself when only its input features are quantized
-    to NOISE_BITS bits over their range on `images` (a numpy or torch batch), as an INT8
-    classifier's input QuantizeLinear does."""
-    x = torch.as_tensor(images)
-    feats = model.backbone.eval()(x)
-    lo, hi = float(feats.min()), float(feats.max())
-    clean, noisy = model.fc(feats).argmax(1), model.fc(quantize_features(feats, lo, hi)).argmax(1)
-    agreement = round(100.0 * float((clean == noisy).float().mean()), 2)
-    weight = model.fc.weight.abs()
-    fragile = agreement < FRAGILE_AGREEMENT
-    return {"noise_bits": NOISE_BITS, "agreement": agreement, "images": int(x.shape[0]), "fragile": fragile,
-            "max_over_median_weight": round(float(weight.max() / weight.median().clamp_min(1e-12)), 1),
-            "advice": (f"quantizing only the classifier's input to {NOISE_BITS} bits changes {100 - agreement:.1f}% "
-                       "of its decisions: export without --int8-classifier (the classifier and its input stay "
-                       "in float)") if fragile else ""}
-
-
 def choose_probe(train_f, train_y, num_classes: int, cfg, seed: int) -> tuple[nn.Linear, dict]:
     """The linear probe to deploy: `cfg.linear_weight_decay` when set, otherwise the weight decay
     of PROBE_WEIGHT_DECAYS with the best top-1 on a held-out tenth of the training features (ties
@@ -304,15 +266,6 @@ def score_backbone(backbone: nn.Module, arch: str, train: ImageFolder, val: Imag
     return scores, fc
 
 
-def load_joint_classifier(run: Path) -> nn.Linear | None:
-    """The classifier a run trained with its backbone (classifier.safetensors marked `joint`)."""
-    path = Path(run) / CLASSIFIER_FILE
-    if not path.is_file():
-        return None
-    fc, meta = read_classifier(path)
-    return fc if meta.get("source") == "joint" else None
-
-
 def evaluate_run(run: str | Path, with_teacher: bool = False, overrides: list[str] | None = None) -> EvalResult:
     run = Path(run)
     cfg = load_run_config(run, overrides)
@@ -339,12 +292,9 @@ def evaluate_run(run: str | Path, with_teacher: bool = False, overrides: list[st
             raise UserError(f"{run} was trained without a teacher: drop --teacher")
         teacher, _ = score_backbone(load_encoder(cfg.teacher).backbone, cfg.teacher.arch, train, val, cfg, device, "teacher")
     peer = None
-    peer_file = run / "peer.safetensors"
-    peer_cfg = getattr(cfg.method, "peer", None)
-    if peer_file.is_file() and peer_cfg is not None:
-        peer_backbone = create_backbone(peer_cfg)
-        load_into(peer_backbone, load_file(str(peer_file)), str(peer_file), allow_mismatch=False)
-        peer, _ = score_backbone(peer_backbone.eval(), peer_cfg.arch, train, val, cfg, device, "peer")
+    peer_backbone = load_peer_backbone(run, cfg)  # DoGo's second model, scored like the student
+    if peer_backbone is not None:
+        peer, _ = score_backbone(peer_backbone, cfg.method.peer.arch, train, val, cfg, device, "peer")
     result = EvalResult(str(run), student, teacher, train.classes, len(train), len(val), cfg.eval.knn_k,
                         cfg.eval.protocol, peer, environment())
     if dist_utils.is_main():

@@ -40,3 +40,14 @@ def write_text(path: Path, text: str) -> None:
 def write_json(path: Path, data) -> None:
     """JSON (indented, non-JSON values as str) written atomically: readers never see half a file."""
     write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def save_npy(path: Path, array) -> None:
+    """A numpy array written atomically (`np.save` to a temporary file, then a rename)."""
+    import numpy as np
+
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a bare name
+            np.save(f, array)
+
+    atomic_write(path, write)

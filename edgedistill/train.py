@@ -1,13 +1,9 @@
 """The training loop shared by every method.
 
-Run folder (the contract `eval`, `export` and `report` build on):
-    config.yaml          the resolved recipe
-    metrics.jsonl        one JSON object per logging interval
-    train.log            the log
-    checkpoint.pt        last training checkpoint (atomic; `--resume` continues from it)
-    student.safetensors  the student backbone only (what is deployed)
-    head.safetensors     its projection head (lets the run serve as a teacher; not deployed)
-    run.json             summary: status, steps, loader, images/s, wall time, versions
+It writes the run folder (the contract `eval`, `export` and `report` build on): config.yaml,
+metrics.jsonl, train.log, checkpoint.pt, student.safetensors, head.safetensors, run.json and, per
+method, peer.safetensors / teacher_center.json / tensorboard/. `edgedistill.runfolder.RUN_FOLDER`
+is the one listing of those files with what each holds.
 """
 
 from __future__ import annotations
@@ -22,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from edgedistill.runfolder import CHECKPOINT_FILE, CONFIG_FILE, LOG_FILE, METRICS_FILE, RUN_FILE
+from edgedistill.runfolder import CHECKPOINT_FILE, CONFIG_FILE, LOG_FILE, METRICS_FILE, RUN_FILE, TENSORBOARD_DIR
 from edgedistill import distributed as dist_utils
 from edgedistill.config import RunConfig, config_to_yaml, to_dict
 from edgedistill.data import build_train_loader, train_folder
@@ -169,7 +165,15 @@ def _trainable_state(method: Method) -> dict:
     return {k: v for k, v in method.state_dict().items() if not k.startswith(frozen)}
 
 
-def _save_checkpoint(path: Path, method, optimizers, scaler, step, epoch, step_in_epoch, cfg, schedulers=()) -> None:
+def _cuda_device(method: nn.Module) -> torch.device | None:
+    """The CUDA device `method` trains on (None on the CPU)."""
+    param = next(iter(method.parameters()), None)
+    return param.device if param is not None and param.device.type == "cuda" else None
+
+
+def _save_checkpoint(path: Path, method, optimizers, scaler, step, epoch, step_in_epoch, cfg, schedulers=(),
+                     resumes=()) -> None:
+    cuda = _cuda_device(method)
     save_torch(
         {
             "step": step,
@@ -180,16 +184,70 @@ def _save_checkpoint(path: Path, method, optimizers, scaler, step, epoch, step_i
             "schedulers": [s.state_dict() for s in schedulers],
             "scaler": scaler.state_dict() if scaler is not None else None,
             "rng": torch.get_rng_state(),
+            # The generator of the training GPU (dropout, GPU-side augmentation draws): without it a
+            # resume on the GPU is not the uninterrupted run.
+            "cuda_rng": torch.cuda.get_rng_state(cuda) if cuda is not None else None,
             "config": to_dict(cfg),
             "world_size": dist_utils.world_size(),
+            "resumes": list(resumes),
         },
         path,
     )
 
 
-def _load_checkpoint(path: Path, method: Method, state: TrainState) -> tuple[int, int, int]:
+# Recipe keys a --resume may change. Bookkeeping that does not touch the weights, where the folder
+# is, and the training budget: a changed train.max_steps / train.epochs re-plans the lr schedule
+# for the new length from the checkpoint's step on (recorded in run.json "resumes"). Anything else
+# (method, data, model, optimizer, lr, seed, precision, ...) would leave the weights coming from
+# neither recipe, so it is refused.
+RESUME_MAY_CHANGE = ("name", "out_dir", "train.max_steps", "train.epochs", "train.log_every",
+                     "train.checkpoint_every", "train.tensorboard", "data.workers")
+_RESUME_BUDGET = ("train.max_steps", "train.epochs")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def recipe_changes(saved: dict, cfg: RunConfig) -> dict[str, tuple]:
+    """{dotted key: (checkpoint's value, this recipe's)} for every key that differs."""
+    old, new = _flatten(saved), _flatten(to_dict(cfg))
+    missing = object()
+    changes = {}
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, missing), new.get(key, missing)
+        if a != b:
+            changes[key] = (None if a is missing else a, None if b is missing else b)
+    return changes
+
+
+def _check_resume_recipe(ckpt: dict, cfg: RunConfig, path: Path) -> dict[str, tuple]:
+    """Refuse a --resume whose recipe differs from the checkpoint's in a key outside
+    RESUME_MAY_CHANGE (naming the keys); returns the allowed changes."""
+    changes = recipe_changes(ckpt.get("config") or {}, cfg)
+    refused = {k: v for k, v in changes.items() if k not in RESUME_MAY_CHANGE}
+    if refused:
+        shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(refused.items())[:6])
+        more = f" (and {len(refused) - 6} more)" if len(refused) > 6 else ""
+        raise UserError(f"--resume: {path} was trained with another recipe ({shown}{more}); on resume only "
+                        f"{', '.join(RESUME_MAY_CHANGE)} may change: resume with the run's own "
+                        f"{path.parent / CONFIG_FILE}, or start a new run with another --out")
+    return changes
+
+
+def _load_checkpoint(path: Path, method: Method, state: TrainState, ckpt: dict | None = None,
+                     replan: tuple | None = None) -> tuple[int, int, int]:
+    """Restore `method` and `state` from the checkpoint (`ckpt`, when already read). `replan`
+    (cfg, total): the budget changed, so the lr schedule is planned again for `total` steps and
+    advanced to the checkpoint's step, instead of restoring the old plan."""
     optimizers, schedulers, scaler = state.optimizers, state.schedulers, state.scaler
-    ckpt = load_torch_file(path)
+    ckpt = load_torch_file(path) if ckpt is None else ckpt
     missing, unexpected = method.load_state_dict(ckpt["method"], strict=False)
     frozen = method.frozen_prefixes()
     missing = [k for k in missing if not k.startswith(frozen)]
@@ -201,11 +259,21 @@ def _load_checkpoint(path: Path, method: Method, state: TrainState) -> tuple[int
         opt.load_state_dict(saved)
     if "schedulers" not in ckpt:
         raise UserError(f"{path} was written before lr schedulers were saved with the checkpoint: start the run again")
-    for sched, saved in zip(schedulers, ckpt["schedulers"]):
-        sched.load_state_dict(saved)
+    if replan is None:
+        for sched, saved in zip(schedulers, ckpt["schedulers"]):
+            sched.load_state_dict(saved)
+    else:
+        cfg, total = replan
+        state.schedulers[:] = _replanned_schedulers(optimizers, cfg, total, ckpt["step"])
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     torch.set_rng_state(ckpt["rng"])
+    if state.device.type == "cuda":
+        if ckpt.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], state.device)
+        else:
+            log.warning("%s holds no CUDA RNG state (written on the CPU or by an older edgedistill): the resumed "
+                        "run's GPU random draws differ from an uninterrupted run", path)
     saved_world = ckpt.get("world_size", 1)
     if saved_world != dist_utils.world_size():
         # The epoch's files are sharded by rank: another world size resumes into a different split,
@@ -213,6 +281,39 @@ def _load_checkpoint(path: Path, method: Method, state: TrainState) -> tuple[int
         log.warning("%s was written with %d process(es), resuming with %d: the rest of this epoch's "
                     "batches differ from an uninterrupted run", path, saved_world, dist_utils.world_size())
     return ckpt["step"], ckpt["epoch"], ckpt["step_in_epoch"]
+
+
+def _replanned_schedulers(optimizers, cfg: RunConfig, total: int, step: int) -> list:
+    """Fresh lr schedulers over `total` steps, advanced `step` steps: the schedule the new budget
+    gives from here on."""
+    import warnings
+
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group.get("initial_lr", group["lr"])
+    schedulers = [build_scheduler(opt, total, cfg.train.warmup_steps, cfg.train.schedule) for opt in optimizers]
+    with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": on purpose here
+        warnings.simplefilter("ignore", UserWarning)
+        for sched in schedulers:
+            for _ in range(step):
+                sched.step()
+    return schedulers
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Before a resume from `step`: drop the records of steps after it (a kill between checkpoints
+    logged them once already; the resumed run logs them again) and a partial last line."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut by a kill mid-write
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
+    write_text(path, "".join(f"{line}\n" for line in kept))
 
 
 def _save_deployable(method: Method, run_dir: Path, cfg: RunConfig, classes: list[str]) -> None:
@@ -229,9 +330,6 @@ def _save_deployable(method: Method, run_dir: Path, cfg: RunConfig, classes: lis
         save_safetensors(module.state_dict(), path, meta)
 
 
-TENSORBOARD_DIR = "tensorboard"
-
-
 def tensorboard_writer(run_dir: Path):
     """A SummaryWriter writing into <run>/tensorboard, beside metrics.jsonl (`train.tensorboard: true`)."""
     import importlib.util
@@ -245,11 +343,17 @@ def tensorboard_writer(run_dir: Path):
 
 
 def _check_finite(losses: dict, step: int, ckpt: Path) -> None:
+    """Raise TrainingDiverged (exit 3) on a non-finite loss. Under DDP every rank calls this at the
+    same steps and the verdict is all-reduced first, so all ranks stop together (a rank that
+    stopped alone would leave the others waiting in the next collective until NCCL's timeout)."""
     bad = {k: float(v.detach()) for k, v in losses.items() if not torch.isfinite(v).all()}
-    if bad:
+    ranks = dist_utils.ranks_with(bool(bad))
+    if ranks:
         kept = f"the last good checkpoint {ckpt} is kept" if ckpt.is_file() else "no checkpoint had been written yet"
+        where = f" on rank(s) {', '.join(map(str, ranks))}" if dist_utils.is_distributed() else ""
+        seen = f" ({', '.join(f'{k}={v}' for k, v in bad.items())})" if bad else ""
         raise TrainingDiverged(
-            f"loss became non-finite at step {step} ({', '.join(f'{k}={v}' for k, v in bad.items())}); "
+            f"loss became non-finite at step {step}{where}{seen}; "
             f"{kept}. Lower train.lr or add train.warmup_steps, then --resume or start again."
         )
 
@@ -268,11 +372,11 @@ def _training_data(cfg: RunConfig, device: torch.device, rank: int, world: int):
 
 
 def _checkpoint(path: Path, method: Method, state: TrainState, cfg: RunConfig, step: int, epoch: int,
-                step_in_epoch: int, steps_per_epoch: int) -> None:
+                step_in_epoch: int, steps_per_epoch: int, resumes: list | tuple = ()) -> None:
     """Save the checkpoint after `step`; at the end of an epoch it points at the start of the next."""
     at_epoch_end = step_in_epoch == steps_per_epoch
     _save_checkpoint(path, method, state.optimizers, state.scaler, step, epoch + 1 if at_epoch_end else epoch,
-                     0 if at_epoch_end else step_in_epoch, cfg, state.schedulers)
+                     0 if at_epoch_end else step_in_epoch, cfg, state.schedulers, resumes)
 
 
 class _MetricsLog:
@@ -325,6 +429,10 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: bool = False) -
     rank, world = dist_utils.rank(), dist_utils.world_size()
     device = dist_utils.device_for_rank(cfg.train.device) if distributed else resolve_device(cfg.train.device)
     main = dist_utils.is_main()
+    ckpt, changes = None, {}
+    if resume:  # before config.yaml is rewritten: the folder must not claim a recipe its weights lack
+        ckpt = load_torch_file(ckpt_path)
+        changes = _check_resume_recipe(ckpt, cfg, ckpt_path)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         setup_logging(run_dir / LOG_FILE)
@@ -342,9 +450,20 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: bool = False) -
     state = setup_training(cfg, method, device, world, total)
 
     step, start_epoch, skip = 0, 0, 0
+    resumes: list[dict] = []
     if resume:
-        step, start_epoch, skip = _load_checkpoint(ckpt_path, method, state)
+        replan = (cfg, total) if any(k in changes for k in _RESUME_BUDGET) else None
+        step, start_epoch, skip = _load_checkpoint(ckpt_path, method, state, ckpt, replan)
+        resumes = [*ckpt.get("resumes", []),
+                   {"step": step, "changed": {k: list(v) for k, v in changes.items()}}]
         log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt_path, step, start_epoch, skip)
+        if changes:
+            log.warning("resumed with %s changed (%s)%s", ", ".join(changes),
+                        "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()),
+                        f"; the lr schedule is re-planned for {total} steps from step {step}" if replan else "")
+        if main:
+            _trim_metrics(run_dir / METRICS_FILE, step)
+        del ckpt
 
     model = dist_utils.wrap_ddp(method, device) if distributed else method
     forward = torch.compile(model) if cfg.train.compile else model
@@ -381,7 +500,8 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: bool = False) -
                     last_losses, images_per_s = metrics.record(step, epoch, step_lr, losses, device)
                     bar.update_fields(loss=last_losses["loss"], ips=images_per_s)
                 if ckpt_now and main:
-                    _checkpoint(ckpt_path, method, state, cfg, step, epoch, step_in_epoch, loader.steps_per_epoch)
+                    _checkpoint(ckpt_path, method, state, cfg, step, epoch, step_in_epoch, loader.steps_per_epoch,
+                                resumes)
                 if step >= total:
                     break
             epoch, skip = epoch + 1, 0
@@ -395,7 +515,8 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: bool = False) -
         summary = {
             "status": "complete", "steps": step, "epochs": epoch, "loader": loader.name, "device": str(device),
             "world_size": world, "images_per_s": round(ips, 2), "wall_s": round(wall, 2),
-            "final_losses": last_losses, "skipped_images": folder.skipped, "environment": environment(),
+            "final_losses": last_losses, "skipped_images": folder.skipped, "resumes": resumes,
+            "environment": environment(),
         }
         write_json(run_dir / RUN_FILE, summary)
         log.info("done: %d steps in %.1fs (%.1f images/s, loader %s); student -> %s",

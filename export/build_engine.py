@@ -191,14 +191,9 @@ def build(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, precisio
     seconds = time.perf_counter() - start
     if serialized is None:
         raise BuildError(f"{onnx_path}: TensorRT could not build a {precision} engine (see the TensorRT log above)")
-    engine_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = engine_path.with_name(engine_path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(memoryview(serialized))
-    os.replace(tmp, engine_path)
-    if timing_cache:
-        with open(timing_cache, "wb") as f:
-            f.write(memoryview(config.get_timing_cache().serialize()))
+    _write_atomic(engine_path, memoryview(serialized))
+    if timing_cache:  # shared between builds: a half-written cache would poison the next one
+        _write_atomic(Path(timing_cache), memoryview(config.get_timing_cache().serialize()))
 
     record = {
         "engine": str(engine_path),
@@ -214,8 +209,25 @@ def build(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, precisio
         "build_seconds": round(seconds, 2),
         "bytes": engine_path.stat().st_size,
     }
-    Path(str(engine_path) + ".json").write_text(json.dumps(record, indent=2))
+    _write_atomic(Path(str(engine_path) + ".json"), json.dumps(record, indent=2).encode())
     return record
+
+
+def _write_atomic(path: Path, data) -> None:
+    """Write through a uniquely named temporary file beside `path`, then rename (no half files;
+    two builds writing the same file never share a temporary)."""
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _input_from_manifest(onnx_path: Path) -> tuple[str, tuple[int, int, int]] | None:

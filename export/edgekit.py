@@ -288,9 +288,21 @@ class Runner:
         raise NotImplementedError
 
     def bench(self, x: np.ndarray, warmup: int, runs: int | None, time_s: float | None) -> dict:
+        """Statistics of the timed calls, with `clock`: what each time is ("cuda-events": device
+        time between CUDA events around the work; "host": host wall time of one synchronous call,
+        which on a GPU includes launch and synchronisation, e.g. ONNX Runtime's CUDA / TensorRT
+        providers through IOBinding)."""
+        clocks: set[bool] = set()
+
+        def timed():
+            dt = step()
+            clocks.add(isinstance(dt, (int, float)))
+            return dt
+
         with self.timing(x) as (step, copies):
-            out = summarize(time_calls(step, warmup, runs, time_s), x.shape[0])
+            out = summarize(time_calls(timed, warmup, runs, time_s), x.shape[0])
             out.update(copies(out["runs"]))
+        out["clock"] = "cuda-events" if clocks == {True} else "host"
         return out
 
 
@@ -790,40 +802,54 @@ def bench_export(export_dir, runtimes=("ort-cpu",), batches=(1, 8, 32), threads:
                 skipped.append({"artifact": art["name"], "runtime": runtime, "reason": reason})
                 log(f"skip {art['name']} on {runtime}: {reason}")
                 continue
-            acc = None
-            if exp["labels"] is not None:
-                try:
-                    acc = _accuracy(runner, exp["samples"], exp["labels"])
-                except Exception as e:
-                    log(f"{art['name']} on {runtime}: accuracy check failed ({type(e).__name__}: {e})")
-            for batch in batches:
-                if not runner.supports_batch(batch):
-                    skipped.append({"artifact": art["name"], "runtime": runtime, "batch": batch,
-                                    "reason": "batch size outside what the model/engine accepts"})
-                    if on_step:
-                        on_step()
-                    continue
-                x = tile_batch(exp["samples"], batch)
-                try:
-                    stats = measure(runner, x, warmup, runs, time_s)
-                except Exception as e:
-                    reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-                    skipped.append({"artifact": art["name"], "runtime": runtime, "batch": batch, "reason": reason})
-                    log(f"skip {art['name']} on {runtime} batch {batch}: {reason}")
-                    if on_step:
-                        on_step()
-                    continue
-                row = {"artifact": art["name"], "file": art["file"], "format": art["format"], "runtime": runtime,
-                       "provider": runner.provider, "precision": art.get("precision"), "batch": batch,
-                       "threads": runner.threads or threads, "warmup": warmup, **stats, "host": host}
-                if acc is not None:
-                    row["top1"], row["top1_n"] = acc, int(exp["labels"].shape[0])
-                results.append(row)
-                if on_step:
-                    on_step()
+            results += bench_runner(runner, art, exp, batches, threads, warmup, runs, time_s, skipped, log, on_step,
+                                    host, runtime)
     return make_results(results, skipped, environment(threads), exp,
                         {"runtimes": list(runtimes), "batches": list(batches), "threads": threads, "warmup": warmup,
                          "runs": runs, "time_s": time_s})
+
+
+def bench_runner(runner, art: dict, exp: dict, batches, threads: int | None, warmup: int, runs: int | None,
+                 time_s: float | None, skipped: list, log=print, on_step=None, host: str | None = None,
+                 runtime: str | None = None) -> list[dict]:
+    """The result rows of one runner of one artifact (`art`: name, file, format, precision) at
+    every batch size: top-1 on the export's samples, then `measure` per batch; a batch the runner
+    does not accept or a measurement that fails is added to `skipped` with the reason. The one
+    loop behind `bench_export` and `edgedistill bench`'s torch runners."""
+    runtime, host = runtime or runner.runtime, host or platform.node()
+    acc = None
+    if exp["labels"] is not None:
+        try:
+            acc = _accuracy(runner, exp["samples"], exp["labels"])
+        except Exception as e:
+            log(f"{art['name']} on {runtime}: accuracy check failed ({type(e).__name__}: {e})")
+    rows = []
+    for batch in batches:
+        if not runner.supports_batch(batch):
+            skipped.append({"artifact": art["name"], "runtime": runtime, "batch": batch,
+                            "reason": "batch size outside what the model/engine accepts"})
+            if on_step:
+                on_step()
+            continue
+        x = tile_batch(exp["samples"], batch)
+        try:
+            stats = measure(runner, x, warmup, runs, time_s)
+        except Exception as e:
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            skipped.append({"artifact": art["name"], "runtime": runtime, "batch": batch, "reason": reason})
+            log(f"skip {art['name']} on {runtime} batch {batch}: {reason}")
+            if on_step:
+                on_step()
+            continue
+        row = {"artifact": art["name"], "file": art["file"], "format": art["format"], "runtime": runtime,
+               "provider": runner.provider, "precision": art.get("precision"), "batch": batch,
+               "threads": runner.threads or threads, "warmup": warmup, **stats, "host": host}
+        if acc is not None:
+            row["top1"], row["top1_n"] = acc, int(exp["labels"].shape[0])
+        rows.append(row)
+        if on_step:
+            on_step()
+    return rows
 
 
 def _accuracy(runner, samples: np.ndarray, labels: np.ndarray) -> float:
@@ -924,11 +950,26 @@ def write_results(doc: dict, path) -> Path:
         if missing:
             raise ValueError(f"result row lacks {sorted(missing)}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, (json.dumps(doc, indent=2) + "\n").encode())
     return path
+
+
+def write_atomic(path, data: bytes) -> None:
+    """Write `data` through a uniquely named temporary file beside `path`, then rename: readers
+    never see half a file, and two processes writing the same path do not share a temporary."""
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def read_results(path) -> dict:

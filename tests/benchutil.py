@@ -44,7 +44,7 @@ def _load_classifier(run_dir: Path):
     import torch.nn as nn
     from safetensors.torch import load_file
 
-    from edgedistill.evaluate import load_run_config, load_student_backbone
+    from edgedistill.runfolder.load import load_run_config, load_student_backbone
     from edgedistill.models import CLASSIFIER_FILE, Classifier
 
     cfg = load_run_config(run_dir)

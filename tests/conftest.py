@@ -89,3 +89,22 @@ def cifar10_dir(tmp_path_factory) -> Path:
     with tarfile.open(tgz) as tar:
         tar.extractall(dest, filter="data")
     return dest / "cifar10-jpg"
+
+
+def interrupt_after_log(monkeypatch, at_step: int, partial_line: bool = True) -> None:
+    """Make `train` stop as a kill would right after logging `at_step` (between checkpoints), with
+    half a metrics.jsonl record written after it when `partial_line`."""
+    import edgedistill.train as train_module
+
+    record = train_module._MetricsLog.record
+
+    def record_then_interrupt(self, step, *args, **kwargs):
+        out = record(self, step, *args, **kwargs)
+        if step == at_step:
+            if partial_line and self.file is not None:
+                self.file.write('{"step": %d, "loss": 1.2' % (step + 1))
+                self.file.flush()
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(train_module._MetricsLog, "record", record_then_interrupt)

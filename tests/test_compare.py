@@ -147,3 +147,25 @@ def test_teacher_row_is_added_on_reuse_and_scored_like_the_students(tmp_path):
 
     with pytest.raises(UserError, match="none of these recipes has a teacher"):
         run_compare([a], [], out, teacher=True)
+
+
+def test_a_cut_last_metrics_line_is_tolerated(tmp_path, caplog):
+    """A run killed mid-write leaves half a JSON line at the end of metrics.jsonl: compare's
+    curves skip it (with a warning); a damaged line before the end is an error naming the file."""
+    from edgedistill.compare import draw_curves
+    from edgedistill.errors import UserError
+    from edgedistill.runfolder import read_metrics
+
+    run = tmp_path / "run"
+    run.mkdir()
+    good = [{"step": s, "loss": 2.0 / s, "lr": 0.1, "images_per_s": 10.0} for s in (1, 2)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in good) + '{"step": 3, "lo')
+    with caplog.at_level("WARNING"):
+        assert read_metrics(run) == good
+    assert "cut" in caplog.text
+    row = {"run": str(run), "method": "mocov2", "linear_top1": 50.0}
+    assert draw_curves({"rows": [row]}, tmp_path / "compare.png").is_file()
+    (run / "metrics.jsonl").write_text('{"step": 1, "lo\n' + json.dumps(good[1]) + "\n")
+    with pytest.raises(UserError, match="metrics.jsonl line 1"):
+        read_metrics(run)
+    assert read_metrics(tmp_path / "nowhere") == []

@@ -244,6 +244,18 @@ def test_results_schema_checked(kit, tmp_path):
     assert kit.available_runtimes()["ort-cpu"] is None
 
 
+def test_write_results_uses_a_unique_temporary(kit, tmp_path):
+    """Two processes writing one results file must not share a temporary: a fixed `<name>.tmp`
+    that another writer is filling is left alone, and no temporary is left behind."""
+    other = tmp_path / "bench.json.tmp"
+    other.write_text("another process is writing this")
+    doc = kit.make_results([], [], {"host": "h"})
+    kit.write_results(doc, tmp_path / "bench.json")
+    assert other.read_text() == "another process is writing this"
+    assert kit.read_results(tmp_path / "bench.json")["schema"] == kit.SCHEMA
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "bench.json.tmp"]
+
+
 # ----------------------------------------------------------------------------- TensorRT path, faked
 # TensorRT cannot be installed here. These fakes follow the TensorRT 10 Python API and cuda-python's
 # runtime bindings closely enough to execute the kit's engine runner end to end (buffers, shapes,
@@ -395,9 +407,71 @@ def test_tensorrt_runner_with_fakes(kit, export_dir, tmp_path, monkeypatch):
     assert set(rows) == {1, 8} and rows[1]["artifact"] == "trt-model-int8" and rows[1]["precision"] == "int8"
     for r in rows.values():
         assert r["runtime"] == "tensorrt" and r["h2d_ms"] >= 0 and r["d2h_ms"] >= 0 and r["runs"] == 4
+        assert r["clock"] == "cuda-events"  # the engine is timed between CUDA events, not by the host
         assert 0 <= r["latency_ms"]["p50"] <= r["latency_ms"]["p99"] and r["throughput_ips"] > 0
     labels = np.load(exp / "sample_labels.npy")
     assert rows[1]["top1"] == pytest.approx(100.0 * float((labels == 3).mean()), abs=1e-3)
     assert [s for s in doc["skipped"] if s.get("batch") == 64]  # outside the engine's profile: skipped
     assert cudart.copies.count(1) == cudart.copies.count(2) > 0  # every run: one H2D, one D2H
     assert not cudart.buffers  # every buffer freed
+
+
+def _positional_count(fn) -> int:
+    import inspect
+
+    params = [p for p in inspect.signature(fn).parameters.values() if p.name != "self"
+              and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(params)
+
+
+def test_fakes_match_the_installed_libraries():
+    """The fakes above stand in for cuda-python and TensorRT: every call the kit makes must exist
+    in the real library (where it imports) with the same number of positional arguments, and the
+    fake enums must carry the real values. Also the DALI calls of the GPU loader, which cannot run
+    here: feed_ndarray's `cuda_stream` and Pipeline.run's positional stream."""
+    import inspect
+    import re
+
+    kit_source = (Path(__file__).resolve().parents[1] / "export" / "edgekit.py").read_text()
+    called = set(re.findall(r"cudart\.(cuda\w+)\(", kit_source))
+    assert called >= {"cudaMemcpyAsync", "cudaEventElapsedTime", "cudaStreamCreate"}
+    checked = []
+    try:
+        from cuda.bindings import runtime as real
+    except ImportError:
+        real = None
+    if real is not None:
+        fake = _FakeCudart()
+        for name in sorted(called):
+            assert hasattr(real, name), f"the kit calls cudart.{name}, which cuda-python does not have"
+            assert hasattr(fake, name), f"the fake lacks cudart.{name}"
+            assert _positional_count(getattr(fake, name)) == _positional_count(getattr(real, name)), name
+        for kind in ("cudaMemcpyHostToDevice", "cudaMemcpyDeviceToHost"):
+            assert int(getattr(real.cudaMemcpyKind, kind)) == getattr(_FakeCudart.cudaMemcpyKind, kind)
+        checked.append("cuda-python")
+    try:
+        import tensorrt as real_trt
+    except Exception:  # noqa: BLE001 - absent, or a placeholder wheel that raises on import
+        real_trt = None
+    if real_trt is not None:
+        fake_trt = _fake_tensorrt()
+        for cls in ("Logger", "Runtime", "TensorIOMode"):
+            assert hasattr(real_trt, cls)
+        engine_calls = set(re.findall(r"self\.engine\.(\w+)", kit_source))
+        context_calls = set(re.findall(r"self\.context\.(\w+)", kit_source))
+        assert all(hasattr(real_trt.ICudaEngine, n) for n in engine_calls), engine_calls
+        assert all(hasattr(real_trt.IExecutionContext, n) for n in context_calls), context_calls
+        assert fake_trt.Logger.WARNING is not None
+        checked.append("tensorrt")
+    try:
+        from nvidia.dali import Pipeline
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+    except ImportError:
+        Pipeline = None
+    if Pipeline is not None:
+        assert "cuda_stream" in inspect.signature(feed_ndarray).parameters
+        first = list(inspect.signature(Pipeline.run).parameters.values())[1]
+        assert first.name == "cuda_stream" and first.kind in (first.POSITIONAL_ONLY, first.POSITIONAL_OR_KEYWORD)
+        checked.append("dali")
+    if not checked:
+        pytest.skip("neither cuda-python, TensorRT nor DALI is importable here")

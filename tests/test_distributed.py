@@ -125,3 +125,58 @@ def test_gather_shards_single_process_is_identity():
     f, y = torch.randn(5, 3), torch.arange(5)
     gf, gy = gather_shards(f, y, per_rank=5)
     assert torch.equal(gf, f) and torch.equal(gy, y)
+
+
+def _collective_worker(rank: int, world: int, init_file: str, queue) -> None:
+    """Two checks in one launch (each spawn costs seconds): cross-rank shuffle-BN returns each
+    key to its own row, and a NaN seen by one rank stops every rank with exit code 3."""
+    from pathlib import Path
+
+    import typer
+
+    from edgedistill.cli_helpers import handle_errors
+    from edgedistill.methods.components import ShuffleBN
+    from edgedistill.train import _check_finite
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        local = 8
+        x = (torch.arange(rank * local, (rank + 1) * local, dtype=torch.float32)[:, None] * torch.ones(1, 3))
+        seen: list[float] = []
+
+        def encoder(group: torch.Tensor) -> torch.Tensor:  # row-wise, plus the group's own statistic
+            seen.extend(group[:, 0].tolist())
+            return torch.cat([2 * group, group[:, :1].mean(0, keepdim=True).expand(len(group), 1)], dim=1)
+
+        shuffle = ShuffleBN(splits=2, seed=0)
+        restored = [shuffle(encoder, x, call).tolist() for call in range(3)]
+        result = {"restored": restored, "x": x.tolist(), "seen": seen}
+
+        losses = {"loss": torch.tensor(float("nan") if rank == 1 else 1.0)}
+        try:
+            handle_errors(lambda: _check_finite(losses, 7, Path(init_file + ".ckpt")))()
+            result["exit"] = 0
+        except typer.Exit as e:
+            result["exit"] = e.exit_code
+        dist.barrier()  # both ranks got here: nobody waits in a collective the other skipped
+        queue.put((rank, result))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_cross_rank_shuffle_bn_unshuffles_and_nan_stops_every_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    queue = mp.get_context("spawn").Queue()
+    mp.start_processes(_collective_worker, args=(2, str(tmp_path / "rdzv"), queue), nprocs=2, start_method="spawn")
+    results = dict(queue.get(timeout=60) for _ in range(2))
+    for rank, r in results.items():
+        for out in r["restored"]:
+            # Each row comes back to the rank and row its key came from, encoded by a rank.
+            assert [row[:3] for row in out] == [[2 * v for v in row] for row in r["x"]], rank
+        own = {row[0] for row in r["x"]}
+        assert set(r["seen"]) - own, f"rank {rank} only ever encoded its own keys: not shuffled across ranks"
+        assert r["exit"] == 3, f"rank {rank} did not stop on the other rank's NaN (exit {r['exit']})"
+    # Group statistics differ from a plain BN over the whole batch: the groups are real.
+    means = {row[3] for out in results[0]["restored"] for row in out}
+    assert len(means) > 1

@@ -271,6 +271,7 @@ def test_run_without_classifier_exports_embedding(evaluated_run, tmp_path, caplo
         (["--target", "jetson"], "--target"),
         (["--int8", "--calibrator", "kl"], "--calibrator"),
         (["--int8", "--target", "tensorrt", "--int8-format", "qdq-u8s8"], "symmetric"),
+        (["--val-count", "0"], "--val-count must be at least 1"),
     ],
 )
 def test_bad_input_exits_2(evaluated_run, tmp_path, args, needle):
@@ -314,3 +315,126 @@ def test_build_engine_kit_is_torch_free_and_prints_trtexec(export_dir):
         return
     res = subprocess.run([sys.executable, str(kit), str(onnx_file), "--fp16"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "TensorRT" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_clean_refuses_manifest_paths_outside_the_folder(tmp_path):
+    """An earlier manifest names the files to remove; a path that leaves the export folder (a
+    tampered or foreign manifest) must not delete anything, and is an error naming the manifest."""
+    from edgedistill.deploy.exporter import _clean
+    from edgedistill.errors import UserError
+
+    out = tmp_path / "ex"
+    out.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "x.onnx").write_text("keep me too")
+    (out / "link").symlink_to(outside)
+    (out / "model.onnx").write_text("old")
+    for bad in ["../victim.txt", str(victim), "link/x.onnx"]:
+        (out / "manifest.json").write_text(json.dumps({"files": [{"path": "model.onnx"}, {"path": bad}]}))
+        with pytest.raises(UserError, match="outside"):
+            _clean(out)
+        assert victim.read_text() == "keep me" and (outside / "x.onnx").is_file()
+        assert (out / "model.onnx").is_file()  # nothing is removed when the manifest is refused
+    (out / "manifest.json").write_text("{not json")
+    with pytest.raises(UserError, match="manifest.json"):
+        _clean(out)
+    (out / "manifest.json").write_text(json.dumps({"files": [{"path": "model.onnx"}, {"path": "engines/a.engine"}]}))
+    (out / "engines").mkdir()
+    (out / "engines" / "a.engine").write_text("kept")
+    _clean(out)
+    assert not (out / "model.onnx").exists() and (out / "engines" / "a.engine").is_file()
+
+
+def test_clean_refusal_is_exit_2_from_the_cli(evaluated_run, tmp_path):
+    out = tmp_path / "ex"
+    out.mkdir()
+    (tmp_path / "victim.txt").write_text("keep me")
+    (out / "manifest.json").write_text(json.dumps({"files": [{"path": "../victim.txt"}]}))
+    result = CliRunner().invoke(app, ["export", str(evaluated_run), "--out", str(out), "--val-count", "8"])
+    assert result.exit_code == 2, result.output
+    assert "outside" in " ".join(result.output.split()) and (tmp_path / "victim.txt").is_file()
+
+
+@pytest.mark.parametrize("count, batch, expected", [(37, 32, (19, 1)), (31, 32, (31, 0)), (64, 32, (32, 0)),
+                                                    (97, 32, (25, 3)), (1, 32, (1, 0)), (96, 32, (32, 0))])
+def test_calibration_batches_are_equal_and_never_1_for_primes(count, batch, expected):
+    from edgedistill.deploy.data import calibration_batching
+
+    got = calibration_batching(count, batch)
+    assert got == expected
+    b, pad = got
+    assert b <= batch and (count + pad) % b == 0 and pad < (count + pad) // b
+
+
+def test_calibration_reader_pads_the_last_batch(evaluated_run, tmp_path):
+    from PIL import Image
+
+    from edgedistill.deploy import data as ddata
+    from edgedistill.deploy.onnx_export import load_deployable
+
+    cfg = load_deployable(evaluated_run).cfg
+    paths = []
+    for i in range(7):  # prime
+        p = tmp_path / f"{i}.png"
+        Image.new("RGB", (32, 32), (i * 30, 0, 0)).save(p)
+        paths.append(str(p))
+    reader = ddata.make_reader(paths, cfg, "input", batch_size=4)
+    shapes = []
+    while (batch := reader.get_next()) is not None:
+        shapes.append(batch["input"].shape[0])
+    assert shapes == [4, 4]  # 7 images + 1 repeated, not seven batches of 1
+
+
+def test_image_walk_survives_a_symlink_cycle(tmp_path):
+    from PIL import Image
+
+    from edgedistill.data.folder import scan_folder
+    from edgedistill.deploy.data import list_images
+
+    root = tmp_path / "data"
+    (root / "a" / "sub").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(root / "a" / "x.png")
+    Image.new("RGB", (8, 8)).save(root / "a" / "sub" / "y.png")
+    (root / "a" / "sub" / "loop").symlink_to(root / "a")  # a cycle
+    (root / "a" / "again").symlink_to(root / "a" / "sub")  # a second way into one folder
+    assert sorted(Path(p).name for p in list_images(root)) == ["x.png", "y.png"]  # each once, and it ends
+    folder = scan_folder(root, workers=1)
+    assert sorted(Path(p).name for p, _ in folder.samples) == ["x.png", "y.png"]
+
+
+def test_sample_arrays_and_metadata_stamp_are_atomic(tmp_path, monkeypatch):
+    """A failing write leaves the previous file whole (no half-written .npy or .onnx)."""
+    import onnx
+    from onnx import helper
+
+    from edgedistill.deploy.onnx_export import read_metadata, stamp_metadata
+    from edgedistill.fileio import save_npy
+
+    save_npy(tmp_path / "s.npy", np.arange(4))
+    assert np.load(tmp_path / "s.npy").tolist() == [0, 1, 2, 3] and not (tmp_path / "s.npy.npy").exists()
+    monkeypatch.setattr(np, "save", lambda f, a: (f.write(b"half"), (_ for _ in ()).throw(OSError("disk full"))))
+    with pytest.raises(OSError):
+        save_npy(tmp_path / "s.npy", np.arange(8))
+    monkeypatch.undo()
+    assert np.load(tmp_path / "s.npy").tolist() == [0, 1, 2, 3]
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    stamp_metadata(path, {"edgedistill.kind": "classifier"})
+    assert read_metadata(path)["edgedistill.kind"] == "classifier"
+    before = path.read_bytes()
+
+    def broken_save(proto, f):
+        Path(f).write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(onnx, "save", broken_save)
+    with pytest.raises(OSError):
+        stamp_metadata(path, {"edgedistill.kind": "embedding"})
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "s.npy"]

@@ -201,3 +201,21 @@ def test_run_gate_api(tmp_path):
     res = run_gate(worse, base, max_drop=2.0)
     assert not res.passed and {c.artifact for c in res.failures} == {"onnx-fp32"}
     assert copy.deepcopy(res.to_dict())["budgets"]["max_drop"] == 2.0
+
+
+def test_different_image_counts_are_stated(tmp_path, baseline):
+    """Top-1 on 100 images against a baseline's 200 is still compared, but the gate says so."""
+    changes = {f"{a}.n": 100 for a in ("torch-fp32", "onnx-fp32", "onnx-int8-u8s8")}
+    result = gate(tmp_path, make_report(**changes), baseline, "--format", "json")
+    assert result.exit_code == 0, result.output
+    checks = json.loads(result.output)["checks"]
+    images = [c for c in checks if c["check"] == "images"]
+    assert {c["artifact"] for c in images} == {"torch-fp32", "onnx-fp32", "onnx-int8-u8s8"}
+    assert all(c["status"] == "skip" and "100 images here and on 200" in c["detail"] for c in images)
+    acc = [c for c in checks if c["check"] == "accuracy"]
+    assert acc and all("different image sets" in c["detail"] for c in acc)
+    result = gate(tmp_path, make_report(**changes), baseline, "--format", "github")
+    assert "::notice title=edgedistill gate: images (onnx-int8-u8s8)::" in result.output
+    # The same counts: no notice at all.
+    same = json.loads(gate(tmp_path, make_report(), baseline, "--format", "json").output)["checks"]
+    assert not [c for c in same if c["check"] == "images"]

@@ -196,11 +196,7 @@ def test_fallback_meets_the_budget_with_few_layers_in_float(evaluated_run, tmp_p
 
 def test_probe_choice_and_noise_check():
     from edgedistill.config import EvalConfig
-    from edgedistill.evaluate import (
-        PROBE_WEIGHT_DECAYS,
-        choose_probe,
-        classifier_noise_check,
-    )
+    from edgedistill.evaluate import PROBE_WEIGHT_DECAYS, choose_probe
     from edgedistill.models import Classifier
 
     gen = torch.Generator().manual_seed(0)
@@ -226,14 +222,14 @@ def test_probe_choice_and_noise_check():
         fragile.weight.zero_()
         fragile.weight[:, 2] = torch.tensor([-1e4, 0.0, 1e4])
         fragile.bias.zero_()
-    check = classifier_noise_check(Classifier(Features(), fragile), feats)
+    check = q.classifier_check(Classifier(Features(), fragile), feats)
     assert check["fragile"] and check["agreement"] < 90 and "--int8-classifier" in check["advice"]
     robust = torch.nn.Linear(8, 3)  # leans on the well-spread feature only
     with torch.no_grad():
         robust.weight.zero_()
         robust.weight[:, 0] = torch.tensor([-1.0, 0.0, 1.0])
         robust.bias.copy_(torch.tensor([1.5, 0.0, -4.5]))
-    assert not classifier_noise_check(Classifier(Features(), robust), feats)["fragile"]
+    assert not q.classifier_check(Classifier(Features(), robust), feats)["fragile"]
 
 
 def test_ptq_alone_keeps_the_classifier_in_float_and_the_check_predicts_the_int8_one(evaluated_run, tmp_path):

@@ -194,3 +194,31 @@ def test_resume_with_dali_cpu_reproduces_uninterrupted_run(tmp_path, monkeypatch
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_auto_falls_back_when_a_dali_pipeline_cannot_be_built(monkeypatch, caplog):
+    """auto picks dali-gpu where CUDA and DALI import; a GPU pipeline that cannot be built (a driver
+    older than the wheel's CUDA) falls back to dali-cpu, then to torchvision, with a warning. Asked
+    for by name, dali-gpu stays an error."""
+    import edgedistill.data as data
+    import edgedistill.data.dali_loader as dali_loader
+
+    monkeypatch.setattr(data, "choose_loader", lambda requested, device: "dali-gpu")  # as on a CUDA machine
+    cfg = _cfg("embedded:digits", 32, "auto")
+    folder = train_folder(cfg, 0)
+    with caplog.at_level("WARNING"):
+        loader = build_train_loader(cfg, folder, 2, 16, 0, CPU)
+    assert loader.name == "dali-cpu" and "dali-gpu pipeline cannot run here" in caplog.text
+
+    def no_pipeline(*args, **kwargs):
+        raise RuntimeError("CUDA driver version is insufficient for CUDA runtime version")
+
+    monkeypatch.setattr(dali_loader, "_build_pipeline", no_pipeline)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        loader = build_train_loader(cfg, folder, 2, 16, 0, CPU)
+    assert loader.name == "torchvision" and "falling back to torchvision" in caplog.text
+    assert next(iter(loader.epoch(0)))[0][0].shape == (16, 3, 32, 32)
+    for name in ("dali-gpu", "dali-cpu"):
+        with pytest.raises(UserError):
+            build_train_loader(_cfg("embedded:digits", 32, name), folder, 2, 16, 0, CPU)

@@ -152,3 +152,22 @@ def test_seed_without_teacher_is_a_clear_error():
     # Refused when the recipe is validated (or, for a config built by hand, by the method).
     with pytest.raises(UserError, match="needs a teacher"):
         create_method(load_config(None, _overrides("seed", None)), num_classes=10)
+
+
+def test_queue_push_is_out_of_place():
+    """The queue is replaced, not written in place: under `train.compile` the loss's backward may
+    read the queue tensor itself (torch.compile recomputes the snapshot's clone rather than saving
+    it), and an in-place push then failed the step ("modified by an inplace operation")."""
+    import torch
+
+    from edgedistill.methods.components import EmbeddingQueue
+
+    queue = EmbeddingQueue(8, 4)
+    before = queue.embeddings
+    saved = before.clone()
+    queue.push(torch.ones(4, 4))
+    assert torch.equal(before, saved)
+    assert torch.equal(queue.embeddings[:4], torch.ones(4, 4)) and torch.equal(queue.embeddings[4:], saved[4:])
+    assert int(queue.ptr) == 4 and "embeddings" in dict(queue.named_buffers())
+    queue.push(torch.zeros(4, 4))
+    assert int(queue.ptr) == 0 and not queue.embeddings[4:].any()

@@ -68,11 +68,13 @@ def test_report_joins_every_artifact(report, export_dir):
     assert int8 and all(a["bytes"] < by["onnx-fp32"]["bytes"] / 2 for a in int8)
     assert by["onnx-fp32"]["macs"] == by["torch-fp32"]["macs"] == int8[0]["macs"]
     assert rep["environment"]["bench"] and rep["environment"]["report"]["versions"]["torch"]
+    # Every latency says what it measured (on the CPU: the host wall time of the call).
+    assert rep["latency"] and all(r["clock"] == "host" for r in rep["latency"])
 
     md = path.with_name("report.md").read_text()
     for name in names:
         assert f"`{name}`" in md
-    assert "accuracy_vs_size.png" in md and "jetson-test" in md and "MMACs" in md
+    assert "accuracy_vs_size.png" in md and "jetson-test" in md and "MMACs" in md and "`cuda-events`" in md
 
 
 def test_plots_exist_and_are_not_trivial(report):
@@ -89,7 +91,7 @@ def test_plots_exist_and_are_not_trivial(report):
 
 
 def test_macs_torch_and_onnx_agree(evaluated_run, export_dir):
-    from edgedistill.bench.torch_runtime import load_run_classifier
+    from edgedistill.runfolder.load import load_run_classifier
     from edgedistill.report.macs import onnx_macs, torch_macs
 
     model = load_run_classifier(evaluated_run)
@@ -140,3 +142,30 @@ def test_report_cli_errors(evaluated_run, tmp_path):
     assert result.exit_code == 2 and "bad.json" in result.output
     result = CliRunner().invoke(app, ["report", str(tmp_path / "no-run")])
     assert result.exit_code == 2
+
+
+def test_stale_bench_results_are_skipped(export_dir, device_results, tmp_path, caplog):
+    """A bench file records the manifest it timed: after a re-export (a new manifest) the report
+    must not join the previous model's latency."""
+    import logging
+
+    from edgedistill.kit import load_kit_module
+    from edgedistill.deploy.manifest import bench_results as _bench_docs
+
+    kit = load_kit_module("edgekit")
+    exp = tmp_path / "export"
+    shutil.copytree(export_dir, exp, ignore=shutil.ignore_patterns("bench*.json"))
+    doc = kit.read_results(device_results)
+    doc["export"] = {**doc.get("export", {}), "manifest_sha256": kit.file_sha256(exp / "manifest.json")}
+    kit.write_results(doc, exp / "bench.json")
+    fresh = _bench_docs(exp, [])
+    assert [s for s, _ in fresh] == [str(exp / "bench.json")]
+
+    manifest = json.loads((exp / "manifest.json").read_text())
+    manifest["created"] = "re-exported"
+    (exp / "manifest.json").write_text(json.dumps(manifest))
+    stale: list[str] = []
+    with caplog.at_level(logging.WARNING):
+        assert _bench_docs(exp, [], stale) == []
+    assert stale == [str(exp / "bench.json")]
+    assert "stale" in caplog.text and "bench.json" in caplog.text

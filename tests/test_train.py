@@ -7,7 +7,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from conftest import interrupt_after_checkpoint, tiny_overrides
+from conftest import interrupt_after_checkpoint, interrupt_after_log, tiny_overrides
 from edgedistill.cli import app
 from edgedistill.recipe import load_config
 from edgedistill.data.folder import embedded_digits
@@ -177,3 +177,89 @@ def test_channels_last_is_a_memory_format_only(tmp_path):
         assert f"channels_last={flag.capitalize()}" in (tmp_path / flag / "train.log").read_text()
     for key, nchw in runs["false"].items():
         torch.testing.assert_close(runs["true"][key], nchw, rtol=1e-3, atol=1e-4, msg=key)
+
+
+def _metrics(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_after_a_kill_between_checkpoints(tmp_path, monkeypatch):
+    """Killed at step 5 (checkpoint at 3, a half-written metrics line): --resume refuses a changed
+    recipe naming the key and leaves config.yaml alone; with the recipe it continues from step 3
+    to the uninterrupted run's weights, and metrics.jsonl holds each step once."""
+    overrides = tiny_overrides(**{"method.name": "mocov2", "train.max_steps": 6, "train.checkpoint_every": 3,
+                                  "train.log_every": 1})
+    full = tmp_path / "full"
+    train(load_config(None, overrides), full)
+    part = tmp_path / "part"
+    interrupt_after_log(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(None, overrides), part)
+    monkeypatch.undo()
+    assert torch.load(part / CHECKPOINT_FILE, weights_only=True)["step"] == 3
+    assert (part / "metrics.jsonl").read_text().count("\n") == 5  # steps 1-5 and half of 6
+
+    config = (part / "config.yaml").read_text()
+    changed = overrides + ["train.lr=0.5", "method.temperature=0.1"]
+    with pytest.raises(UserError, match=r"another recipe \(method.temperature: 0.2 -> 0.1; train.lr") as e:
+        train(load_config(None, changed), part, resume=True)
+    assert "train.max_steps" in str(e.value) and "config.yaml" in str(e.value)  # what may change, the fix
+    assert (part / "config.yaml").read_text() == config
+
+    train(load_config(None, overrides + ["train.log_every=1", "data.workers=0"]), part, resume=True)
+    assert [r["step"] for r in _metrics(part)] == [1, 2, 3, 4, 5, 6]
+    a, b = load_file(str(full / "student.safetensors")), load_file(str(part / "student.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    assert [r["loss"] for r in _metrics(part)] == pytest.approx([r["loss"] for r in _metrics(full)], abs=1e-5)
+
+
+def test_resume_with_a_longer_budget_replans_the_schedule(tmp_path):
+    """train.max_steps may change on resume: the lr schedule is planned again for the new length
+    from the checkpoint's step (the lr of a run planned for 8 steps from the start), and run.json
+    records the change."""
+    base = {"method.name": "mocov2", "train.log_every": 1, "train.warmup_steps": 1}
+    fresh = tmp_path / "fresh"
+    train(load_config(None, tiny_overrides(**base, **{"train.max_steps": 8})), fresh)
+    run = tmp_path / "run"
+    train(load_config(None, tiny_overrides(**base)), run)  # 4 steps, complete
+    train(load_config(None, tiny_overrides(**base, **{"train.max_steps": 8})), run, resume=True)
+    lrs = {r["step"]: r["lr"] for r in _metrics(run)}
+    assert sorted(lrs) == list(range(1, 9))
+    want = {r["step"]: r["lr"] for r in _metrics(fresh)}
+    for step in range(5, 9):
+        assert lrs[step] == pytest.approx(want[step], rel=1e-9), step
+    summary = json.loads((run / "run.json").read_text())
+    assert summary["steps"] == 8 and summary["resumes"] == [{"step": 4, "changed": {"train.max_steps": [4, 8]}}]
+    assert load_config(run / "config.yaml").train.max_steps == 8
+
+
+@pytest.mark.parametrize("extra", [{"train.precision": "bf16"}, {"train.precision": "fp16"}])
+def test_reduced_precision_trains_on_cpu(tmp_path, extra):
+    """bf16 autocast and fp16 (autocast + grad scaler) run the same loop on the CPU: finite losses,
+    the precision in the log, a checkpoint that resumes (fp16 carries the scaler state)."""
+    overrides = tiny_overrides(**{"method.name": "mocov2", "train.max_steps": 2, **extra})
+    result = train(load_config(None, overrides), tmp_path / "run")
+    assert result.steps == 2 and all(torch.isfinite(torch.tensor(v)) for v in result.final_losses.values())
+    dtype = {"bf16": "bfloat16", "fp16": "float16"}[extra["train.precision"]]
+    assert f"precision=torch.{dtype}" in (tmp_path / "run" / "train.log").read_text()
+    ckpt = torch.load(tmp_path / "run" / CHECKPOINT_FILE, weights_only=True)
+    assert (ckpt["scaler"] is not None) == (extra["train.precision"] == "fp16")
+    assert ckpt["cuda_rng"] is None  # no GPU in this run
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_checkpoint_restores_the_cuda_rng_state(tmp_path):
+    from edgedistill.methods import create_method
+    from edgedistill.train import _load_checkpoint, _save_checkpoint, setup_training
+
+    cfg = load_config(None, tiny_overrides(**{"method.name": "mocov2"}))
+    device = torch.device("cuda")
+    method = create_method(cfg, num_classes=10).to(device)
+    state = setup_training(cfg, method, device, 1, 4)
+    torch.cuda.manual_seed(123)
+    _save_checkpoint(tmp_path / "c.pt", method, state.optimizers, state.scaler, 1, 0, 1, cfg, state.schedulers)
+    expected = torch.rand(4, device=device)
+    torch.rand(100, device=device)  # move the generator on
+    _load_checkpoint(tmp_path / "c.pt", method, state)
+    assert torch.equal(torch.rand(4, device=device), expected)

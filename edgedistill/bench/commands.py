@@ -31,7 +31,7 @@ def bench(
     runs: Annotated[int, typer.Option(help="Timed runs per measurement.")] = 50,
     time_s: Annotated[Optional[float], typer.Option("--time", help="Time budget in seconds per measurement (instead of --runs).")] = None,
     warmup: Annotated[int, typer.Option(help="Untimed warm-up runs per measurement.")] = 10,
-    artifact: Annotated[Optional[list[str]], typer.Option(help="Only this artifact (repeatable), e.g. onnx-int8-ort-cpu.")] = None,
+    artifact: Annotated[Optional[list[str]], typer.Option(help="Only this artifact (repeatable): a name from the export's manifest.json, e.g. onnx-fp32, onnx-int8-u8s8, torch-fp32.")] = None,
     engine: Annotated[Optional[list[Path]], typer.Option(help="Also time this TensorRT engine file (repeatable).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Results JSON (default: EXPORT_DIR/bench.json).")] = None,
 ):

@@ -39,9 +39,7 @@ KIT_RUNTIMES = tuple(r for r in ALL_RUNTIMES if not r.startswith("torch-"))
 # `auto`: every runtime that is present, except torch.compile (compiling takes minutes on a CPU).
 AUTO_RUNTIMES = tuple(r for r in ALL_RUNTIMES if not r.startswith("torch-compile"))
 ALIASES = {"ort": "ort-cpu", "onnxruntime": "ort-cpu", "torch": "torch-cpu", "trt": "tensorrt",
-           "ort-tensorrt": "ort-trt", "compile": "torch-compile",
-           "openvino": "openvino-cpu"}
-BENCH_FILE = "bench.json"
+           "ort-tensorrt": "ort-trt", "compile": "torch-compile", "openvino": "openvino-cpu"}
 
 
 def parse_runtimes(spec: str | list[str] | tuple[str, ...] | None) -> list[str]:
@@ -76,13 +74,14 @@ def bench_export(export_dir, runtimes="ort-cpu,torch-cpu", batches=(1,), threads
     batches = [int(size) for size in batches]
     if not batches or min(batches) < 1:
         raise UserError(f"batch sizes must be >= 1, got {batches}")
-    from edgedistill.bench.torch_runtime import TORCH_ARTIFACT, torch_unavailable
+    from edgedistill.bench.torch_runtime import torch_unavailable
+    from edgedistill.deploy.manifest import BENCH_FILE, MANIFEST_FILE, TORCH_ARTIFACT
 
     if artifacts:
         names = [a["name"] for a in exp["artifacts"]] + [TORCH_ARTIFACT]
         unknown = sorted(set(artifacts) - set(names))
         if unknown:
-            raise UserError(f"unknown artifact(s) {', '.join(unknown)}: {export_dir / 'manifest.json'} has "
+            raise UserError(f"unknown artifact(s) {', '.join(unknown)}: {export_dir / MANIFEST_FILE} has "
                             f"{', '.join(names)}")
     wanted = parse_runtimes(runtimes)
     avail = kit.available_runtimes()
@@ -97,7 +96,8 @@ def bench_export(export_dir, runtimes="ort-cpu,torch-cpu", batches=(1,), threads
         torch_rts = []
     model = run_dir = None
     if torch_rts:
-        from edgedistill.bench.torch_runtime import find_source_run, load_run_classifier
+        from edgedistill.bench.torch_runtime import find_source_run
+        from edgedistill.runfolder.load import load_run_classifier
 
         run_dir = find_source_run(export_dir, exp["manifest"])
         if run_dir is None:
@@ -143,8 +143,7 @@ def bench_export(export_dir, runtimes="ort-cpu,torch-cpu", batches=(1,), threads
 
 
 def _bench_torch(kit, model, run_dir, exp, runtimes, batches, threads, warmup, runs, time_s, skipped, bar):
-    import platform
-
+    """The torch student on each torch runtime, through the kit's own loop (`bench_runner`)."""
     from edgedistill.bench.torch_runtime import TorchRunner, torch_artifact
 
     art = torch_artifact(run_dir, model)
@@ -152,23 +151,14 @@ def _bench_torch(kit, model, run_dir, exp, runtimes, batches, threads, warmup, r
     for runtime in runtimes:
         try:
             runner = TorchRunner(model, runtime, threads)
-            acc = None
-            if exp["labels"] is not None:
-                acc = kit.top1(runner.predict(exp["samples"]), exp["labels"])
+            runner.predict(exp["samples"][:1])  # torch.compile compiles here: a failure skips the runtime
         except Exception as e:  # e.g. torch.compile without a working C compiler
             skipped.append({"artifact": art["name"], "runtime": runtime, "reason": f"{type(e).__name__}: {e}"[:300]})
             log.warning("skip %s: %s", runtime, e)
             bar.advance(len(batches))
             continue
-        for batch in batches:
-            stats = kit.measure(runner, kit.tile_batch(exp["samples"], batch), warmup, runs, time_s)
-            row = {"artifact": art["name"], "file": art["file"], "format": "torch", "runtime": runtime,
-                   "provider": runner.provider, "precision": "fp32", "batch": batch, "threads": runner.threads,
-                   "warmup": warmup, **stats, "host": platform.node()}
-            if acc is not None:
-                row["top1"], row["top1_n"] = acc, int(exp["labels"].shape[0])
-            rows.append(row)
-            bar.advance(1)
+        rows += kit.bench_runner(runner, art, exp, batches, threads, warmup, runs, time_s, skipped,
+                                 log=log.warning, on_step=lambda: bar.advance(1))
     return rows
 
 

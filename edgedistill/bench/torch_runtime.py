@@ -12,35 +12,19 @@ long as a batch of 32 of the same model).
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from edgedistill.runfolder import CONFIG_FILE, EVAL_FILE, STUDENT_FILE
+from edgedistill.deploy.manifest import TORCH_ARTIFACT
 from edgedistill.errors import UserError
+from edgedistill.runfolder import CONFIG_FILE, STUDENT_FILE, read_eval
 from edgedistill.kit import load_kit_module
 
 kit = load_kit_module("edgekit")
 
-TORCH_ARTIFACT = "torch-fp32"
-
-
-def load_run_classifier(run_dir: Path) -> nn.Module:
-    """backbone (student.safetensors) + linear probe (classifier.safetensors) of an evaluated run."""
-    from edgedistill.evaluate import load_run_config, load_student_backbone
-    from edgedistill.models import CLASSIFIER_FILE, Classifier, read_classifier
-
-    run_dir = Path(run_dir)
-    path = run_dir / CLASSIFIER_FILE
-    if not path.is_file():
-        raise UserError(f"{path} is missing: run `edgedistill eval {run_dir}` first")
-    cfg = load_run_config(run_dir)
-    backbone = load_student_backbone(run_dir, cfg)
-    fc, _ = read_classifier(path)
-    return Classifier(backbone, fc).eval()
 
 
 def find_source_run(export_dir: Path, manifest: dict) -> Path | None:
@@ -128,8 +112,8 @@ def torch_artifact(run_dir: Path, model: nn.Module) -> dict:
     size = sum(p.numel() * p.element_size() for p in model.state_dict().values())
     meta = {}
     try:
-        meta = json.loads((Path(run_dir) / EVAL_FILE).read_text()).get("student", {})
-    except (OSError, ValueError):
+        meta = (read_eval(run_dir, required=False) or {}).get("student", {})
+    except UserError:  # a damaged eval.json only costs the eval top-1 of this row
         pass
     return {"name": TORCH_ARTIFACT, "file": str(Path(run_dir) / STUDENT_FILE), "format": "torch",
             "precision": "fp32", "params": params, "bytes": size, "top1_eval": meta.get("linear_top1")}

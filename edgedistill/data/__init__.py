@@ -65,14 +65,29 @@ def build_train_loader(cfg: DataConfig, folder: ImageFolder, num_views: int, bat
             "lower train.batch_size or add images"
         )
     kind = choose_loader(cfg.loader, device)
+    args = (folder, cfg, num_views, batch_size, seed, device, rank, world)
     if kind == "torchvision":
-        from edgedistill.data.torch_loader import TorchvisionTrainLoader
-
-        return TorchvisionTrainLoader(folder, cfg, num_views, batch_size, seed, device, rank, world, augmentation)
+        return _torchvision_loader(*args, augmentation=augmentation)
     from edgedistill.data.dali_loader import DaliTrainLoader
 
-    return DaliTrainLoader(folder, cfg, num_views, batch_size, seed, device, rank, world, gpu=kind == "dali-gpu",
-                           augmentation=augmentation)
+    if cfg.loader != "auto":  # asked for by name: a pipeline that cannot be built is the user's error
+        return DaliTrainLoader(*args, gpu=kind == "dali-gpu", augmentation=augmentation)
+    # auto: DALI's GPU pipeline can fail to build where DALI imports (e.g. a driver older than the
+    # CUDA of the nvidia-dali-cuda130 wheel); fall back to DALI's CPU pipeline, then torchvision.
+    for gpu in ((True, False) if kind == "dali-gpu" else (False,)):
+        try:
+            return DaliTrainLoader(*args, gpu=gpu, augmentation=augmentation)
+        except (UserError, RuntimeError, OSError, ImportError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            log.warning("data.loader auto: the dali-%s pipeline cannot run here (%s): falling back to %s",
+                        "gpu" if gpu else "cpu", first, "dali-cpu" if gpu else "torchvision")
+    return _torchvision_loader(*args, augmentation=augmentation)
+
+
+def _torchvision_loader(*args, augmentation: str):
+    from edgedistill.data.torch_loader import TorchvisionTrainLoader
+
+    return TorchvisionTrainLoader(*args, augmentation)
 
 
 __all__ = [

@@ -28,6 +28,27 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 EMBEDDED_PREFIX = "embedded:"
 
 
+def walk_images(root: str | Path, skip_hidden: bool = False) -> list[str]:
+    """Every image file under `root`, symlinks followed, folder by folder in sorted order (the
+    names in each sorted).
+
+    A symlinked folder is entered once: a link back to a folder already walked (a cycle, or two
+    links to one folder) is skipped, where `os.walk(followlinks=True)` alone never ends."""
+    folders: list[tuple[str, list[str]]] = []
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, names in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        if skip_hidden:
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        dirnames.sort()
+        folders.append((dirpath, sorted(n for n in names if n.lower().endswith(IMAGE_EXTENSIONS))))
+    return [os.path.join(d, n) for d, names in sorted(folders) for n in names]
+
+
 def cache_dir() -> Path:
     root = os.environ.get("EDGEDISTILL_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "edgedistill"
@@ -96,13 +117,10 @@ def scan_folder(root: str | Path, strict: bool = False, workers: int = 2, what: 
     files: list[tuple[str, int, float]] = []
     labels: list[int] = []
     for label, cls in enumerate(classes):
-        for dirpath, _, names in sorted(os.walk(root / cls, followlinks=True)):
-            for name in sorted(names):
-                if name.lower().endswith(IMAGE_EXTENSIONS):
-                    p = os.path.join(dirpath, name)
-                    st = os.stat(p)
-                    files.append((p, st.st_size, st.st_mtime))
-                    labels.append(label)
+        for p in walk_images(root / cls):
+            st = os.stat(p)
+            files.append((p, st.st_size, st.st_mtime))
+            labels.append(label)
     if not files:
         raise UserError(f"{what} folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)}) under its class folders")
     bad = _verify(files, workers)

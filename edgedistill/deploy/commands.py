@@ -51,7 +51,7 @@ def export(
     out: Annotated[Path | None, typer.Option(help="Export folder (default: RUN/export).")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset (17 parses in ONNX Runtime and TensorRT 8.6+).")] = DEFAULT_OPSET,
     exporter: Annotated[Exporter, typer.Option(help="legacy (TorchScript, fast) or dynamo (torch.export; opset >= 18).")] = Exporter("legacy"),
-    val_count: Annotated[int, typer.Option("--val-count", help="Validation images every artifact is scored on (0 = all).")] = 1000,
+    val_count: Annotated[int, typer.Option("--val-count", help="Validation images every artifact is scored on (a seeded subset, at least 1; all of them when the folder holds fewer). They are held in memory as one array.")] = 1000,
     tolerance: Annotated[float, typer.Option(help="fp32 parity: max |ONNX - torch| / max(1, max |torch|).")] = 1e-4,
     tolerance_fp16: Annotated[float, typer.Option("--tolerance-fp16", help="fp16 parity tolerance (same measure).")] = 2e-2,
     min_batch: Annotated[int, typer.Option(help="TensorRT profile: smallest batch.")] = 1,
@@ -74,7 +74,7 @@ def export(
             calib_count=calib_count, calibrator=calibrator.value, percentile=percentile, placement=placement.value,
             int8_classifier=int8_classifier, entropy_bins=entropy_bins, max_drop=max_drop, max_float_share=max_float_share, sensitivity=sensitivity,
             qad_steps=qad_steps, qad_lr=qad_lr, qad_batch=qad_batch, embedding=embedding, out=out, opset=opset,
-            exporter=exporter.value, val_count=val_count or None, tolerance=tolerance, tolerance_fp16=tolerance_fp16,
+            exporter=exporter.value, val_count=val_count, tolerance=tolerance, tolerance_fp16=tolerance_fp16,
             batches=(min_batch, opt_batch, max_batch),
         )
     except ExportCheckFailed as e:
@@ -87,13 +87,13 @@ def export(
 
 def print_export(folder: Path) -> None:
     """One table: artifact, file, size, top-1, agreement, max |diff|, notes."""
-    import json
-
     from rich.table import Table
 
     from edgedistill.ui import console
 
-    manifest = json.loads((Path(folder) / "manifest.json").read_text())
+    from edgedistill.deploy.manifest import MANIFEST_FILE, read_manifest
+
+    manifest = read_manifest(Path(folder), f"re-run `edgedistill export` into {folder}")
     table = Table(title=f"{folder}  ({manifest['arch']}, {manifest['kind']}, {manifest['validation']['images']} val images)")
     for col in ("artifact", "file", "size (KB)", "top-1", "agreement", "max |diff|", "notes"):
         table.add_column(col, justify="left" if col in ("artifact", "file", "notes") else "right")
@@ -132,4 +132,4 @@ def print_export(folder: Path) -> None:
         console.print(f"TensorRT engines skipped: {trt.get('reason')}", highlight=False)
         for job in trt.get("commands", []):
             console.print(f"  on the device: {job['kit_command']}", highlight=False, soft_wrap=True)
-    console.print(f"manifest: {Path(folder) / 'manifest.json'}  status: {manifest['status']}", highlight=False)
+    console.print(f"manifest: {Path(folder) / MANIFEST_FILE}  status: {manifest['status']}", highlight=False)

@@ -21,7 +21,7 @@ from edgedistill.errors import UserError
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+from edgedistill.data.folder import IMAGE_EXTENSIONS, walk_images
 
 
 def _transform(cfg: RunConfig):
@@ -62,11 +62,7 @@ def validation_set(cfg: RunConfig, val_count: int | None, seed: int = 0) -> tupl
 
 
 def list_images(root: Path) -> list[str]:
-    files = []
-    for dirpath, dirnames, names in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        files.extend(os.path.join(dirpath, n) for n in sorted(names) if n.lower().endswith(IMAGE_EXTENSIONS))
-    return sorted(files)
+    return sorted(walk_images(root, skip_hidden=True))
 
 
 def calibration_files(cfg: RunConfig, calib_data: Path | None, count: int, explicit_count: bool, seed: int = 0) -> tuple[list[str], str]:
@@ -112,14 +108,31 @@ def file_list_fingerprint(paths: list[str]) -> list[list]:
     return out
 
 
+def calibration_batching(count: int, batch_size: int) -> tuple[int, int]:
+    """(batch, padding) for `count` calibration images in equal batches of at most `batch_size`:
+    the fewest batches, as even as possible; `padding` images are repeated to fill the last."""
+    if count < 1:
+        return 1, 0
+    batches = -(-count // max(1, batch_size))
+    batch = -(-count // batches)
+    return batch, batches * batch - count
+
+
 def make_reader(paths: list[str], cfg: RunConfig, input_name: str, batch_size: int = 32):
     """An ONNX Runtime CalibrationDataReader that decodes `paths` batch by batch.
 
-    Every batch has the same size (the largest divisor of len(paths) up to `batch_size`): ONNX
-    Runtime's histogram calibrators (Entropy, Percentile) fail on a shorter last batch."""
+    Every batch has the same size, since ONNX Runtime's histogram calibrators (Entropy,
+    Percentile) fail on a shorter last batch: `calibration_batching` splits the files into the
+    fewest batches of at most `batch_size` and, when the count does not divide, fills the last
+    batch with the first files again (fewer repeats than batches), never a batch of 1 for a
+    prime count."""
     from onnxruntime.quantization import CalibrationDataReader
 
-    batch_size = max(d for d in range(1, min(batch_size, max(len(paths), 1)) + 1) if len(paths) % d == 0)
+    batch_size, pad = calibration_batching(len(paths), batch_size)
+    if pad:
+        log.info("calibration: %d images in batches of %d (%d image(s) of the first batch read twice to fill "
+                 "the last)", len(paths), batch_size, pad)
+        paths = list(paths) + list(paths[:pad])
 
     class ImageReader(CalibrationDataReader):
         def __init__(self):

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from edgedistill.runfolder import CLASSIFIER_FILE, STUDENT_FILE
-from edgedistill.deploy.manifest import MANIFEST_FILE
+from edgedistill.deploy.manifest import MANIFEST_FILE, TORCH_ARTIFACT
 from edgedistill.deploy.quantize import DEFAULT_OPSET
 from edgedistill.errors import UserError
 from edgedistill.ui import progress_bar
@@ -165,22 +165,39 @@ def _validate(opts: ExportOptions) -> None:
         raise UserError(f"TensorRT batches must satisfy 1 <= min <= opt <= max, got {tuple(b)}")
     if opts.tolerance <= 0 or opts.tolerance_fp16 <= 0:
         raise UserError("tolerances must be positive")
+    if opts.val_count is not None and opts.val_count < 1:
+        raise UserError(f"--val-count must be at least 1, got {opts.val_count}: every artifact is scored on one "
+                        f"in-memory array of that many validation images (default {DEFAULT_VAL_COUNT})")
 
 
 def _clean(out: Path) -> None:
-    """Remove what an earlier export wrote here (files named in its manifest, kit/, engines/ kept)."""
-    from edgedistill.deploy.manifest import MANIFEST_FILE
+    """Remove what an earlier export wrote here (files named in its manifest, kit/, engines/ kept).
 
+    A manifest is input like any other: a path in it that leaves `out` (absolute, `..`, or a
+    symlink out of the folder) is refused, and a manifest that cannot be read is an error, so a
+    tampered or foreign manifest never deletes files elsewhere."""
     manifest = out / MANIFEST_FILE
-    if manifest.is_file():
-        try:
-            old = json.loads(manifest.read_text())
-            for entry in old.get("files", []):
-                p = out / entry["path"]
-                if p.is_file() and not entry["path"].startswith("engines/"):
-                    p.unlink()
-        except (ValueError, KeyError, OSError):
-            pass
+    if not manifest.is_file():
+        shutil.rmtree(out / "kit", ignore_errors=True)
+        return
+    fix = f"delete {manifest} (or pass another --out) and export again"
+    try:
+        old = json.loads(manifest.read_text())
+        entries = [e["path"] for e in old.get("files", [])]
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
+        raise UserError(f"cannot read the earlier export's manifest {manifest} ({type(e).__name__}: {e}): {fix}") from None
+    root = out.resolve()
+    doomed = []
+    for rel in entries:
+        if not isinstance(rel, str) or not rel:
+            raise UserError(f"{manifest} lists a file path {rel!r} that is not a relative path: {fix}")
+        p = out / rel
+        if Path(rel).is_absolute() or not p.resolve().is_relative_to(root):
+            raise UserError(f"{manifest} lists {rel!r}, which is outside {out}: refusing to delete it; {fix}")
+        if p.is_file() and not rel.startswith("engines/"):
+            doomed.append(p)
+    for p in doomed:
+        p.unlink()
     shutil.rmtree(out / "kit", ignore_errors=True)
 
 
@@ -229,8 +246,10 @@ def _fmt_parity(name: str, metrics: dict, parity: dict) -> str:
 def export_run(run_dir: str | Path, int8: bool = False, fp16: bool = False, **kwargs) -> Path:
     """Export a run; returns the export folder. Keyword arguments: the fields of ExportOptions.
 
-    Raises UserError for bad input and ExportCheckFailed (ParityError) when a check fails; the
-    defaults finish in seconds on the demo's tiny model (512 calibration images, MinMax).
+    Raises UserError for bad input and ExportCheckFailed (ParityError) when a check fails. The
+    defaults (512 calibration images, `calibrator="auto"`: Percentile / Entropy / MinMax tried and
+    the one closest to fp32 on held-out calibration images kept) take seconds to a minute on the
+    demo's tiny model.
     """
     opts = ExportOptions(int8=int8, fp16=fp16, **kwargs)
     return _export(Path(run_dir), opts)
@@ -350,7 +369,7 @@ def _export(run_dir: Path, opts: ExportOptions) -> Path:
     use_labels = labels if dep.kind == "classifier" else None
     ref = ddata.torch_outputs(dep.model, images)
     ctx = _Export(dep, opts, out, images, use_labels, ref, runtime.compare(ref, ref, use_labels, dep.kind), calib_files)
-    ctx.st.artifacts.append(_artifact("torch-fp32", None, "pytorch", "fp32", "any", out,
+    ctx.st.artifacts.append(_artifact(TORCH_ARTIFACT, None, "pytorch", "fp32", "any", out,
                                       source=[str(run_dir / STUDENT_FILE)] +
                                       ([str(run_dir / CLASSIFIER_FILE)] if dep.kind == "classifier" else []),
                                       accuracy=ctx.torch_metrics))
@@ -360,14 +379,15 @@ def _export(run_dir: Path, opts: ExportOptions) -> Path:
 
     # Real sample inputs for torch-free benchmarks on the device.
     pick = np.sort(np.random.default_rng(0).permutation(len(images))[: min(SAMPLE_COUNT, len(images))])
-    np.save(out / "sample_inputs.npy", np.ascontiguousarray(images[pick]))
-    np.save(out / "sample_labels.npy", labels[pick])
+    from edgedistill.deploy.manifest import write_samples
+
+    samples = write_samples(out, np.ascontiguousarray(images[pick]), labels[pick], np.ascontiguousarray(ref[pick]))
     _on_samples(ctx, pick)
     trt = _kit_and_engines(ctx)
     if ctx.failures:
         ctx.st.status = "parity_failed"
     ctx.st.problems.extend(ctx.failures)
-    _write_manifest(ctx, run_dir, val_total, len(pick), trt, time.perf_counter() - t_start)
+    _write_manifest(ctx, run_dir, val_total, samples, trt, time.perf_counter() - t_start)
     if ctx.failures:
         raise ParityError("; ".join(ctx.failures) + f" (see {out / MANIFEST_FILE})", out)
     if ctx.st.status != "ok":
@@ -376,14 +396,12 @@ def _export(run_dir: Path, opts: ExportOptions) -> Path:
 
 
 def _on_samples(ctx: _Export, pick: np.ndarray) -> None:
-    """The fp32 reference outputs of the sample inputs (`kit/edgekit.py check` holds every artifact
-    run on the device against them), and each artifact's own numbers on those samples, computed as
-    its target computes it: what the device is held to."""
+    """Each artifact's own numbers on the sample inputs against their fp32 reference outputs,
+    computed as its target computes it: what `kit/edgekit.py check` holds the device to."""
     from edgedistill.deploy import runtime
     from edgedistill.kit import load_kit_module
 
     kit = load_kit_module("edgekit")
-    np.save(ctx.out / kit.SAMPLE_REFERENCE, np.ascontiguousarray(ctx.ref[pick]))
     exact = bool((ctx.st.int8.get("scored_with") or {}).get("exact"))
     for art in ctx.st.artifacts:
         if art.get("file"):
@@ -407,7 +425,7 @@ def _kit_and_engines(ctx: _Export) -> dict:
             "commands": jobs}
 
 
-def _write_manifest(ctx: _Export, run_dir: Path, val_total: int, samples: int, trt: dict, seconds: float) -> None:
+def _write_manifest(ctx: _Export, run_dir: Path, val_total: int, samples: dict, trt: dict, seconds: float) -> None:
     """accuracy.json and manifest.json (schema edgedistill.export/1), built in one place."""
     from edgedistill.deploy.manifest import ACCURACY_FILE, SCHEMA, file_entries
     from edgedistill.deploy.onnx_export import INPUT_NAME, preprocess_spec
@@ -440,8 +458,7 @@ def _write_manifest(ctx: _Export, run_dir: Path, val_total: int, samples: int, t
         "int8": st.int8 or None,
         "recommendation": st.recommendation,
         "tensorrt": trt,
-        "samples": {"inputs": "sample_inputs.npy", "labels": "sample_labels.npy", "reference": "sample_reference.npy",
-                    "count": samples},
+        "samples": samples,
         "status": st.status,
         "problems": st.problems,
         "seconds": round(seconds, 2),
@@ -575,7 +592,6 @@ def export_int8(ctx: _Export) -> dict:
     """PTQ; quantization-aware distillation when asked or when PTQ misses --max-drop; the float
     fallback as the last resort. The manifest says which of the three delivered the file."""
     from edgedistill.deploy import quantize as q
-    from edgedistill.evaluate import classifier_noise_check
 
     opts, out = ctx.opts, ctx.out
     cpu_class = q.resolve_cpu_class(opts.cpu)
@@ -605,7 +621,7 @@ def export_int8(ctx: _Export) -> dict:
                  "ort_version": __import__("onnxruntime").__version__}
         ctx.stamp(out / file, {"name": name, "precision": "int8", "target": opts.target, "format": setup.fmt,
                                "calibrator": setup.calib.settings.label, "kept_in_float": made["excluded"]})
-        check = (classifier_noise_check(ctx.dep.model, setup.scorer.images)
+        check = (q.classifier_check(ctx.dep.model, setup.scorer.images)
                  if ctx.kind == "classifier" and setup.scorer and not setup.plan.float_nodes else None)
         ctx.st.int8 = {"target": opts.target, "cpu_class": {"declared": opts.cpu, "built_for": setup.plan.cpu_class},
                        "scored_with": setup.arithmetic, "format": setup.fmt, "format_choice": setup.format_choice,
@@ -793,7 +809,6 @@ def _qad(ctx: _Export, pre: Path, ptq_path: Path, work: Path) -> tuple[Path, dic
     import onnx
     import torch
 
-    from edgedistill.data import build_train_loader, train_folder
     from edgedistill.deploy import qad
 
     dep, opts = ctx.dep, ctx.opts
@@ -802,12 +817,7 @@ def _qad(ctx: _Export, pre: Path, ptq_path: Path, work: Path) -> tuple[Path, dic
                                images=opts.qad_images)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     graph = qad.FakeQuantGraph(onnx.load(str(ptq_path)), qad.float_initializers(pre), settings.learn_scales).to(device)
-    folder = train_folder(dep.cfg.data, dep.cfg.seed)
-    batch = min(settings.batch_size, len(folder))
-    if settings.images == "clean":
-        loader = qad.CleanImages([path for path, _ in folder.samples], dep.cfg, batch, settings.seed)
-    else:
-        loader = build_train_loader(dep.cfg.data, folder, 1, batch, settings.seed, device)
+    folder, loader = qad.training_images(dep.cfg, settings, device)
     log.info("QAD: %d steps of batch %d on %s (%s loader), teacher: the fp32 model", settings.steps,
              loader.batch_size, folder.root, loader.name)
     record = qad.train(graph, dep.model.to(device), loader, dep.kind, settings, ctx.out,

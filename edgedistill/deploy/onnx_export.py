@@ -50,16 +50,17 @@ class Deployable:
 
 def load_deployable(run_dir: Path, embedding: bool = False) -> Deployable:
     """Student backbone (+ linear classifier when the run has one and `embedding` is False)."""
-    from edgedistill.evaluate import load_run_config, load_student_backbone
-    from edgedistill.models import CLASSIFIER_FILE, Classifier, read_classifier
+    from edgedistill.models import Classifier
+    from edgedistill.runfolder import CLASSIFIER_FILE
+    from edgedistill.runfolder.load import load_classifier, load_run_config, load_student_backbone
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run folder {run_dir} does not exist: pass a folder written by `edgedistill train`")
     cfg = load_run_config(run_dir)
     backbone = load_student_backbone(run_dir, cfg)
-    clf_path = run_dir / CLASSIFIER_FILE
-    if embedding or not clf_path.is_file():
+    found = None if embedding else load_classifier(run_dir)
+    if found is None:
         if not embedding:
             log.warning(
                 "%s has no %s (run `edgedistill eval %s` for a classifier): exporting the embedding model "
@@ -67,7 +68,7 @@ def load_deployable(run_dir: Path, embedding: bool = False) -> Deployable:
         else:
             log.info("exporting the bare embedding model (--embedding)")
         return Deployable(backbone.eval(), "embedding", "embedding", None, cfg, run_dir)
-    fc, meta = read_classifier(clf_path)
+    fc, meta = found
     classes = json.loads(meta["classes"]) if "classes" in meta else [str(i) for i in range(fc.out_features)]
     return Deployable(Classifier(backbone, fc).eval(), "classifier", "logits", classes, cfg, run_dir)
 
@@ -167,7 +168,10 @@ def stamp_metadata(path: Path, meta: dict[str, str]) -> None:
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     proto.doc_string = f"edgedistill {edgedistill.__version__} export of {dep_desc(meta)}"
-    onnx.save(proto, str(path))
+    from edgedistill.fileio import atomic_write
+
+    # Not in place: a kill mid-write would leave a truncated model under the artifact's name.
+    atomic_write(path, lambda tmp: onnx.save(proto, str(tmp)))
 
 
 def dep_desc(meta: dict[str, str]) -> str:

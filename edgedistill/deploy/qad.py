@@ -400,6 +400,17 @@ class CleanImages:
             yield [torch.from_numpy(np.ascontiguousarray(images))], None
 
 
+def training_images(cfg, settings: QADSettings, device: torch.device):
+    """QAD's data: the run's training folder and a loader of it (`settings.images`: "clean", the
+    eval transform plus flips, or the run's own training augmentation); returns (folder, loader)."""
+    from edgedistill.data import build_train_loader, train_folder
+
+    folder = train_folder(cfg.data, cfg.seed)
+    batch = min(settings.batch_size, len(folder))
+    if settings.images == "clean":
+        return folder, CleanImages([path for path, _ in folder.samples], cfg, batch, settings.seed)
+    return folder, build_train_loader(cfg.data, folder, 1, batch, settings.seed, device)
+
 
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str, temperature: float) -> torch.Tensor:
     """KL(teacher || student) of softmax(logits / T), times T^2, for classifiers; MSE of the

@@ -733,3 +733,41 @@ def split_holdout(files: list[str], fraction: float = HOLDOUT_FRACTION) -> tuple
     held_set = set(held)
     return [f for f in files if f not in held_set], held
 
+
+# --------------------------------------------------------------------------- the INT8 classifier
+
+# An INT8 classifier (`export --int8-classifier`) quantizes its input, the pooled features, to 8
+# bits with one scale over their range: `classifier_check` runs that on held-out images, and a
+# classifier whose decisions change for more than (100 - FRAGILE_AGREEMENT)% of them is fragile.
+NOISE_BITS = 8
+FRAGILE_AGREEMENT = 98.0
+
+
+def quantize_features(feats, lo: float, hi: float, bits: int = NOISE_BITS):
+    """Per-tensor asymmetric fake quantization of a torch tensor over [lo, hi]."""
+    import torch
+
+    step = max(hi - lo, 1e-12) / (2**bits - 1)
+    return torch.round((feats.clamp(lo, hi) - lo) / step) * step + lo
+
+
+def classifier_check(model, images) -> dict:
+    """Top-1 agreement of a `Classifier` (backbone + fc) with itself when only its input features
+    are quantized to NOISE_BITS bits over their range on `images` (a numpy or torch batch), as an
+    INT8 classifier's input QuantizeLinear does."""
+    import torch
+
+    with torch.no_grad():
+        x = torch.as_tensor(images)
+        feats = model.backbone.eval()(x)
+        lo, hi = float(feats.min()), float(feats.max())
+        clean, noisy = model.fc(feats).argmax(1), model.fc(quantize_features(feats, lo, hi)).argmax(1)
+        weight = model.fc.weight.abs()
+        agreement = round(100.0 * float((clean == noisy).float().mean()), 2)
+        ratio = round(float(weight.max() / weight.median().clamp_min(1e-12)), 1)
+    fragile = agreement < FRAGILE_AGREEMENT
+    return {"noise_bits": NOISE_BITS, "agreement": agreement, "images": int(x.shape[0]), "fragile": fragile,
+            "max_over_median_weight": ratio,
+            "advice": (f"quantizing only the classifier's input to {NOISE_BITS} bits changes {100 - agreement:.1f}% "
+                       "of its decisions: export without --int8-classifier (the classifier and its input stay "
+                       "in float)") if fragile else ""}

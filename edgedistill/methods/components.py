@@ -394,7 +394,10 @@ class EmbeddingQueue(nn.Module):
         if size % n:
             raise UserError(f"method.queue_size {size} must be a multiple of the global batch {n}")
         ptr = int(self.ptr)
-        self.embeddings[ptr : ptr + n] = batch
+        # Out of place: under torch.compile the loss's backward may read the queue tensor itself
+        # (the snapshot's clone is recomputed, not saved), which an in-place write would corrupt.
+        self.embeddings = torch.cat([self.embeddings[:ptr], batch.to(self.embeddings.dtype),
+                                     self.embeddings[ptr + n :]])
         self.ptr.fill_((ptr + n) % size)
 
 

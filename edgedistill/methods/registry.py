@@ -1,6 +1,7 @@
 """The method registry: `@register("name")` on a `Method` subclass makes it a recipe's
-`method.name`. A leaf (it imports only `base`), so method modules import it and the package
-`edgedistill.methods` imports them, without an import cycle."""
+`method.name`. Not a leaf: it imports `base` (and through it `config` and `data`), but never a
+method module, so method modules import it and the package `edgedistill.methods` imports them,
+without an import cycle."""
 
 from __future__ import annotations
 

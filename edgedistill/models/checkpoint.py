@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import yaml
 from safetensors.torch import load_file, save_file
 
 from edgedistill.runfolder import CLASSIFIER_FILE, CONFIG_FILE, HEAD_FILE, STUDENT_FILE  # noqa: F401 (re-exported by models)
@@ -180,7 +179,7 @@ def _load_run_encoder(run: Path, backbone: nn.Module, cfg: ModelConfig) -> Encod
 
 
 def read_run_config(run: Path) -> dict:
-    path = Path(run) / CONFIG_FILE
-    if not path.is_file():
-        raise UserError(f"{run} is not an edgedistill run folder: config.yaml is missing")
-    return yaml.safe_load(path.read_text())
+    """The run's config.yaml as a dict (the run folder's reader: `runfolder.read_config`)."""
+    from edgedistill.runfolder import read_config
+
+    return read_config(run)

@@ -22,7 +22,8 @@ import json
 import logging
 from pathlib import Path
 
-from edgedistill.runfolder import CLASSIFIER_FILE, EVAL_FILE, STUDENT_FILE
+from edgedistill.deploy.manifest import CHECK_SCHEMA, MANIFEST_FILE, TORCH_ARTIFACT, bench_results, read_manifest
+from edgedistill.runfolder import CLASSIFIER_FILE, STUDENT_FILE, read_eval
 from edgedistill.errors import UserError
 from edgedistill.fileio import write_json, write_text
 
@@ -34,60 +35,12 @@ REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 PLOT_SIZE = "accuracy_vs_size.png"
 PLOT_LATENCY = "accuracy_vs_latency.png"
-TORCH_ARTIFACT = "torch-fp32"
 
 
-def _read_json(path: Path, fix: str) -> dict:
-    """The device kit's JSON reader, its errors as UserError."""
-    from edgedistill.kit import load_kit_module
-
-    kit = load_kit_module("edgekit")
-    try:
-        return kit.read_json_object(path, fix)
-    except kit.KitError as e:
-        raise UserError(str(e)) from None
-
-
-def _bench_docs(export_dir: Path | None, device_results) -> list[tuple[str, dict]]:
-    from edgedistill.kit import load_kit_module
-
-    kit = load_kit_module("edgekit")
-    paths: list[Path] = []
-    if export_dir is not None and export_dir.is_dir():
-        paths += sorted(export_dir.glob("bench*.json"))
-    paths += [Path(p) for p in device_results]
-    docs, seen = [], set()
-    for p in paths:
-        key = p.resolve()
-        if key in seen:
-            continue
-        seen.add(key)
-        try:
-            docs.append((str(p), kit.read_results(p)))
-        except kit.KitError as e:
-            raise UserError(str(e)) from None
-    return docs
-
-
-def _split_device_results(device_results) -> tuple[list[Path], list[Path]]:
-    """(bench results, check results) among the --device-results files, by their schema."""
-    from edgedistill.kit import load_kit_module
-
-    check_schema = load_kit_module("edgekit").CHECK_SCHEMA
-    benches, checks = [], []
-    for path in map(Path, device_results):
-        is_check = path.is_file() and _read_json(path, "pass a JSON written by the device kit").get("schema") == check_schema
-        (checks if is_check else benches).append(path)
-    return benches, checks
-
-
-def _check_rows(export_dir: Path | None, paths: list[Path]) -> list[dict]:
+def _check_rows(docs) -> list[dict]:
     """One row per artifact x runtime x device of the accuracy checks run on devices."""
-    if export_dir is not None and export_dir.is_dir():
-        paths = sorted(export_dir.glob("check*.json")) + [p for p in paths if p.parent != export_dir]
     rows = []
-    for path in paths:
-        doc = _read_json(path, "pass a JSON written by `kit/edgekit.py check`")
+    for path, doc in docs:
         env = doc.get("environment") or {}
         for r in doc.get("results", []):
             rows.append({"artifact": r["artifact"], "runtime": r["runtime"], "precision": r.get("precision"),
@@ -114,13 +67,14 @@ def _latency_rows(docs) -> list[dict]:
                 "mean_ms": lat.get("mean"), "std_ms": lat.get("std"), "throughput_ips": r.get("throughput_ips"),
                 "h2d_ms": r.get("h2d_ms"), "d2h_ms": r.get("d2h_ms"), "top1_samples": r.get("top1"),
                 "spread_p90_p50": r.get("spread_p90_p50"), "unreliable": bool(r.get("unreliable")),
+                "clock": r.get("clock"),
             })
     return rows
 
 
 def _torch_model(run_dir: Path):
     try:
-        from edgedistill.bench.torch_runtime import load_run_classifier
+        from edgedistill.runfolder.load import load_run_classifier
 
         return load_run_classifier(run_dir)
     except UserError as e:
@@ -199,22 +153,17 @@ def build_report(run_dir, device_results=(), export_dir=None, out_dir=None) -> P
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir} is not a run folder: pass the folder written by `edgedistill train`")
-    ev = _read_json(run_dir / EVAL_FILE, f"run `edgedistill eval {run_dir}` first")
-    if "student" not in ev:
-        raise UserError(f"{run_dir / 'eval.json'} has no 'student' entry: re-run `edgedistill eval {run_dir}`")
+    ev = read_eval(run_dir)
     export_dir = Path(export_dir) if export_dir else run_dir / "export"
     manifest = None
-    if (export_dir / "manifest.json").is_file():
-        manifest = _read_json(export_dir / "manifest.json", f"re-run `edgedistill export {run_dir}`")
-        if not str(manifest.get("schema", "edgedistill.export/1")).startswith("edgedistill.export/"):
-            raise UserError(f"{export_dir / 'manifest.json'} has schema {manifest.get('schema')!r}, "
-                            "expected 'edgedistill.export/1'")
+    if (export_dir / MANIFEST_FILE).is_file():
+        manifest = read_manifest(export_dir, f"re-run `edgedistill export {run_dir}`")
     else:
         log.warning("%s has no manifest.json: the report covers the torch student only "
                     "(run `edgedistill export %s`)", export_dir, run_dir)
-    bench_paths, check_paths = _split_device_results(device_results)
-    docs = _bench_docs(export_dir if manifest else None, bench_paths)
-    device_checks = _check_rows(export_dir if manifest else None, check_paths)
+    stale: list[str] = []
+    docs = bench_results(export_dir if manifest else None, device_results, stale)
+    device_checks = _check_rows(bench_results(export_dir if manifest else None, device_results, stale, CHECK_SCHEMA))
     latency = _latency_rows(docs)
 
     student = ev["student"]
@@ -307,7 +256,8 @@ def build_report(run_dir, device_results=(), export_dir=None, out_dir=None) -> P
         "latency": latency,
         "device_checks": device_checks,
         "summary": _summary(artifacts, latency),
-        "notes": _notes(artifacts, latency, docs, manifest),
+        "notes": [f"{p} skipped: stale (it timed an earlier export of this folder; re-run `edgedistill bench`)"
+                  for p in stale] + _notes(artifacts, latency, docs, manifest),
         "int8": _int8_section(manifest, export_dir),
         "macs_method": "conv + linear multiply-accumulates for one image (ONNX graph per artifact; torch hooks "
                        "for the torch student); activations, norms, pooling not counted",
@@ -437,10 +387,13 @@ def render_markdown(report: dict) -> str:
             rows.append([f"`{r['artifact']}`", r["runtime"], str(r.get("host")), str(r["batch"]),
                          str(r.get("threads") or "-"), _f(r["p50_ms"], "{:.3f}"), _f(r["p90_ms"], "{:.3f}"),
                          _f(r["p99_ms"], "{:.3f}"), _f(r["std_ms"], "{:.3f}"), _f(r["throughput_ips"], "{:.1f}"),
-                         _f(r.get("h2d_ms"), "{:.3f}"), _f(r.get("d2h_ms"), "{:.3f}")])
+                         _f(r.get("h2d_ms"), "{:.3f}"), _f(r.get("d2h_ms"), "{:.3f}"), str(r.get("clock") or "-")])
         out += [_table(["artifact", "runtime", "host", "batch", "threads", "p50", "p90", "p99", "std", "img/s",
-                        "H2D", "D2H"], rows), "",
-                "Milliseconds. On GPU, p50..p99 are device time; H2D/D2H are the copies, measured apart.", ""]
+                        "H2D", "D2H", "clock"], rows), "",
+                "Milliseconds. `clock` says what each time is: `cuda-events`, device time between CUDA events "
+                "(TensorRT engines, torch on CUDA); `host`, the wall time of one synchronous call (the CPU, and "
+                "ONNX Runtime's CUDA / TensorRT providers, whose time includes launch and synchronisation). "
+                "On a GPU, H2D/D2H are the copies, measured apart.", ""]
 
     if report.get("device_checks"):
         out += ["## Accuracy checks on the devices", "",

@@ -12,7 +12,9 @@ Checks, per gated artifact (default: every artifact of the baseline; `--artifact
 - dominated: the baseline is at least as accurate *and* at least as small, and strictly better in
   one of them (accuracy ties within `accuracy_noise` points, size within 0.5 %): any loss of
   accuracy must buy a smaller model.
-A baseline artifact missing from the report fails too. Exit 0 when every check holds, 1 otherwise;
+A baseline artifact missing from the report fails too. When report and baseline scored top-1 on
+different numbers of images (or one does not say), the accuracy check still compares them and
+says so, in its detail and in an `images` notice (a GitHub annotation with `--format github`). Exit 0 when every check holds, 1 otherwise;
 bad inputs raise UserError (exit 2) naming the file.
 
 Baseline file ("edgedistill.baseline/1", small enough to commit): the gated numbers of a report
@@ -38,7 +40,7 @@ SIZE_NOISE = 0.005  # relative: ONNX files move by a few bytes with metadata
 
 @dataclass
 class Check:
-    check: str  # accuracy | size | latency | latency-regression | dominated | missing
+    check: str  # accuracy | images | size | latency | latency-regression | dominated | missing | new
     artifact: str
     status: str  # pass | fail | skip
     measured: str = ""
@@ -163,9 +165,14 @@ def run_gate(report_path, baseline_path, **flags) -> GateResult:
         else:
             drop = b["top1"] - n["top1"]
             ok = drop <= budgets["max_drop"] + 1e-9
+            images = _image_counts(n.get("n"), b.get("n"))
             checks.append(Check("accuracy", name, "pass" if ok else "fail", f"{n['top1']:.2f}%",
                                 f">= {b['top1'] - budgets['max_drop']:.2f}%",
-                                f"{(-drop) or 0.0:+.2f} pp vs baseline {b['top1']:.2f}% (max drop {budgets['max_drop']:g})"))
+                                f"{(-drop) or 0.0:+.2f} pp vs baseline {b['top1']:.2f}% (max drop {budgets['max_drop']:g})"
+                                + (f"; {images}" if images else "")))
+            if images:
+                checks.append(Check("images", name, "skip", f"{n.get('n') or '?'} images",
+                                    f"baseline {b.get('n') or '?'} images", images))
         # size budget
         if budgets["max_size_mb"] is not None:
             if n.get("bytes") is None:
@@ -231,6 +238,19 @@ def run_gate(report_path, baseline_path, **flags) -> GateResult:
     return result
 
 
+def _image_counts(new_n, base_n) -> str:
+    """'' when report and baseline scored top-1 on the same number of images, else what differs
+    (the accuracy check still compares the two: say so, so that nobody reads the gap as the
+    model's alone)."""
+    if new_n and base_n and new_n == base_n:
+        return ""
+    if not new_n or not base_n:
+        return (f"image count unknown on the {'report' if not new_n else 'baseline'} side: "
+                "the two top-1 may come from different images")
+    return (f"top-1 measured on {new_n} images here and on {base_n} in the baseline: different image sets, "
+            "so the difference includes their sampling noise (rebuild the baseline with the same --val-count)")
+
+
 def _best_rows(latency: list[dict], artifact: str, batch: int) -> list[dict]:
     """Rows of `artifact` at `batch`, one per (runtime, host, cpu, gpu, threads): the lowest p50."""
     best: dict[tuple, dict] = {}
@@ -278,7 +298,7 @@ def format_github(result: GateResult) -> str:
         if c.status == "fail":
             lines.append(f"::error title=edgedistill gate: {c.check} ({c.artifact})::"
                          + _escape(f"{c.artifact}: {c.check} {c.measured} (limit {c.limit}). {c.detail}"))
-        elif c.status == "skip" and c.check in ("latency-regression", "new"):
+        elif c.status == "skip" and c.check in ("latency-regression", "new", "images"):
             lines.append(f"::notice title=edgedistill gate: {c.check} ({c.artifact})::" + _escape(c.detail))
     n_pass = sum(c.status == "pass" for c in result.checks)
     if result.passed:
