@@ -60,6 +60,7 @@ from edgedistill.models import (
 )
 from edgedistill.ui import console, progress_bar
 from edgedistill.fileio import write_json
+from edgedistill.knn import knn_top1
 
 log = logging.getLogger(__name__)
 
@@ -127,20 +128,6 @@ def extract_features(backbone: nn.Module, folder: ImageFolder, cfg: RunConfig, d
         feats_t, labels_t = dist_utils.gather_shards(feats_t, labels_t, per)
         feats_t, labels_t = feats_t[:n], labels_t[:n]
     return feats_t, labels_t, ips
-
-
-def knn_top1(train_f, train_y, val_f, val_y, k: int, temperature: float, num_classes: int, chunk: int = 512) -> float:
-    """Weighted kNN top-1 (percent) on cosine similarity."""
-    train_f, val_f = F.normalize(train_f, dim=1), F.normalize(val_f, dim=1)
-    k = min(k, train_f.shape[0])
-    correct = 0
-    for start in range(0, val_f.shape[0], chunk):
-        sim = val_f[start : start + chunk] @ train_f.t()
-        top_sim, top_idx = sim.topk(k, dim=1)
-        votes = torch.zeros(sim.shape[0], num_classes)
-        votes.scatter_add_(1, train_y[top_idx], (top_sim / temperature).exp())
-        correct += (votes.argmax(1) == val_y[start : start + chunk]).sum().item()
-    return 100.0 * correct / val_f.shape[0]
 
 
 def linear_probe(train_f, train_y, num_classes: int, epochs: int, lr: float, weight_decay: float,

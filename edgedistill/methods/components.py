@@ -316,7 +316,7 @@ class FrozenTeacher(nn.Module):
         return views.to(device), crops(order[:n_bank]), crops(order[n_bank:n_bank + n_query])
 
     def _fidelity(self, views, bank, queries, mode: str, reference: dict | None = None) -> dict:
-        from edgedistill.evaluate import knn_top1
+        from edgedistill.knn import knn_top1
 
         device = views.device
         was_training = self.encoder.training
