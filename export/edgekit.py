@@ -943,10 +943,12 @@ def make_results(results: list[dict], skipped: list[dict], env: dict, exp: dict 
 
 def write_results(doc: dict, path) -> Path:
     """Write a results JSON (bench or check) atomically (temp file + rename)."""
-    if doc.get("schema") not in (SCHEMA, CHECK_SCHEMA):
+    required = {SCHEMA: {"artifact", "runtime", "batch", "latency_ms", "throughput_ips"},
+                CHECK_SCHEMA: {"artifact", "runtime", "samples", "divergence", "passed"}}.get(doc.get("schema"))
+    if required is None:
         raise ValueError(f"not a {SCHEMA} or {CHECK_SCHEMA} document")
     for row in doc.get("results", []):
-        missing = {"artifact", "runtime", "batch", "latency_ms", "throughput_ips"} - set(row)
+        missing = required - set(row)
         if missing:
             raise ValueError(f"result row lacks {sorted(missing)}")
     path = Path(path)
