@@ -233,9 +233,10 @@ def test_probe_choice_and_noise_check():
 
 
 def test_ptq_alone_keeps_the_classifier_in_float_and_the_check_predicts_the_int8_one(evaluated_run, tmp_path):
-    """Post-training quantization only. By default the classifier and its input stay in float (the
-    pooled features never pass a QuantizeLinear) with >= 90% of the layers in INT8; with
-    --int8-classifier the classifier check must not pass while the file loses points."""
+    """Post-training quantization only. By default the head (from the global pooling to the logits)
+    runs with float activations and int8 weights: the pooled features never pass a QuantizeLinear,
+    >= 90% of the layers are fully INT8, the file >= 3x smaller. With --int8-classifier the
+    classifier check must not pass while the file loses points."""
     from edgedistill.deploy import export_run
 
     for int8_classifier in (False, True):
@@ -246,19 +247,24 @@ def test_ptq_alone_keeps_the_classifier_in_float_and_the_check_predicts_the_int8
         graph = onnx.load(str(out / art["file"])).graph
         producer = {o: n for n in graph.node for o in n.output}
         gemm = next(n for n in graph.node if n.op_type == "Gemm")
-        # Back from the classifier's input to the first DequantizeLinear: what it dequantizes.
-        feeds = producer[gemm.input[0]]
-        while feeds.op_type != "DequantizeLinear":
-            feeds = producer[feeds.input[0]]
-        quantized = producer[producer[feeds.input[0]].input[0]]  # DQ <- Q <- the quantized tensor's maker
-        check, floats = m["int8"]["classifier_check"], m["int8"]["placement"]["float_nodes"]
+        # Back from the classifier's input to the first DequantizeLinear of an activation.
+        walked, node = [], producer[gemm.input[0]]
+        while node.op_type != "DequantizeLinear":
+            walked.append(node.op_type)
+            node = producer[node.input[0]]
+        check, floats, layers = m["int8"]["classifier_check"], m["int8"]["placement"]["float_nodes"], m["int8"]["int8_layers"]
         if int8_classifier:
-            assert quantized.op_type != "Conv" and not floats and check is not None
+            assert "GlobalAveragePool" not in walked and not floats and check is not None
+            assert layers["int8"] == layers["weighted_layers"]
             assert check["fragile"] or art["accuracy"]["drop_vs_fp32"] <= 1.0, (check, art["accuracy"])
-        else:  # only the last convolution's output is quantized; the pooled features are not
-            assert quantized.op_type == "Conv", quantized
-            assert gemm.name in floats and check is None and m["int8"]["int8_layers"]["share"] >= 0.9
-            assert art["quantization"]["size_ratio_vs_fp32"] >= 3.0
+        else:  # MobileNetV3: GAP -> conv_head (int8 weights) -> HardSwish -> Flatten -> Gemm, all float activations
+            assert walked[-1] == "GlobalAveragePool" and "Conv" in walked, walked
+            assert gemm.name in floats and check is None and layers["share"] >= 0.9
+            assert layers["int8_weights_float_activations"] == 1 and art["quantization"]["size_ratio_vs_fp32"] >= 3.0
+            conv_head = next(n for n in graph.node if n.name.endswith("conv_head/Conv"))
+            weights = {i.name: i for i in graph.initializer}
+            assert weights[producer[conv_head.input[1]].input[0]].data_type == onnx.TensorProto.INT8  # int8 weights
+            assert weights[gemm.input[1]].data_type == onnx.TensorProto.FLOAT  # the probe's own weights: float
 
 
 def test_eval_keeps_a_jointly_trained_classifier(tmp_path):
