@@ -35,13 +35,22 @@ def table() -> None:
     from edgedistill.envinfo import environment
     from edgedistill.fileio import write_json
 
+    from edgedistill.demo import int8_summary
+
     rows = []
-    for path in sorted(WORK.glob("t*_s*/demo.json")):
-        threads, seed = path.parent.name[1:].split("_s")
-        d = json.loads(path.read_text())
+    for folder in sorted(p for p in WORK.glob("t*_s*") if (p / "disco" / "export" / "manifest.json").is_file()):
+        threads, seed = folder.name[1:].split("_s")
+        demo = folder / "demo.json"
+        if demo.is_file():
+            d = json.loads(demo.read_text())
+        else:  # stopped after its export (bench/report/gate not reached): the trained and exported parts
+            d = {"models": {role: json.loads((folder / role / "eval.json").read_text())["student"]
+                            for role in ("disco", "mocov2")}, "int8": int8_summary(folder / "disco" / "export"),
+                 "wall_s": None, "stopped_after": "export"}
         rows.append({"threads": threads, "seed": int(seed), **{f"{k}_linear_top1": v["linear_top1"] for k, v in d["models"].items()},
                      "disco_knn_top1": d["models"]["disco"]["knn_top1"], "int8": d["int8"],
-                     "gate_passed": (d.get("gate") or {}).get("passed"), "wall_s": d["wall_s"]})
+                     "gate_passed": (d.get("gate") or {}).get("passed"), "wall_s": d["wall_s"],
+                     **({"stopped_after": d["stopped_after"]} if "stopped_after" in d else {})})
     write_json(RESULT, {"schema": "edgedistill.demo_spread/2",
                         "what": "edgedistill demo (200 steps per student, 355 validation images) with 1 and 2 torch "
                                 "threads and seeds 0 and 1: the spread its gate and INT8 budget must hold across",
@@ -54,7 +63,7 @@ def table() -> None:
         q = r["int8"]
         print(f"t{r['threads']} s{r['seed']}: disco {r['disco_linear_top1']:.2f}, INT8 drop {q['drop']:.2f} ± {q['drop_se']:.2f} "
               f"({q['delivered_by']}, {q['int8_layers']['int8']}/{q['int8_layers']['weighted_layers']} layers, "
-              f"{q['size_ratio']:.2f}x), gate {r['gate_passed']}, {r['wall_s']:.0f} s")
+              f"{q['size_ratio']:.2f}x), gate {r['gate_passed']}, {r['wall_s'] or '-'} s")
 
 
 def main() -> None:
