@@ -66,6 +66,13 @@ def test_export_writes_checked_artifacts(export_dir, evaluated_run):
         assert hashlib.sha256((export_dir / name).read_bytes()).hexdigest() == listed[name]["sha256"]
     acc = json.loads((export_dir / "accuracy.json").read_text())
     assert set(acc["artifacts"]) == set(arts) and acc["validation"]["images"] == FAST["val_count"]
+    # --placement auto: both placements scored (and timed: this machine is of the declared class), one kept;
+    # the recommendation names an artifact of the export and its reason.
+    choice = m["int8"]["placement_choice"]
+    assert set(choice["held_out_divergence"]) == {"tuned", "split-hardswish"} and choice["measured"]
+    assert choice["chosen"] in choice["held_out_divergence"] and set(choice["latency_ms_batch1"]) >= {"fp32", "tuned"}
+    assert m["recommendation"]["artifact"] in arts and m["recommendation"]["reason"]
+    assert m["int8"]["scored_with"]["exact"] is False  # declared class auto = this machine: its own kernels
 
 
 def test_onnx_files_carry_metadata(export_dir):

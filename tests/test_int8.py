@@ -158,7 +158,7 @@ def test_auto_calibrator_never_reads_the_validation_set(evaluated_run, tmp_path,
     monkeypatch.setattr(ddata, "load_images", spy_load)
     monkeypatch.setattr(ddata, "validation_set", spy_validation)
     monkeypatch.setattr(ddata, "make_reader", lambda paths, *a, **k: reads.append(("reader", list(paths))) or make_reader(paths, *a, **k))
-    out = export_run(evaluated_run, int8=True, int8_format="qdq-u8s8", calibrator="auto", out=tmp_path / "ex",
+    out = export_run(evaluated_run, int8=True, int8_format="qdq-u8s8", calibrator="auto", placement="tuned", out=tmp_path / "ex",
                      cache_dir=tmp_path / "c", val_count=64, calib_count=32)
     m = json.loads((out / "manifest.json").read_text())
     scores = m["int8"]["calibration"]["auto_scores"]
