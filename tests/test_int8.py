@@ -258,7 +258,7 @@ def test_ptq_alone_keeps_the_classifier_in_float_and_the_check_predicts_the_int8
             assert layers["int8"] == layers["weighted_layers"]
             assert check["fragile"] or art["accuracy"]["drop_vs_fp32"] <= 1.0, (check, art["accuracy"])
         else:  # MobileNetV3: GAP -> conv_head (int8 weights) -> HardSwish -> Flatten -> Gemm, all float activations
-            assert walked[-1] == "GlobalAveragePool" and "Conv" in walked, walked
+            assert "GlobalAveragePool" in walked and "Conv" in walked, walked  # (a whole HardSwish before it is float too)
             assert gemm.name in floats and check is None and layers["share"] >= 0.9
             assert layers["int8_weights_float_activations"] == 1 and art["quantization"]["size_ratio_vs_fp32"] >= 3.0
             conv_head = next(n for n in graph.node if n.name.endswith("conv_head/Conv"))
