@@ -80,10 +80,10 @@ class ExportOptions:
     calibrator: str = "auto"  # auto | minmax | entropy | percentile
     percentile: float = 99.99
     placement: str = "auto"  # auto | tuned | split-hardswish | ort-default (see deploy/quantize.py)
-    # Quantize the final linear classifier and its input too. Off by default: the pooled features
-    # it reads have a few large channels, so one per-tensor 8-bit scale over them is coarse for
-    # all the others (docs/int8.md: the demo's classifier lost 3-6 points from that alone, while
-    # the INT8 backbone's features lost nothing); in float it is < 1% of the MACs and bytes.
+    # Quantize the classifier's head too (quantize.classifier_nodes). Off by default: the pooled
+    # features it reads have a few large channels, so one per-tensor 8-bit scale over them is
+    # coarse for all the others (docs/int8.md: the demo's classifier lost 3-6 points from that
+    # alone, while the INT8 backbone's features lost nothing); its activations stay float.
     int8_classifier: bool = False
     entropy_bins: int = 512
     max_drop: float | None = None
