@@ -94,6 +94,7 @@ Schedule = Literal["cosine", "constant"]
 Optimizer = Literal["sgd", "adam", "adamw"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 EvalProtocol = Literal["frozen", "paper"]
+ProbeSolver = Literal["lbfgs", "sgd"]
 
 
 @dataclass
@@ -126,6 +127,10 @@ class TrainConfig:
 class EvalConfig:
     knn_k: int = 20
     knn_temperature: float = 0.07
+    # The frozen-feature probe's solver: lbfgs (logistic regression solved to convergence, at most
+    # linear_max_iter iterations) or sgd (linear_epochs of SGD at linear_lr; see evaluate.linear_probe).
+    linear_solver: ProbeSolver = "lbfgs"
+    linear_max_iter: int = 1000
     linear_epochs: int = 100
     linear_lr: float = 0.1
     # None: chosen among 1e-4 / 1e-3 / 1e-2 by top-1 on held-out training features

@@ -110,7 +110,8 @@ def int8_summary(export_dir: Path) -> dict:
     art = next(a for a in manifest["artifacts"] if a["precision"] == "int8")
     qz, acc = art["quantization"], art["accuracy"]
     return {"file": art["file"], "calibrator": qz["calibration"]["label"], "drop": acc["drop_vs_fp32"],
-            "drop_se": acc.get("drop_se"), "val_images": manifest["validation"]["images"],
+            "drop_se": acc.get("drop_se"), "ptq_drop": qz["ptq"]["drop"], "ptq_drop_se": qz["ptq"]["accuracy"].get("drop_se"),
+            "val_images": manifest["validation"]["images"],
             "int8_layers": qz["int8_layers"], "size_ratio": qz["size_ratio_vs_fp32"],
             "kept_in_float": qz["nodes_kept_in_float"], "delivered_by": qz["delivered_by"],
             "cpu_class": qz["cpu_class"], "recommendation": manifest.get("recommendation")}

@@ -131,8 +131,12 @@ def extract_features(backbone: nn.Module, folder: ImageFolder, cfg: RunConfig, d
 
 
 def linear_probe(train_f, train_y, num_classes: int, epochs: int, lr: float, weight_decay: float,
-                 seed: int, batch_size: int = 256) -> nn.Linear:
-    """Train a linear classifier on frozen features; returns it with standardisation folded in."""
+                 seed: int, batch_size: int = 256, solver: str = "lbfgs", max_iter: int = 1000) -> nn.Linear:
+    """Train a linear classifier on frozen features; returns it with standardisation folded in.
+    `solver` lbfgs: the L2-regularised multinomial logistic regression solved to convergence (full
+    batch, deterministic; `max_iter` iterations at most); sgd: `epochs` of minibatch SGD with
+    momentum and a cosine schedule (the probe before 2026-12; on small training sets it stops far
+    from the optimum: 77.7% against 89.6% for the same features and weight decay on the demo)."""
     gen = torch.Generator().manual_seed(seed)
     # Near-constant features (dead channels) would get huge weights once 1/std is folded in,
     # which wrecks INT8 ranges of the deployed classifier: floor std at 10% of the mean std.
@@ -143,6 +147,33 @@ def linear_probe(train_f, train_y, num_classes: int, epochs: int, lr: float, wei
     with torch.no_grad():
         fc.weight.normal_(0, 0.01, generator=gen)
         fc.bias.zero_()
+    if solver == "lbfgs":
+        _fit_lbfgs(fc, x, train_y, weight_decay, max_iter)
+    else:
+        _fit_sgd(fc, x, train_y, epochs, lr, weight_decay, gen, batch_size)
+    folded = nn.Linear(x.shape[1], num_classes)
+    with torch.no_grad():
+        folded.weight.copy_(fc.weight / std)
+        folded.bias.copy_(fc.bias - (fc.weight / std) @ mean)
+    return folded
+
+
+def _fit_lbfgs(fc: nn.Linear, x: torch.Tensor, y: torch.Tensor, weight_decay: float, max_iter: int) -> None:
+    # weight_decay / 2 * |W|^2: the penalty whose gradient SGD's weight_decay adds (the bias is free).
+    opt = torch.optim.LBFGS(fc.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
+                            line_search_fn="strong_wolfe", tolerance_grad=1e-7, tolerance_change=1e-10)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(fc(x), y) + 0.5 * weight_decay * fc.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+
+
+def _fit_sgd(fc: nn.Linear, x: torch.Tensor, train_y: torch.Tensor, epochs: int, lr: float, weight_decay: float,
+             gen: torch.Generator, batch_size: int) -> None:
     opt = torch.optim.SGD(fc.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(x.shape[0] / batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps_per_epoch)
@@ -155,11 +186,6 @@ def linear_probe(train_f, train_y, num_classes: int, epochs: int, lr: float, wei
             loss.backward()
             opt.step()
             sched.step()
-    folded = nn.Linear(x.shape[1], num_classes)
-    with torch.no_grad():
-        folded.weight.copy_(fc.weight / std)
-        folded.bias.copy_(fc.bias - (fc.weight / std) @ mean)
-    return folded
 
 
 def paper_linear_probe(backbone: nn.Module, train: ImageFolder, val_f: torch.Tensor, val_y: torch.Tensor,
@@ -212,7 +238,8 @@ def choose_probe(train_f, train_y, num_classes: int, cfg, seed: int) -> tuple[nn
     """The linear probe to deploy: `cfg.linear_weight_decay` when set, otherwise the weight decay
     of PROBE_WEIGHT_DECAYS with the best top-1 on a held-out tenth of the training features (ties
     go to the stronger decay); refit on all features."""
-    fit = lambda f, y, wd: linear_probe(f, y, num_classes, cfg.linear_epochs, cfg.linear_lr, wd, seed)  # noqa: E731
+    fit = lambda f, y, wd: linear_probe(f, y, num_classes, cfg.linear_epochs, cfg.linear_lr, wd, seed,  # noqa: E731
+                                        solver=cfg.linear_solver, max_iter=cfg.linear_max_iter)
     if cfg.linear_weight_decay is not None:
         return fit(train_f, train_y, cfg.linear_weight_decay), {"weight_decay": cfg.linear_weight_decay, "chosen": False}
     perm = torch.randperm(train_f.shape[0], generator=torch.Generator().manual_seed(seed))

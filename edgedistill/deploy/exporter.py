@@ -621,8 +621,8 @@ def export_int8(ctx: _Export) -> dict:
                  "ort_version": __import__("onnxruntime").__version__}
         ctx.stamp(out / file, {"name": name, "precision": "int8", "target": opts.target, "format": setup.fmt,
                                "calibrator": setup.calib.settings.label, "kept_in_float": made["excluded"]})
-        check = (q.classifier_check(ctx.dep.model, setup.scorer.images)
-                 if ctx.kind == "classifier" and setup.scorer and not setup.plan.float_nodes else None)
+        check = (q.classifier_check(setup.scorer, out / file, None if setup.plan.float_nodes else ctx.dep.model)
+                 if ctx.kind == "classifier" and setup.scorer else None)
         ctx.st.int8 = {"target": opts.target, "cpu_class": {"declared": opts.cpu, "built_for": setup.plan.cpu_class},
                        "scored_with": setup.arithmetic, "format": setup.fmt, "format_choice": setup.format_choice,
                        "calibration": setup.calib_info, **record, "classifier_check": check,
@@ -630,7 +630,7 @@ def export_int8(ctx: _Export) -> dict:
                        "sensitivity_file": "sensitivity.json" if made["sensitivity"] else None}
         ctx.st.recommendation = _recommend(ctx, setup, out / file, made["drop"], size_ratio)
         if check and check["fragile"]:
-            log.warning("the classifier is fragile under INT8 noise: %s", check["advice"])
+            log.warning("the INT8 classifier is fragile: %s", check["advice"])
         return _artifact(name, file, "onnx-qdq", "int8", opts.target, out,
                          accuracy={**made["metrics"], "drop_vs_fp32": made["drop"], "computed_with": setup.arithmetic["name"]},
                          quantization=quant)
