@@ -1,0 +1,52 @@
+"""Issue 20's same-steps check: DisCo with the fp32 teacher against `teacher.precision: auto` at the
+same steps and seeds, and the mean paired difference with its standard error.
+
+    edgedistill train recipes/fidelity/disco.yaml --set train.max_steps=1200 --set seed=S \\
+        --set teacher.precision=fp32 --out runs/issue20/disco_fp32_1200[_s1]
+    edgedistill train recipes/fidelity/disco.yaml --set train.max_steps=1200 --set seed=S \\
+        --set teacher.precision=auto --set teacher.compile=true --out runs/issue20/disco_auto_1200[_s1]
+    edgedistill eval RUN [--set eval.linear_solver=sgd]
+    python bench/teacher_same_steps.py      # -> bench/results/teacher_same_steps.json
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ROOT / "runs" / "issue20"
+RESULT = ROOT / "bench" / "results" / "teacher_same_steps.json"
+PAIRS = {0: ("disco_fp32_1200", "disco_auto_1200"), 1: ("disco_fp32_1200_s1", "disco_auto_1200_s1")}
+
+
+def row(run: Path) -> dict:
+    ev = json.loads((run / "eval.json").read_text())
+    fidelity = json.loads((run / "teacher_fidelity.json").read_text())
+    last = json.loads((run / "metrics.jsonl").read_text().strip().splitlines()[-1])
+    student = ev["student"]
+    return {"run": run.name, "teacher": fidelity["chosen"], "steps": last["step"], "knn_top1": student["knn_top1"],
+            "linear_top1": student["linear_top1"], "probe": student["probe"], "info_nce": last["info_nce"],
+            "distill": last["distill"], "teacher_mean_cosine": (fidelity["modes"].get(fidelity["chosen"]) or {}).get("mean_cosine"),
+            "environment": ev["environment"]}
+
+
+def main() -> None:
+    from edgedistill.fileio import write_json
+
+    rows = {seed: [row(RUNS / name) for name in names] for seed, names in PAIRS.items()}
+    summary = {}
+    for metric in ("knn_top1", "linear_top1"):
+        diffs = [fast[metric] - fp32[metric] for fp32, fast in rows.values()]
+        summary[metric] = {"differences_auto_minus_fp32": [round(d, 3) for d in diffs],
+                           "mean": round(statistics.mean(diffs), 3),
+                           "standard_error": round(statistics.stdev(diffs) / math.sqrt(len(diffs)), 3)}
+    write_json(RESULT, {"schema": "edgedistill.teacher_same_steps/1", "commands": __doc__.strip().splitlines()[3:9],
+                        "rows": {str(k): v for k, v in rows.items()}, "paired": summary})
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
