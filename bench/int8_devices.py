@@ -3,6 +3,7 @@ latency of fp32 against INT8 on ONNX Runtime and OpenVINO, side by side, on this
 
     python bench/int8_devices.py accuracy runs/int8/sup_mnv3s [...]  # exports, full test set (one thread is fine)
     python bench/int8_devices.py latency runs/int8/sup_mnv3s [...]   # timing: run alone on an idle machine
+    python bench/int8_devices.py blocks runs/int8/sup_mnv3s [...]    # per-block INT8 vs float timing (idle)
     python bench/int8_devices.py table                              # merge -> bench/results/int8_devices.json
 
 Accuracy: every row is the real `edgedistill export --int8 --qad-steps 0` (post-training
@@ -141,6 +142,75 @@ def latency(runs: list[Path], rounds: int = 5, time_s: float = 1.0) -> None:
         _write(WORK / f"{run.name}.latency.json", result)
 
 
+def blocks(runs: list[Path], rounds: int = 5, time_s: float = 0.6) -> None:
+    """Which blocks hold INT8 back on ONNX Runtime: at 224 px, batch 1, 1 and 2 threads, the
+    all-INT8 file (tuned placement, head float as `export` builds it) against the same file with
+    one block's weighted layers in float, every variant timed in the same interleaved rounds; then
+    the file with every block that was faster in float kept in float ("hybrid"), timed beside fp32."""
+    from edgedistill.deploy import data as ddata
+    from edgedistill.deploy import quantize as q
+    from edgedistill.deploy.exporter import LATENCY_GAIN
+    from edgedistill.deploy.onnx_export import INPUT_NAME, export_onnx, load_deployable, preprocess_spec
+    from edgedistill.deploy.quantize import this_cpu_class
+    from edgedistill.kit import load_kit_module
+
+    kit = load_kit_module("edgekit")
+    WORK.mkdir(parents=True, exist_ok=True)
+
+    def timed(files: dict[str, Path], x, threads: int) -> dict[str, dict]:
+        runners = {name: kit.make_runner("ort-cpu", path, threads) for name, path in files.items()}
+        values: dict[str, list[float]] = {name: [] for name in files}
+        for _ in range(rounds):
+            for name, runner in runners.items():
+                values[name].append(kit.measure(runner, x, 10, None, time_s / rounds)["latency_ms"]["p50"])
+        return {name: {"median_ms": round(float(np.median(v)), 4), "spread_max_min": round(max(v) / min(v), 3)}
+                for name, v in values.items()}
+
+    for run in runs:
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            dep = load_deployable(run)
+            cfg = dataclasses.replace(dep.cfg, data=dataclasses.replace(dep.cfg.data, img_size=224))
+            dep = dataclasses.replace(dep, cfg=cfg)
+            fp32, pre = work / "model.onnx", work / "pre.onnx"
+            export_onnx(dep, fp32)
+            q.prepare(fp32, pre, "tuned")
+            calib_files, _ = ddata.calibration_files(cfg, None, 32, True)
+            calib = q.Calibration(pre, calib_files, ddata.file_list_fingerprint(calib_files), q.QuantSettings("minmax"),
+                                  preprocess_spec(dep), work / "cache", lambda: ddata.make_reader(calib_files, cfg, INPUT_NAME, 32))
+            plan = q.make_plan("ort-cpu", pre, "tuned", float_classifier=True)
+            groups = {g: [n for n in layers if n not in plan.float_nodes] for g, layers in q.layer_groups(pre).items()}
+            groups = {g: layers for g, layers in groups.items() if layers}
+
+            def build(name: str, excluded: list[str]) -> Path:
+                return q.quantize(pre, work / f"{name}.onnx", "qdq-u8s8", calib, plan, nodes_to_exclude=excluded)
+
+            files = {"fp32": fp32, "int8": build("int8", [])}
+            files.update({g: build(f"float{k}", layers) for k, (g, layers) in enumerate(groups.items())})
+            x = ddata.validation_set(cfg, 1)[0]
+            result = {"run": str(run), "px": 224, "batch": 1, "runtime": "ort-cpu", "cpu_class": this_cpu_class(),
+                      "threads": {}, "environment": kit.environment()}
+            for threads in THREADS:
+                table = timed(files, x, threads)
+                base = table["int8"]["median_ms"]
+                rows = [{"block": g, "layers": len(groups[g]), "ms_with_block_float": table[g]["median_ms"],
+                         "gain_vs_all_int8": round(base / table[g]["median_ms"], 3), "spread": table[g]["spread_max_min"]}
+                        for g in groups]
+                faster = [r["block"] for r in rows if r["gain_vs_all_int8"] > LATENCY_GAIN]
+                hybrid = {"fp32": fp32, "int8": files["int8"],
+                          "hybrid": build(f"hybrid{threads}", [n for g in faster for n in groups[g]])}
+                again = timed(hybrid, x, threads)
+                result["threads"][str(threads)] = {
+                    "fp32_ms": table["fp32"]["median_ms"], "int8_ms": base, "blocks": rows, "kept_in_float": faster,
+                    "hybrid": {**again["hybrid"], "layers_in_float": sum(len(groups[g]) for g in faster),
+                               "bytes": hybrid["hybrid"].stat().st_size, "int8_bytes": files["int8"].stat().st_size,
+                               "fp32_bytes": fp32.stat().st_size},
+                    "side_by_side_ms": {k: v["median_ms"] for k, v in again.items()}}
+                print(run.name, threads, "fp32", table["fp32"]["median_ms"], "int8", base, "hybrid",
+                      again["hybrid"]["median_ms"], f"({len(faster)} of {len(groups)} blocks float)", flush=True)
+        _write(WORK / f"{run.name}.blocks.json", result)
+
+
 def table() -> None:
     from edgedistill.envinfo import environment
 
@@ -152,7 +222,7 @@ def table() -> None:
            "students": {}, "environment": environment()}
     for s in students:
         entry = {}
-        for part in ("accuracy", "latency"):
+        for part in ("accuracy", "latency", "blocks"):
             path = WORK / f"{s}.{part}.json"
             if path.is_file():
                 entry[part] = json.loads(path.read_text())
@@ -189,13 +259,13 @@ def _write(path: Path, data: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("phase", choices=("accuracy", "latency", "table"))
+    parser.add_argument("phase", choices=("accuracy", "latency", "blocks", "table"))
     parser.add_argument("runs", nargs="*", type=Path)
     parser.add_argument("--rows", default=",".join(ROWS), help="accuracy: rows to (re)measure")
     args = parser.parse_args()
     os.chdir(ROOT)
     {"accuracy": lambda: accuracy(args.runs, args.rows.split(",")), "latency": lambda: latency(args.runs),
-     "table": table}[args.phase]()
+     "blocks": lambda: blocks(args.runs), "table": table}[args.phase]()
 
 
 if __name__ == "__main__":

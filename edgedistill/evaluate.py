@@ -2,16 +2,17 @@
 
 Features are extracted once (eval transform: resize, centre crop, normalise) for the labelled
 train and val folders. kNN: cosine similarity, the k nearest training features vote with weight
-exp(sim / T) (InstDisc / DINO protocol). Linear probe: a linear layer on standardised features,
-trained with SGD + cosine schedule; the standardisation is folded into its weights so that
-`backbone -> Linear` is a deployable classifier (classifier.safetensors).
+exp(sim / T) (InstDisc / DINO protocol). Linear probe: L2-regularised logistic regression on
+standardised features, solved by L-BFGS (`eval.linear_solver: lbfgs`) or trained by SGD with a
+cosine schedule (`sgd`); the standardisation is folded into its weights so that `backbone -> Linear`
+is a deployable classifier (classifier.safetensors).
 
 The deployed classifier must survive INT8. A probe on the pooled features of a small student
 reads a tensor whose range is set by a few large channels, so one 8-bit scale over it (the INT8
 classifier's input) is coarse for all the others: the demo's probe lost 3-6 points from that
 alone while the INT8 backbone's features cost nothing. So `export` keeps the classifier and its
 input in float by default (`--int8-classifier` quantizes them; `deploy.quantize.classifier_check`
-is the warning it then runs), and the probe is chosen for accuracy: unless `eval.linear_weight_decay` is
+measures the INT8 file either way), and the probe is chosen for accuracy: unless `eval.linear_weight_decay` is
 set, its weight decay is the one of PROBE_WEIGHT_DECAYS with the best top-1 on 10% of the
 training features held out. A run whose classifier was trained jointly with the backbone
 (`supervised` with `embed_dim: 0`) keeps it: `eval` scores the probe but deploys the joint

@@ -322,3 +322,39 @@ def test_eval_keeps_a_jointly_trained_classifier(tmp_path):
     result = evaluate_run(run)
     assert path.read_bytes() == before
     assert result.student.classifier == "joint" and result.student.classifier_top1 is not None
+
+
+def test_layer_groups_are_the_blocks(prepared):
+    """Every weighted layer in exactly one block, in graph order; a MobileNetV3's squeeze-excite
+    layers in their block."""
+    pre, _ = prepared
+    groups = q.layer_groups(pre)
+    flat = [n for layers in groups.values() for n in layers]
+    assert flat == q.weighted_nodes(pre)
+    assert len(groups) >= 10  # stem, the inverted-residual blocks, the head
+    se = next(g for g, layers in groups.items() if any("/se/" in n for n in layers))
+    assert all(n.startswith(se + "/") for n in groups[se]) and any("conv_pw" in n or "conv_dw" in n for n in groups[se])
+
+
+def test_latency_fallback_keeps_only_a_faster_file_that_costs_no_accuracy(evaluated_run, tmp_path):
+    """--latency-fallback times every block in float beside the all-INT8 file; whatever it decides,
+    the manifest's record and the shipped file agree: kept -> those blocks' layers are float in the
+    file and it was faster and no less accurate; not kept -> the file is the all-INT8 one."""
+    from edgedistill.deploy import export_run
+
+    out = export_run(evaluated_run, int8=True, qad_steps=0, latency_fallback=True, placement="tuned", val_count=None,
+                     out=tmp_path / "ex", cache_dir=tmp_path / "cache", calib_count=64)
+    m = json.loads((out / "manifest.json").read_text())
+    record, art = m["int8"]["latency_fallback"], next(a for a in m["artifacts"] if a["precision"] == "int8")
+    assert record["measured"], record
+    floats = set(m["int8"]["placement"]["float_nodes"])
+    listed = [n for b in record["blocks"] for n in q.layer_groups(out / "model.onnx").get(b["block"], [])]
+    assert sum(b["layers"] for b in record["blocks"]) == len([n for n in listed if n not in floats])
+    layers = m["int8"]["int8_layers"]
+    if record["kept"]:
+        hybrid = record["hybrid"]
+        assert hybrid["latency_ms_batch1"]["hybrid"] * 1.03 < hybrid["latency_ms_batch1"]["int8"]
+        assert art["quantization"]["nodes_kept_in_float"] and layers["int8"] < layers["weighted_layers"] - 1
+        assert m["int8"]["delivered_by"].endswith("+latency")
+    else:
+        assert not art["quantization"]["nodes_kept_in_float"] and layers["int8"] == layers["weighted_layers"] - 2

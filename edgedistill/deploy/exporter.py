@@ -47,6 +47,8 @@ DEFAULT_QAD_STEPS = 300
 # --placement auto keeps the fastest placement whose held-out output divergence is at most this
 # many times the best one's (measured noise between calibrations is about 10-20%).
 PLACEMENT_SLACK = 1.25
+# --latency-fallback: a block counts as faster in float beyond this ratio (the timing's noise)
+LATENCY_GAIN = 1.03
 # The accuracy budget (top-1 points) of the recommendation when --max-drop is not given.
 RECOMMEND_MAX_DROP = 1.0
 SAMPLE_COUNT = 32
@@ -91,6 +93,10 @@ class ExportOptions:
     # longer an INT8 model (and the search would be chasing the drop's measurement noise).
     max_float_share: float = 0.1
     sensitivity: bool = False
+    # Time the INT8 file with each block's layers in float beside the all-INT8 one on this CPU and
+    # keep in float the blocks whose INT8 kernels are slower, when that costs no accuracy
+    # (`_latency_fallback`; ort-cpu, on a machine of the --cpu class).
+    latency_fallback: bool = False
     # Quantization-aware distillation after PTQ (deploy/qad.py): None = only when --max-drop is
     # missed by PTQ (then DEFAULT_QAD_STEPS), 0 = never, N = always N steps.
     qad_steps: int | None = None
@@ -615,7 +621,8 @@ def export_int8(ctx: _Export) -> dict:
                  share["int8"], share["weighted_layers"], size_ratio, made["delivered_by"])
         record = {"placement": {"name": setup.placement, **setup.plan.describe()}, "placement_choice": placement_choice,
                   "int8_layers": share, "size_ratio_vs_fp32": size_ratio,
-                  "delivered_by": made["delivered_by"], "ptq": made["ptq"], "qad": made["qad"]}
+                  "delivered_by": made["delivered_by"], "ptq": made["ptq"], "qad": made["qad"],
+                  "latency_fallback": made.get("latency_fallback")}
         quant = {**q.describe_format(setup.fmt, setup.plan.cpu_class, opts.target), "calibration": setup.calib_info, "prepare": setup.prepared,
                  "nodes_kept_in_float": made["excluded"], **record,
                  "ort_version": __import__("onnxruntime").__version__}
@@ -801,7 +808,59 @@ def _deliver_int8(ctx: _Export, setup: _Int8Setup, work: Path, dst: Path) -> dic
             if excluded:
                 made["delivered_by"] = "fallback"
     made.update(metrics=metrics, drop=drop)
+    if opts.latency_fallback:
+        made["latency_fallback"] = _latency_fallback(ctx, setup, work, dst, made, evaluate,
+                                                     lambda excluded, path: q.quantize(source, path, setup.fmt, setup.calib,
+                                                                                       setup.plan, excluded, learnt))
     return made
+
+
+def _latency_fallback(ctx: _Export, setup: _Int8Setup, work: Path, dst: Path, made: dict, evaluate, build) -> dict:
+    """`--latency-fallback`: the delivered INT8 file against itself with one block's weighted layers
+    in float (`quantize.layer_groups`), every variant timed at batch 1 in the same interleaved rounds
+    on this CPU; the blocks faster in float by more than LATENCY_GAIN are kept in float together
+    when the result is itself faster than the all-INT8 file and loses no more accuracy than it
+    (or stays within --max-drop). Updates `made` when kept; returns the record for the manifest."""
+    from edgedistill.deploy import quantize as q
+
+    opts = ctx.opts
+    if opts.target != "ort-cpu" or setup.arithmetic["this_machine"] != setup.plan.cpu_class:
+        why = "TensorRT builds its own kernels" if opts.target != "ort-cpu" else setup.arithmetic["why"]
+        return {"measured": False, "reason": f"not timed: {why}"}
+    base = list(made["excluded"])
+    groups = {g: [n for n in layers if n not in setup.plan.float_nodes and n not in base]
+              for g, layers in q.layer_groups(setup.pre).items()}
+    groups = {g: layers for g, layers in groups.items() if layers}
+    all_int8 = work / "latency.all_int8.onnx"
+    shutil.copyfile(dst, all_int8)
+    variants = {g: build(base + layers, work / f"latency.block{k}.onnx") for k, (g, layers) in enumerate(groups.items())}
+    sample = ctx.images[:1]
+    table = q.time_side_by_side({"fp32": ctx.out / "model.onnx", "int8": all_int8, **variants}, sample, opts.timing_budget_s)
+    blocks = [{"block": g, "layers": len(groups[g]), "ms_with_block_float": table[g],
+               "gain_vs_all_int8": round(table["int8"] / table[g], 3)} for g in groups]
+    faster = [b["block"] for b in blocks if b["gain_vs_all_int8"] > LATENCY_GAIN]
+    record = {"measured": True, "blocks": blocks, "latency_ms_batch1": {"fp32": table["fp32"], "int8": table["int8"]},
+              "faster_in_float": faster, "kept": False}
+    if not faster:
+        record["reason"] = "no block is faster in float on this CPU"
+        return record
+    excluded = base + [n for g in faster for n in groups[g]]
+    metrics, drop = evaluate(excluded)  # writes dst
+    again = q.time_side_by_side({"fp32": ctx.out / "model.onnx", "int8": all_int8, "hybrid": dst}, sample, opts.timing_budget_s)
+    budget = max(made["drop"], opts.max_drop if opts.max_drop is not None else made["drop"])
+    record.update({"hybrid": {"latency_ms_batch1": again, "drop": drop, "bytes": dst.stat().st_size,
+                              "layers_in_float": len(excluded)},
+                   "kept": again["hybrid"] * LATENCY_GAIN < again["int8"] and drop <= budget + 1e-9})
+    if record["kept"]:
+        record["reason"] = (f"{len(faster)} of {len(groups)} blocks in float: {again['hybrid']:.3f} ms against the all-INT8 "
+                            f"file's {again['int8']:.3f} (fp32 {again['fp32']:.3f}), drop {drop:.2f} (was {made['drop']:.2f})")
+        made.update(excluded=excluded, metrics=metrics, drop=drop, delivered_by=made["delivered_by"] + "+latency")
+    else:
+        record["reason"] = (f"not kept: the blocks faster in float together give {again['hybrid']:.3f} ms against "
+                            f"{again['int8']:.3f} and a drop of {drop:.2f} (budget {budget:.2f})")
+        shutil.copyfile(all_int8, dst)
+    log.info("--latency-fallback: %s", record["reason"])
+    return record
 
 
 def _qad(ctx: _Export, pre: Path, ptq_path: Path, work: Path) -> tuple[Path, dict, dict]:

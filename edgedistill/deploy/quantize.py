@@ -741,6 +741,22 @@ def time_side_by_side(paths: dict[str, Path], sample: np.ndarray, budget_s: floa
     return {name: round(float(np.median(v)), 4) for name, v in runs.items()}
 
 
+def layer_groups(pre_path: Path) -> dict[str, list[str]]:
+    """The weighted layers by block, in graph order: a layer's block is its name's path up to the
+    last component that ends in an index (`/backbone/blocks/blocks.2/blocks.2.1/se/conv_reduce/Conv`
+    -> `/backbone/blocks/blocks.2/blocks.2.1`; ResNet's `/backbone/layer1/layer1.0/conv1/Conv` ->
+    `/backbone/layer1/layer1.0`), else its module (`/backbone/conv_stem`)."""
+    import re
+
+    groups: dict[str, list[str]] = {}
+    for name in weighted_nodes(pre_path):
+        parts = name.strip("/").split("/")
+        indexed = [k for k, part in enumerate(parts[:-1]) if re.search(r"\.\d+$", part)]
+        cut = indexed[-1] + 1 if indexed else max(1, len(parts) - 1)
+        groups.setdefault("/" + "/".join(parts[:cut]), []).append(name)
+    return groups
+
+
 def choose_cpu_format(pre_path: Path, fp32_path: Path, calib: Calibration, plan: QuantPlan, sample: np.ndarray,
                       work_dir: Path, budget_s: float = 0.6, rounds: int = 3) -> tuple[str, dict]:
     """Build every candidate format, time each at batch 1 on this CPU (interleaved rounds, so a
