@@ -248,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
         for mode, r in row["modes"].items():
             print(f"{row['teacher']:18s} {mode:5s} teacher {r['teacher_ms_per_image']:.3f} ms/img "
                   f"{r['teacher_gmac_per_s']:6.1f} GMAC/s ({r['fraction_of_peak'] or 0:.0%} of peak)  cos "
-                  f"{r.get('mean_cosine', float('nan')):.6f}/{r.get('q001_cosine', float('nan')):.6f}  DisCo "
+                  f"{r.get('mean_cosine', r.get('cosine_to_uncompiled_mean', float('nan'))):.6f}/"
+                  f"{r.get('q001_cosine', r.get('cosine_to_uncompiled_q001', float('nan'))):.6f}"
+                  f"{' (to uncompiled)' if 'mean_cosine' not in r else ''}  DisCo "
                   f"{r['disco_images_per_s']:6.1f} img/s (x{r['disco_speedup_over_fp32']:.2f})  "
                   f"MoCo v2 {r['mocov2_images_per_s']:6.1f}  DisCo/MoCo {r['disco_over_mocov2']:.2f}", flush=True)
     write_json(args.out, {"benchmark": "teacher_speed", "device": "cpu", "threads": torch.get_num_threads(),

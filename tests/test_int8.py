@@ -324,10 +324,16 @@ def test_eval_keeps_a_jointly_trained_classifier(tmp_path):
     assert result.student.classifier == "joint" and result.student.classifier_top1 is not None
 
 
-def test_layer_groups_are_the_blocks(prepared):
+def test_layer_groups_are_the_blocks(prepared, monkeypatch):
     """Every weighted layer in exactly one block, in graph order; a MobileNetV3's squeeze-excite
-    layers in their block."""
+    layers in their block, a ResNet block's downsample in its block."""
     pre, _ = prepared
+    resnet = ["/backbone/conv1/Conv", "/backbone/layer2/layer2.0/conv1/Conv",
+              "/backbone/layer2/layer2.0/downsample/downsample.0/Conv", "/backbone/layer2/layer2.1/conv1/Conv"]
+    with monkeypatch.context() as patch:
+        patch.setattr(q, "weighted_nodes", lambda path: resnet)
+        assert q.layer_groups(pre) == {"/backbone/conv1": resnet[:1], "/backbone/layer2/layer2.0": resnet[1:3],
+                                       "/backbone/layer2/layer2.1": resnet[3:]}
     groups = q.layer_groups(pre)
     flat = [n for layers in groups.values() for n in layers]
     assert flat == q.weighted_nodes(pre)

@@ -743,16 +743,20 @@ def time_side_by_side(paths: dict[str, Path], sample: np.ndarray, budget_s: floa
 
 def layer_groups(pre_path: Path) -> dict[str, list[str]]:
     """The weighted layers by block, in graph order: a layer's block is its name's path up to the
-    last component that ends in an index (`/backbone/blocks/blocks.2/blocks.2.1/se/conv_reduce/Conv`
-    -> `/backbone/blocks/blocks.2/blocks.2.1`; ResNet's `/backbone/layer1/layer1.0/conv1/Conv` ->
-    `/backbone/layer1/layer1.0`), else its module (`/backbone/conv_stem`)."""
+    end of the first run of components that end in an index (`/backbone/blocks/blocks.2/blocks.2.1/
+    se/conv_reduce/Conv` -> `/backbone/blocks/blocks.2/blocks.2.1`; ResNet's
+    `/backbone/layer2/layer2.0/downsample/downsample.0/Conv` -> `/backbone/layer2/layer2.0`), else
+    its module (`/backbone/conv_stem`)."""
     import re
 
     groups: dict[str, list[str]] = {}
     for name in weighted_nodes(pre_path):
         parts = name.strip("/").split("/")
-        indexed = [k for k, part in enumerate(parts[:-1]) if re.search(r"\.\d+$", part)]
-        cut = indexed[-1] + 1 if indexed else max(1, len(parts) - 1)
+        indexed = [bool(re.search(r"\.\d+$", part)) for part in parts[:-1]]
+        first = indexed.index(True) if True in indexed else None
+        cut = max(1, len(parts) - 1)
+        if first is not None:
+            cut = next((k for k in range(first, len(indexed)) if not indexed[k]), len(indexed))
         groups.setdefault("/" + "/".join(parts[:cut]), []).append(name)
     return groups
 
