@@ -348,7 +348,7 @@ def test_latency_fallback_keeps_only_a_faster_file_that_costs_no_accuracy(evalua
     file and it was faster and no less accurate; not kept -> the file is the all-INT8 one."""
     from edgedistill.deploy import export_run
 
-    out = export_run(evaluated_run, int8=True, qad_steps=0, latency_fallback=True, placement="tuned", val_count=None,
+    out = export_run(evaluated_run, int8=True, qad_steps=0, latency_fallback=True, placement="tuned", val_count=64,
                      out=tmp_path / "ex", cache_dir=tmp_path / "cache", calib_count=64)
     m = json.loads((out / "manifest.json").read_text())
     record, art = m["int8"]["latency_fallback"], next(a for a in m["artifacts"] if a["precision"] == "int8")
