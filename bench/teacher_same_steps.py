@@ -5,7 +5,8 @@ same steps and seeds, and the mean paired difference with its standard error.
         --set teacher.precision=fp32 --out runs/issue20/disco_fp32_1200[_s1]
     edgedistill train recipes/fidelity/disco.yaml --set train.max_steps=1200 --set seed=S \\
         --set teacher.precision=auto --set teacher.compile=true --out runs/issue20/disco_auto_1200[_s1]
-    edgedistill eval RUN [--set eval.linear_solver=sgd]
+    edgedistill eval RUN --set eval.linear_solver=sgd      # runs/issue20: the probe these runs were first scored with
+    edgedistill eval COPY                                    # runs/issue20_lbfgs: copies of the runs, the default probe
     python bench/teacher_same_steps.py      # -> bench/results/teacher_same_steps.json
 """
 
@@ -17,7 +18,7 @@ import statistics
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNS = ROOT / "runs" / "issue20"
+PROBES = {"sgd": ROOT / "runs" / "issue20", "lbfgs": ROOT / "runs" / "issue20_lbfgs"}
 RESULT = ROOT / "bench" / "results" / "teacher_same_steps.json"
 PAIRS = {0: ("disco_fp32_1200", "disco_auto_1200"), 1: ("disco_fp32_1200_s1", "disco_auto_1200_s1")}
 
@@ -33,19 +34,27 @@ def row(run: Path) -> dict:
             "environment": ev["environment"]}
 
 
-def main() -> None:
-    from edgedistill.fileio import write_json
-
-    rows = {seed: [row(RUNS / name) for name in names] for seed, names in PAIRS.items()}
+def paired(rows: dict[int, list[dict]]) -> dict:
     summary = {}
     for metric in ("knn_top1", "linear_top1"):
         diffs = [fast[metric] - fp32[metric] for fp32, fast in rows.values()]
         summary[metric] = {"differences_auto_minus_fp32": [round(d, 3) for d in diffs],
                            "mean": round(statistics.mean(diffs), 3),
                            "standard_error": round(statistics.stdev(diffs) / math.sqrt(len(diffs)), 3)}
-    write_json(RESULT, {"schema": "edgedistill.teacher_same_steps/1", "commands": __doc__.strip().splitlines()[3:9],
-                        "rows": {str(k): v for k, v in rows.items()}, "paired": summary})
-    print(json.dumps(summary, indent=1))
+    return summary
+
+
+def main() -> None:
+    from edgedistill.fileio import write_json
+
+    doc = {"schema": "edgedistill.teacher_same_steps/2", "commands": __doc__.strip().splitlines()[3:10], "probes": {}}
+    for probe, folder in PROBES.items():
+        if not folder.is_dir():
+            continue
+        rows = {seed: [row(folder / name) for name in names] for seed, names in PAIRS.items()}
+        doc["probes"][probe] = {"rows": {str(k): v for k, v in rows.items()}, "paired": paired(rows)}
+        print(probe, json.dumps(doc["probes"][probe]["paired"]))
+    write_json(RESULT, doc)
 
 
 if __name__ == "__main__":
