@@ -17,7 +17,8 @@ Manifest, top-level keys:
   int8 {target, cpu_class {declared, built_for}, scored_with {exact, name, why, this_machine}, format,
   format_choice, calibration {label, held_out_images, auto_scores...}, placement {name, float_nodes,
   ...}, placement_choice, int8_layers {weighted_layers, int8, share}, size_ratio_vs_fp32,
-  classifier_check, max_drop {initial, trials, kept_in_float...}, sensitivity_file},
+  classifier_check {images, agreement, expected_drop, fragile, advice}, max_drop {initial, trials,
+  kept_in_float...}, latency_fallback {measured, blocks, kept, hybrid...} | null, sensitivity_file},
   recommendation {artifact, device, reason, latency_ms_batch1, max_drop}, tensorrt {built, reason,
   engines, commands}, samples {inputs, labels, reference, count}, status ("ok" | "parity_failed" |
   "max_drop_not_reached"), environment.
