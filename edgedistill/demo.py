@@ -130,7 +130,8 @@ def print_summary(summary: dict) -> None:
     console.print(f"INT8 ({q['file']}, {q['calibrator']}): drop {q['drop']:.2f} ± {q['drop_se']:.2f} points on "
                   f"{q['val_images']} images, {q['int8_layers']['int8']}/{q['int8_layers']['weighted_layers']} layers "
                   f"in INT8, {q['size_ratio']:.2f}x smaller than fp32 (built for {q['cpu_class']}, delivered by "
-                  f"{q['delivered_by']})")
+                  f"{q['delivered_by']}" + ("" if q["delivered_by"] == "ptq" else f"; PTQ alone: drop {q['ptq_drop']:.2f}")
+                  + ")")
     if q.get("recommendation"):
         rec = q["recommendation"]
         console.print(f"recommended for {rec['device']}: {rec['artifact']} ({rec['reason']})")
