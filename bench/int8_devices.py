@@ -179,8 +179,7 @@ def blocks(runs: list[Path], rounds: int = 5, time_s: float = 0.6) -> None:
             calib = q.Calibration(pre, calib_files, ddata.file_list_fingerprint(calib_files), q.QuantSettings("minmax"),
                                   preprocess_spec(dep), work / "cache", lambda: ddata.make_reader(calib_files, cfg, INPUT_NAME, 32))
             plan = q.make_plan("ort-cpu", pre, "tuned", float_classifier=True)
-            groups = {g: [n for n in layers if n not in plan.float_nodes] for g, layers in q.layer_groups(pre).items()}
-            groups = {g: layers for g, layers in groups.items() if layers}
+            groups = q.layer_groups(pre, skip=set(plan.float_nodes))
 
             def build(name: str, excluded: list[str]) -> Path:
                 return q.quantize(pre, work / f"{name}.onnx", "qdq-u8s8", calib, plan, nodes_to_exclude=excluded)

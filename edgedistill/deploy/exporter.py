@@ -828,9 +828,7 @@ def _latency_fallback(ctx: _Export, setup: _Int8Setup, work: Path, dst: Path, ma
         why = "TensorRT builds its own kernels" if opts.target != "ort-cpu" else setup.arithmetic["why"]
         return {"measured": False, "reason": f"not timed: {why}"}
     base = list(made["excluded"])
-    groups = {g: [n for n in layers if n not in setup.plan.float_nodes and n not in base]
-              for g, layers in q.layer_groups(setup.pre).items()}
-    groups = {g: layers for g, layers in groups.items() if layers}
+    groups = q.layer_groups(setup.pre, skip={*setup.plan.float_nodes, *base})
     all_int8 = work / "latency.all_int8.onnx"
     shutil.copyfile(dst, all_int8)
     variants = {g: build(base + layers, work / f"latency.block{k}.onnx") for k, (g, layers) in enumerate(groups.items())}

@@ -401,15 +401,22 @@ def activation_clips(model_path: Path) -> dict[str, tuple[float, float]]:
     return clips
 
 
-def classifier_nodes(model_path: Path) -> list[str]:
+def classifier_nodes(model_path: Path, pool_input: bool = False) -> list[str]:
     """The head of a classifier graph: every node after the last global pooling (a MobileNetV3's
     `conv_head` and its HardSwish, the flatten, the linear classifier) and the pooling itself,
     found walking back from the graph output through weighted layers and the pooling, activation
     and shape-only ops of CLASSIFIER_TAIL_OPS; without a global pooling on the way (or at a residual
     Add), the walk keeps the classifier and what stands between it and the last weighted layer.
     Their activations stay in float (`float_nodes`), so the pooled features, whose few large
-    channels would set a coarse 8-bit scale for all the others, are never quantized. [] when the
-    graph does not end in a weighted layer (an embedding export)."""
+    channels would set a coarse 8-bit scale for all the others, are never quantized. The classifier
+    comes first. [] when the graph does not end in a weighted layer (an embedding export).
+
+    `pool_input`: also the nodes that produce the tensor the pooling reads, back through
+    activations to the first weighted layer or residual Add. Quantizing that tensor is quantizing
+    the features before they are averaged, one 8-bit scale over all their channels (576 for a
+    MobileNetV3-Small) on a 2x2 to 7x7 map: on the demo's 1-thread student this alone cost 2.8 of
+    3.4 points by PTQ. Kept in float, the weighted producer reads int8 inputs with int8 weights and
+    writes float (ONNX Runtime's CPU runs that one layer as a float convolution of dequantized values)."""
     import onnx
 
     graph = onnx.load(str(model_path)).graph
@@ -429,37 +436,22 @@ def classifier_nodes(model_path: Path) -> list[str]:
             continue
         tail.append(source)
         if source.op_type in GLOBAL_POOLS:
-            return [n.name for n in found + tail]
+            return [n.name for n in found + tail + (_pool_producers(source, producer) if pool_input else [])]
         queue.append(source.input[0]) if source.op_type in WEIGHTED_OPS else queue.extend(source.input)
     # No global pooling: the classifier and the non-weighted ops before it.
     stop = next((k for k, n in enumerate(tail) if n.op_type in WEIGHTED_OPS), len(tail))
     return [n.name for n in found + tail[:stop]]
 
 
-def pool_input_nodes(model_path: Path, head: list[str]) -> list[str]:
-    """The nodes that produce the tensor the head's global pooling reads: back from the pooling
-    through activations to the first weighted layer or residual Add. Quantizing that tensor is
-    quantizing the features before they are averaged, one 8-bit scale over all their channels
-    (576 for a MobileNetV3-Small) on a 2x2 to 7x7 map: on the demo's 1-thread student this alone
-    cost 2.8 of 3.4 points by PTQ. Kept in float (`make_plan`), the weighted producer reads int8
-    inputs with int8 weights and writes float (ONNX Runtime's CPU runs that one layer as a float
-    convolution of dequantized values). [] without a global pooling in `head`."""
-    import onnx
-
-    graph = onnx.load(str(model_path)).graph
-    producer = {o: n for n in graph.node for o in n.output}
-    pool = next((n for n in graph.node if n.name in head and n.op_type in GLOBAL_POOLS), None)
-    if pool is None:
-        return []
+def _pool_producers(pool, producer: dict) -> list:
+    """Back from a global pooling's input through activations to the first weighted layer or Add."""
     found, queue = [], [pool.input[0]]
     while queue:
         source = producer.get(queue.pop())
-        if source is None or source.name in found:
+        if source is None or source in found or source.op_type not in (*WEIGHTED_OPS, "Add", *ACTIVATION_OPS):
             continue
-        if source.op_type in (*WEIGHTED_OPS, "Add"):
-            found.append(source.name)
-        elif source.op_type in ACTIVATION_OPS:
-            found.append(source.name)
+        found.append(source)
+        if source.op_type in ACTIVATION_OPS:
             queue.extend(source.input)
     return found
 
@@ -506,15 +498,15 @@ def make_plan(target: str, prepared: Path, placement: str = "tuned", cpu_class: 
     """() as op types = every op type ONNX Runtime can quantize. `float_classifier`: the final
     linear classifier and its input stay in float (`classifier_nodes`)."""
     cpu_class = resolve_cpu_class(cpu_class)
-    keep = tuple(classifier_nodes(prepared)) if float_classifier else ()
-    if keep and target != "tensorrt":  # TensorRT's placement never quantizes a layer's output
-        keep += tuple(n for n in pool_input_nodes(prepared, list(keep)) if n not in keep)
+    # TensorRT's placement never quantizes a layer's output: there the pooling's input is float anyway.
+    keep = tuple(classifier_nodes(prepared, pool_input=target != "tensorrt")) if float_classifier else ()
     # The head's weighted layers but the classifier itself get int8 weights (per-channel 8-bit
     # weights cost a MobileNetV3's conv_head nothing measurable); the classifier keeps float
     # weights: a probe folded with 1/std has rows whose largest weight sets a coarse 8-bit step for
     # all the others (on the demo's student, int8 weights there alone moved the output KL from
     # 0.011 to 0.086). TensorRT takes no weight-only int8 convolutions: there the head is float.
-    weighted = [name for name in keep if name in weighted_nodes(prepared)] if keep else []
+    all_weighted = set(weighted_nodes(prepared)) if keep else set()
+    weighted = [name for name in keep if name in all_weighted]
     weight_only = tuple(weighted[1:]) if target != "tensorrt" else ()
     if placement == "ort-default":
         return QuantPlan(target, cpu_class, op_types=(), float_nodes=keep, weight_only_nodes=weight_only)
@@ -741,8 +733,9 @@ def time_side_by_side(paths: dict[str, Path], sample: np.ndarray, budget_s: floa
     return {name: round(float(np.median(v)), 4) for name, v in runs.items()}
 
 
-def layer_groups(pre_path: Path) -> dict[str, list[str]]:
-    """The weighted layers by block, in graph order: a layer's block is its name's path up to the
+def layer_groups(pre_path: Path, skip=()) -> dict[str, list[str]]:
+    """The weighted layers by block, in graph order, but those in `skip` (blocks left empty are
+    dropped): a layer's block is its name's path up to the
     end of the first run of components that end in an index (`/backbone/blocks/blocks.2/blocks.2.1/
     se/conv_reduce/Conv` -> `/backbone/blocks/blocks.2/blocks.2.1`; ResNet's
     `/backbone/layer2/layer2.0/downsample/downsample.0/Conv` -> `/backbone/layer2/layer2.0`), else
@@ -757,8 +750,10 @@ def layer_groups(pre_path: Path) -> dict[str, list[str]]:
         cut = max(1, len(parts) - 1)
         if first is not None:
             cut = next((k for k in range(first, len(indexed)) if not indexed[k]), len(indexed))
-        groups.setdefault("/" + "/".join(parts[:cut]), []).append(name)
-    return groups
+        group = groups.setdefault("/" + "/".join(parts[:cut]), [])
+        if name not in skip:
+            group.append(name)
+    return {g: layers for g, layers in groups.items() if layers}
 
 
 def choose_cpu_format(pre_path: Path, fp32_path: Path, calib: Calibration, plan: QuantPlan, sample: np.ndarray,
