@@ -82,10 +82,11 @@ class ExportOptions:
     calibrator: str = "auto"  # auto | minmax | entropy | percentile
     percentile: float = 99.99
     placement: str = "auto"  # auto | tuned | split-hardswish | ort-default (see deploy/quantize.py)
-    # Quantize the classifier's head too (quantize.classifier_nodes). Off by default: the pooled
-    # features it reads have a few large channels, so one per-tensor 8-bit scale over them is
-    # coarse for all the others (docs/int8.md: the demo's classifier lost 3-6 points from that
-    # alone, while the INT8 backbone's features lost nothing); its activations stay float.
+    # Quantize the classifier's head too (quantize.classifier_nodes, with what the pooling reads on
+    # ort-cpu). Off by default: the features have a few large channels, so one per-tensor 8-bit
+    # scale over them is coarse for all the others (docs/int8.md: the demo's classifier lost 3-6
+    # points from the pooled features' scale alone, 2.8 from the pooling input's); their
+    # activations stay float.
     int8_classifier: bool = False
     entropy_bins: int = 512
     max_drop: float | None = None
