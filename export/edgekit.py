@@ -925,6 +925,67 @@ def check_export(export_dir, runtimes=("ort-cpu",), threads: int | None = None, 
             "export": {"dir": str(exp["dir"]), "manifest_sha256": file_sha256(exp["dir"] / MANIFEST)}}
 
 
+def within_budget(art: dict, budget: float) -> tuple[bool, str]:
+    """Whether the export found `art` accurate enough to ship, and what that rests on: fp32 always;
+    fp16 when it passed its parity check; INT8 when its top-1 drop is within `budget` points."""
+    precision = art.get("precision") or "fp32"
+    if precision == "fp32":
+        return True, "fp32"
+    if precision == "int8":
+        drop = (art.get("accuracy") or {}).get("drop_vs_fp32")
+        if drop is None:
+            return False, "no top-1 drop on record (an engine built on the device: score its ONNX file)"
+        return drop <= budget, f"drop {drop:.2f} (budget {budget:g})"
+    passed = (art.get("parity") or {}).get("passed")
+    return bool(passed), "parity passed" if passed else "no passed parity check on record"
+
+
+def device_pick(results: list[dict], exp: dict) -> dict | None:
+    """What to ship on the device that ran `results`: the fastest artifact at batch 1 (p50, on any
+    runtime timed) among those the export found within its accuracy budget (the manifest's
+    recommendation.max_drop, 1 point without one), beside the fastest fp32 file. None without a
+    batch-1 row."""
+    manifest = exp["manifest"]
+    budget = float((manifest.get("recommendation") or {}).get("max_drop", 1.0))
+    arts = {a["name"]: a for a in exp["artifacts"]}
+    rows = [r for r in results if r["batch"] == 1 and r["artifact"] in arts]
+    if not rows:
+        return None
+    eligible = [r for r in rows if within_budget(arts[r["artifact"]], budget)[0]]
+    fp32 = [r for r in rows if (arts[r["artifact"]].get("precision") or "fp32") == "fp32"]
+    if not eligible:
+        return None
+    best = min(eligible, key=lambda r: r["latency_ms"]["p50"])
+    pick = {"artifact": best["artifact"], "runtime": best["runtime"], "p50_ms": best["latency_ms"]["p50"],
+            "max_drop": budget, "accuracy": within_budget(arts[best["artifact"]], budget)[1],
+            "excluded": {r["artifact"]: within_budget(arts[r["artifact"]], budget)[1] for r in rows
+                         if r not in eligible}}
+    if fp32:
+        fastest_fp32 = min(fp32, key=lambda r: r["latency_ms"]["p50"])
+        pick["fastest_fp32"] = {"artifact": fastest_fp32["artifact"], "runtime": fastest_fp32["runtime"],
+                                "p50_ms": fastest_fp32["latency_ms"]["p50"]}
+        pick["speedup_vs_fp32"] = round(fastest_fp32["latency_ms"]["p50"] / best["latency_ms"]["p50"], 3)
+    int8 = [r for r in eligible if arts[r["artifact"]].get("precision") == "int8"]
+    if int8 and fp32 and best not in int8:
+        fastest_int8 = min(int8, key=lambda r: r["latency_ms"]["p50"])
+        pick["int8_note"] = (f"{fastest_int8['artifact']} on {fastest_int8['runtime']} runs at "
+                             f"{pick['fastest_fp32']['p50_ms'] / fastest_int8['latency_ms']['p50']:.2f}x fp32's "
+                             "speed here: it buys size, not speed, on this device")
+    reason = f"{pick['artifact']} on {pick['runtime']} ({pick['p50_ms']:.3f} ms at batch 1, {pick['accuracy']})"
+    if "speedup_vs_fp32" in pick:
+        reason += (f", {pick['speedup_vs_fp32']:.2f}x the fastest fp32 ({pick['fastest_fp32']['artifact']} on "
+                   f"{pick['fastest_fp32']['runtime']})")
+    pick["reason"] = reason + (f"; {pick['int8_note']}" if pick.get("int8_note") else "")
+    return pick
+
+
+def format_pick(pick: dict | None) -> str:
+    """One line for the end of `bench`."""
+    if pick is None:
+        return "ship here: nothing within the export's accuracy budget was timed at batch 1"
+    return f"ship here: {pick['reason']}"
+
+
 def make_results(results: list[dict], skipped: list[dict], env: dict, exp: dict | None = None,
                  settings: dict | None = None) -> dict:
     doc = {
@@ -938,6 +999,7 @@ def make_results(results: list[dict], skipped: list[dict], env: dict, exp: dict 
     if exp is not None:
         doc["export"] = {"dir": str(exp["dir"]), "source_run": exp["manifest"].get("source_run"),
                          "manifest_sha256": file_sha256(exp["dir"] / MANIFEST)}
+        doc["pick"] = device_pick(results, exp)
     return doc
 
 
@@ -1080,7 +1142,7 @@ def main(argv=None) -> int:
         return 2
     out = args.out or Path(args.export_dir) / f"{args.cmd}-{platform.node() or 'device'}.json"
     write_results(doc, out)
-    print(format_check(doc) if args.cmd == "check" else format_table(doc))
+    print(format_check(doc) if args.cmd == "check" else format_table(doc) + "\n" + format_pick(doc.get("pick")))
     print(f"results: {out}", file=sys.stderr)
     return 0 if doc["results"] and doc.get("passed", True) else 1
 

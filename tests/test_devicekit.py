@@ -80,6 +80,11 @@ def test_kit_bench_without_torch(export_dir, tmp_path):
     assert env["versions"]["onnxruntime"] and "CPUExecutionProvider" in env["onnxruntime_providers"]
     assert doc["export"]["source_run"] == manifest["source_run"]
     assert "onnx-fp32" in proc.stdout  # the plain-text table
+    # What to ship here: the fastest batch-1 row among the artifacts within the export's budget.
+    pick = doc["pick"]
+    assert pick["artifact"] in onnx_names and f"ship here: {pick['reason']}" in proc.stdout
+    batch1 = {r["artifact"]: r["latency_ms"]["p50"] for r in doc["results"] if r["batch"] == 1}
+    assert pick["p50_ms"] == min(v for k, v in batch1.items() if k not in pick["excluded"])
 
 
 def test_kit_env_and_bad_input(export_dir, tmp_path):
@@ -475,3 +480,26 @@ def test_fakes_match_the_installed_libraries():
         checked.append("dali")
     if not checked:
         pytest.skip("neither cuda-python, TensorRT nor DALI is importable here")
+
+
+def test_device_pick_is_the_fastest_file_within_the_budget(kit):
+    """The kit's `bench` says what to ship on the device: INT8 only within the export's budget and
+    when faster; otherwise fp32, saying that INT8 buys size, not speed, there."""
+    def row(name, ms, runtime="ort-cpu", batch=1):
+        return {"artifact": name, "runtime": runtime, "batch": batch, "latency_ms": {"p50": ms}}
+
+    arts = [{"name": "onnx-fp32", "precision": "fp32"},
+            {"name": "onnx-fp16", "precision": "fp16", "parity": {"passed": False}},
+            {"name": "onnx-int8-u8s8", "precision": "int8", "accuracy": {"drop_vs_fp32": 0.4}}]
+    exp = {"manifest": {"recommendation": {"max_drop": 1.0}}, "artifacts": arts}
+    faster = kit.device_pick([row("onnx-fp32", 2.0), row("onnx-int8-u8s8", 1.0), row("onnx-int8-u8s8", 0.5, batch=8),
+                              row("onnx-fp16", 0.1)], exp)
+    assert faster["artifact"] == "onnx-int8-u8s8" and faster["speedup_vs_fp32"] == 2.0
+    assert set(faster["excluded"]) == {"onnx-fp16"} and "int8_note" not in faster  # fp16 failed its parity
+    slower = kit.device_pick([row("onnx-fp32", 1.0), row("onnx-int8-u8s8", 1.6), row("onnx-fp32", 0.8, "openvino-cpu")], exp)
+    assert (slower["artifact"], slower["runtime"]) == ("onnx-fp32", "openvino-cpu")
+    assert "buys size, not speed" in slower["int8_note"] and "0.50x" in slower["int8_note"]
+    arts[2]["accuracy"]["drop_vs_fp32"] = 1.5  # beyond the budget: never picked, however fast
+    beyond = kit.device_pick([row("onnx-fp32", 2.0), row("onnx-int8-u8s8", 1.0)], exp)
+    assert beyond["artifact"] == "onnx-fp32" and "drop 1.50" in beyond["excluded"]["onnx-int8-u8s8"]
+    assert kit.device_pick([row("onnx-fp32", 2.0, batch=8)], exp) is None

@@ -71,6 +71,10 @@ def test_export_writes_checked_artifacts(export_dir, evaluated_run):
     choice = m["int8"]["placement_choice"]
     assert set(choice["held_out_divergence"]) == {"tuned", "split-hardswish"} and choice["measured"]
     assert choice["chosen"] in choice["held_out_divergence"] and set(choice["latency_ms_batch1"]) >= {"fp32", "tuned"}
+    # --calibrator auto chose once, on the tuned placement; the other placement reuses the choice.
+    calibration = m["int8"]["calibration"]
+    assert calibration["label"] == min(calibration["auto_scores"], key=lambda s: s["output_divergence"])["calibrator"]
+    assert calibration.get("chosen_on") == (None if choice["chosen"] == "tuned" else "tuned")
     assert m["recommendation"]["artifact"] in arts and m["recommendation"]["reason"]
     assert m["int8"]["scored_with"]["exact"] is False  # declared class auto = this machine: its own kernels
 
@@ -234,13 +238,16 @@ def test_tensorrt_target_without_tensorrt(evaluated_run, tmp_path):
         assert arr.dtype == np.int8 and not arr.any()
 
 
-@pytest.mark.parametrize("better", [True, False])
-def test_max_drop_not_reachable_exits_1(evaluated_run, tmp_path, monkeypatch, better):
+@pytest.mark.parametrize(("better", "auto_qad"), [(True, False), (False, False), (True, True)])
+def test_max_drop_not_reachable_exits_1(evaluated_run, tmp_path, monkeypatch, better, auto_qad):
+    import edgedistill.deploy.exporter as exporter
     import edgedistill.deploy.quantize as q
 
     # The search itself is tested above; here: what happens when no float fallback fits. The
-    # best trial is kept when it beats the all-INT8 model, else the all-INT8 model is.
+    # best trial is kept when it beats the all-INT8 model, else the all-INT8 model is. Without
+    # --qad-steps, QAD comes after the failed fallback, and the fallback is tried again on its model.
     monkeypatch.setattr(q, "layer_sensitivity", lambda *a, **k: {"layers": [{"node": "n0", "gain": 1.0}]})
+    monkeypatch.setattr(exporter, "DEFAULT_QAD_STEPS", 2)
 
     def never(ranked, evaluate, max_drop, max_layers):
         m, d = evaluate([])
@@ -250,12 +257,18 @@ def test_max_drop_not_reachable_exits_1(evaluated_run, tmp_path, monkeypatch, be
 
     monkeypatch.setattr(q, "fallback", never)
     result = CliRunner().invoke(app, ["export", str(evaluated_run), "--int8", "--int8-format", "qdq-u8s8", "--max-drop", "0",
-                                      "--qad-steps", "0", "--calib-count", "32", "--val-count", "48", "--out", str(tmp_path / "ex")])
+                                      *([] if auto_qad else ["--qad-steps", "0"]), "--calib-count", "32",
+                                      "--val-count", "48", "--out", str(tmp_path / "ex")])
     assert result.exit_code == 1, result.output
     assert "cannot be brought within --max-drop" in " ".join(result.output.split())
     m = _manifest(tmp_path / "ex")
-    assert m["status"] == "max_drop_not_reached" and m["int8"]["max_drop"]["reached"] is False
-    assert m["int8"]["max_drop"]["kept_in_float"] == (["n0"] if better else [])
+    fallback = m["int8"]["max_drop"]
+    assert m["status"] == "max_drop_not_reached" and fallback["reached"] is False
+    assert fallback["kept_in_float"] == (["n0"] if better else [])
+    if auto_qad:
+        assert m["int8"]["qad"]["steps"] == 2 and fallback["before_qad"]["reached"] is False
+    else:
+        assert m["int8"]["qad"] is None and "before_qad" not in fallback
 
 
 def test_run_without_classifier_exports_embedding(evaluated_run, tmp_path, caplog):

@@ -170,28 +170,32 @@ def test_auto_calibrator_never_reads_the_validation_set(evaluated_run, tmp_path,
 
 
 def test_fallback_meets_the_budget_with_few_layers_in_float(evaluated_run, tmp_path):
-    """On the tiny run with every layer in INT8 (the classifier too), a budget below the all-INT8
+    """On the tiny run with every layer in INT8 (the classifier too), a budget of half the all-INT8
     drop: the end-to-end ranking and the search keep some layers in float, meet it, and the search
-    stops at the fewest it tried that do."""
+    stops at the fewest it tried that do. Without --qad-steps no training runs when it does.
+
+    (Half, not zero: with every weighted layer in float the QDQ of the Adds and activations
+    remains, so a zero drop is within reach only for some trainings of the 4-step model; which
+    one the suite gets depends on the thread count.)"""
     from edgedistill.deploy import export_run
 
     common = dict(int8=True, int8_format="qdq-u8s8", calibrator="minmax", placement="tuned", int8_classifier=True,
                   cache_dir=tmp_path / "c", val_count=96, calib_count=32)
     base = export_run(evaluated_run, out=tmp_path / "base", **common)
     art = next(a for a in json.loads((base / "manifest.json").read_text())["artifacts"] if a["precision"] == "int8")
-    agreement = art["accuracy"]["agreement"]
-    out = export_run(evaluated_run, qad_steps=0, max_drop=0.0, max_float_share=1.0, out=tmp_path / "fb", **common)
+    budget = max(0.0, art["accuracy"]["drop_vs_fp32"] / 2)
+    out = export_run(evaluated_run, max_drop=budget, max_float_share=1.0, out=tmp_path / "fb", **common)
     m = json.loads((out / "manifest.json").read_text())
     fb = m["int8"]["max_drop"]
     assert fb["reached"], fb
+    assert m["int8"]["qad"] is None and m["int8"]["delivered_by"] == ("fallback" if fb["kept_in_float"] else "ptq")
     art = next(a for a in m["artifacts"] if a["precision"] == "int8")
-    assert art["accuracy"]["drop_vs_fp32"] <= 0.0
-    if fb["initial_drop"] > 0:
+    assert art["accuracy"]["drop_vs_fp32"] <= budget
+    if fb["initial_drop"] > budget:
         kept = len(fb["kept_in_float"])
         assert 0 < kept <= m["int8"]["int8_layers"]["weighted_layers"]
         assert [t["kept_in_float"] for t in fb["trials"]] == list(range(1, kept + 1))  # greedy, stops at the first fit
-        assert all(t["drop"] > 0 for t in fb["trials"] if t["kept_in_float"] < kept)
-    assert agreement <= 100.0
+        assert all(t["drop"] > budget for t in fb["trials"] if t["kept_in_float"] < kept)
 
 
 def test_lbfgs_probe_reaches_the_optimum_sgd_stops_short_of():

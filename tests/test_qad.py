@@ -189,9 +189,9 @@ def test_qad_repairs_a_damaged_minmax_model(tmp_path):
     assert record["loss_curve"] and all(math.isfinite(loss) for _, loss in record["loss_curve"])
 
 
-def test_max_drop_runs_qad_before_the_float_fallback(evaluated_run, tmp_path):
-    """--max-drop 0 is missed by PTQ on the tiny run: QAD runs (the default when the budget is
-    missed), then the float fallback only if still needed; the manifest says which delivered."""
+def test_qad_steps_runs_qad_before_the_float_fallback(evaluated_run, tmp_path):
+    """--max-drop 0 is missed by PTQ on the tiny run: with --qad-steps N, QAD runs first, then the
+    float fallback only if still needed; the manifest says which delivered."""
     from edgedistill.deploy import export_run
     from edgedistill.deploy.exporter import ExportCheckFailed
 

@@ -195,6 +195,10 @@ def print_results(doc: dict) -> None:
         from rich.console import Console
 
         Console(file=console.file, width=max(console.width, 120), color_system=None).print(table)
+    if "pick" in doc:
+        from edgedistill.kit import load_kit_module
+
+        console.print(load_kit_module("edgekit").format_pick(doc["pick"]), highlight=False)
     noisy = [f"{r['artifact']} on {r['runtime']} at batch {r['batch']}" for r in doc["results"] if r.get("unreliable")]
     if noisy:
         console.print(f"[yellow]note:[/] unreliable (p90/p50 still above the limit after re-measuring): "

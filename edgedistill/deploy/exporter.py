@@ -98,8 +98,9 @@ class ExportOptions:
     # keep in float the blocks whose INT8 kernels are slower, when that costs no accuracy
     # (`_latency_fallback`; ort-cpu, on a machine of the --cpu class).
     latency_fallback: bool = False
-    # Quantization-aware distillation after PTQ (deploy/qad.py): None = only when --max-drop is
-    # missed by PTQ (then DEFAULT_QAD_STEPS), 0 = never, N = always N steps.
+    # Quantization-aware distillation (deploy/qad.py): None = only when --max-drop is missed by PTQ
+    # and by the float fallback (then DEFAULT_QAD_STEPS), 0 = never, N = always N steps, right
+    # after PTQ.
     qad_steps: int | None = None
     qad_lr: float = 1e-3
     qad_batch: int = 64
@@ -532,9 +533,11 @@ def _holdout_scorer(ctx: _Export, exact: bool):
 
 
 def _int8_setup(ctx: _Export, work: Path, placement: str, scorer, arithmetic: dict,
-                format_choice: tuple[str, dict] | None = None) -> _Int8Setup:
+                format_choice: tuple[str, dict] | None = None, chosen: _Int8Setup | None = None) -> _Int8Setup:
     """Prepare the graph for `placement`, choose the format (timed on this CPU for ort-cpu + auto,
-    unless `format_choice` is given) and the calibrator (scored by `scorer`)."""
+    unless `format_choice` is given) and the calibrator (scored by `scorer`, unless `chosen`, the
+    setup of another placement of the same model, already chose one: its ranges are recomputed
+    for this graph, the choice is not)."""
     from edgedistill.deploy import data as ddata
     from edgedistill.deploy import quantize as q
     from edgedistill.deploy.onnx_export import INPUT_NAME, preprocess_spec
@@ -554,7 +557,9 @@ def _int8_setup(ctx: _Export, work: Path, placement: str, scorer, arithmetic: di
                              lambda: ddata.make_reader(calib_files_used, dep.cfg, INPUT_NAME, settings.calib_batch))
 
     symmetric = opts.target == "tensorrt" or opts.int8_format == "qdq-s8s8-sym"
-    if opts.calibrator == "auto":
+    if chosen is not None:
+        candidates = [chosen.calib.settings]
+    elif opts.calibrator == "auto":
         if scorer is None:
             raise UserError(f"--calibrator auto needs at least 4 calibration images (got {len(files)}): "
                             "raise --calib-count or pick a calibrator")
@@ -592,12 +597,14 @@ def _int8_setup(ctx: _Export, work: Path, placement: str, scorer, arithmetic: di
         calib.ensure(pre)
     calib_info = {**calib.describe(), "source": source, "held_out_images": len(holdout),
                   "seconds": round(calib.seconds, 2), "auto_scores": scores}
+    if chosen is not None and opts.calibrator == "auto":  # the scores of the placement the choice was made on
+        calib_info.update(auto_scores=chosen.calib_info["auto_scores"], chosen_on=chosen.placement)
     return _Int8Setup(placement, pre, prepared, plan, fmt, choice, calib, calib_info, scorer, arithmetic)
 
 
 def export_int8(ctx: _Export) -> dict:
-    """PTQ; quantization-aware distillation when asked or when PTQ misses --max-drop; the float
-    fallback as the last resort. The manifest says which of the three delivered the file."""
+    """PTQ, repaired by `_deliver_int8` when it misses --max-drop; the manifest says what
+    delivered the file."""
     from edgedistill.deploy import quantize as q
 
     opts, out = ctx.opts, ctx.out
@@ -666,7 +673,7 @@ def _choose_placement(ctx: _Export, work: Path, scorer, arithmetic: dict) -> tup
         return tuned, {"chosen": "tuned", "measured": False, "reason": why}
     setups = {"tuned": tuned,
               "split-hardswish": _int8_setup(ctx, work, "split-hardswish", scorer, arithmetic,
-                                             (tuned.fmt, tuned.format_choice))}
+                                             (tuned.fmt, tuned.format_choice), chosen=tuned)}
     files = {name: q.quantize(s.pre, work / f"placement.{name}.onnx", s.fmt, s.calib, s.plan) for name, s in setups.items()}
     divergence = {name: round(scorer(path), 6) for name, path in files.items()}
     timed = arithmetic["this_machine"] == tuned.plan.cpu_class
@@ -717,51 +724,64 @@ def _recommend(ctx: _Export, setup: _Int8Setup, int8_path: Path, drop: float, si
             "int8_drop": drop, "int8_size_ratio": size_ratio}
 
 
-def _deliver_int8(ctx: _Export, setup: _Int8Setup, work: Path, dst: Path) -> dict:
-    """Write `dst`: PTQ, then QAD (deploy/qad.py), then layers back in float, each only if needed."""
-    from edgedistill.deploy import quantize as q
-    from edgedistill.deploy import runtime
-    from edgedistill.fileio import write_json
+class _Delivery:
+    """The INT8 file being made by `_deliver_int8`: the float model it quantizes (the prepared
+    export, or its QAD-trained weights), the activation scales QAD learnt, its current numbers and
+    the manifest's record of how it got there."""
 
-    opts, out, kind = ctx.opts, ctx.out, ctx.kind
+    def __init__(self, ctx: _Export, setup: _Int8Setup, work: Path, dst: Path):
+        self.ctx, self.setup, self.work, self.dst = ctx, setup, work, dst
+        self.source = setup.pre
+        self.learnt: dict[str, dict] = {}
+        self.metrics, self.drop = self.evaluate([])
+        self.made = {"ptq": {"accuracy": self.metrics, "drop": self.drop, "bytes": dst.stat().st_size},
+                     "delivered_by": "ptq", "qad": None, "excluded": [], "fallback": None, "sensitivity": None}
 
-    def int8_session(path: Path):
-        return runtime.session(path, exact=setup.arithmetic["exact"])
+    def build(self, excluded: list[str], path: Path) -> Path:
+        from edgedistill.deploy import quantize as q
 
-    source = setup.pre  # the float model being quantized: the prepared export, or its QAD-trained weights
-    learnt: dict[str, dict] = {}  # activation scales learnt by QAD
+        setup = self.setup
+        return q.quantize(self.source, path, setup.fmt, setup.calib, setup.plan, excluded, self.learnt)
 
-    def evaluate(excluded: list[str]) -> tuple[dict, float]:
-        q.quantize(source, dst, setup.fmt, setup.calib, setup.plan, excluded, learnt)
-        m = runtime.compare(ctx.ref, runtime.run(int8_session(dst), ctx.images), ctx.labels, kind)
-        return m, _drop(ctx.torch_metrics, m, kind)
+    def evaluate(self, excluded: list[str]) -> tuple[dict, float]:
+        """Write `dst` with `excluded` in float and score it on the validation images."""
+        from edgedistill.deploy import runtime
 
-    metrics, drop = evaluate([])
-    log.info("%s (%s, %s): %s, drop %.2f points", dst.name, setup.fmt, setup.calib.settings.label, _summary(metrics), drop)
-    made = {"ptq": {"accuracy": metrics, "drop": drop, "bytes": dst.stat().st_size}, "delivered_by": "ptq",
-            "qad": None, "excluded": [], "fallback": None, "sensitivity": None}
-    if opts.qad_steps or (opts.qad_steps is None and opts.max_drop is not None and drop > opts.max_drop):
-        # Judged like the calibrators: output divergence from fp32 on the held-out calibration images.
-        ptq_divergence = setup.scorer(dst) if setup.scorer is not None else None
-        source, learnt, record = _qad(ctx, setup.pre, dst, work)
-        metrics, drop = evaluate([])
+        self.build(excluded, self.dst)
+        session = runtime.session(self.dst, exact=self.setup.arithmetic["exact"])
+        metrics = runtime.compare(self.ctx.ref, runtime.run(session, self.ctx.images), self.ctx.labels, self.ctx.kind)
+        return metrics, _drop(self.ctx.torch_metrics, metrics, self.ctx.kind)
+
+    def misses(self) -> bool:
+        max_drop = self.ctx.opts.max_drop
+        return max_drop is not None and self.drop > max_drop
+
+    def qad(self) -> None:
+        """Quantization-aware distillation of the all-INT8 model; kept only if it lowers the
+        output divergence on the held-out calibration images (judged like the calibrators)."""
+        from edgedistill.deploy import runtime
+
+        ctx, scorer, dst = self.ctx, self.setup.scorer, self.dst
+        self.metrics, self.drop = self.evaluate([])  # QAD starts from the all-INT8 PTQ file
+        ptq_divergence = scorer(dst) if scorer is not None else None
+        self.source, self.learnt, record = _qad(ctx, self.setup.pre, dst, self.work)
+        self.metrics, self.drop = self.evaluate([])
         # The torch graph reproduces the QDQ arithmetic itself: held against the exact reference (how
         # this CPU's kernels differ from it is what the scoring above measures).
         record["parity"] = _qad_parity(record.pop("torch_outputs"), runtime.run(runtime.session(dst, exact=True), ctx.images),
-                                       ctx.ref, kind)
-        record["held_out_divergence"] = {"ptq": ptq_divergence,
-                                         "qad": setup.scorer(dst) if setup.scorer is not None else None}
+                                       ctx.ref, ctx.kind)
+        record["held_out_divergence"] = {"ptq": ptq_divergence, "qad": scorer(dst) if scorer is not None else None}
         log.info("%s after %d QAD steps: %s, drop %.2f points (PTQ %.2f)", dst.name, record["steps"],
-                 _summary(metrics), drop, made["ptq"]["drop"])
+                 _summary(self.metrics), self.drop, self.made["ptq"]["drop"])
         record["kept"] = ptq_divergence is None or record["held_out_divergence"]["qad"] < ptq_divergence
+        self.made["qad"] = record
         if record["kept"]:
-            made.update(qad=record, delivered_by="qad")
+            self.made["delivered_by"] = "qad"
         else:  # QAD made the model worse on images it did not train on: ship the PTQ model
             log.warning("QAD raised the output divergence on the held-out calibration images (%.4g -> %.4g): "
                         "keeping the PTQ model", ptq_divergence, record["held_out_divergence"]["qad"])
-            source, learnt = setup.pre, {}
-            metrics, drop = evaluate([])
-            made["qad"] = record
+            self.source, self.learnt = self.setup.pre, {}
+            self.metrics, self.drop = self.evaluate([])
         record["parity"]["checked"] = "the QAD file (before the choice)"
         if record["kept"] and not record["parity"]["passed"]:
             ctx.st.status = "qad_parity_failed"
@@ -769,54 +789,104 @@ def _deliver_int8(ctx: _Export, setup: _Int8Setup, work: Path, dst: Path) -> dic
             ctx.st.problems.append(f"{dst.name}: ONNX Runtime's output differs from the torch fake-quant model "
                                    f"(divergence {parity['ratio']:.1%} of the INT8 model's own from fp32, allowed "
                                    f"{parity['max_ratio']:.0%}; top-1 agreement {parity.get('agreement', '-')}%)")
-    if setup.scorer is not None and (opts.sensitivity or (opts.max_drop is not None and drop > opts.max_drop)):
-        layers = [n for n in q.weighted_nodes(source) if n not in setup.plan.float_nodes]
+
+    def rank_layers(self) -> None:
+        """The end-to-end INT8 sensitivity of every weighted layer (`sensitivity.json`)."""
+        from edgedistill.deploy import quantize as q
+        from edgedistill.fileio import write_json
+
+        setup = self.setup
+        layers = [n for n in q.weighted_nodes(self.source) if n not in setup.plan.float_nodes]
         with progress_bar(len(layers), "INT8 sensitivity", show_loss=False) as bar:
-            made["sensitivity"] = q.layer_sensitivity(source, setup.fmt, setup.calib, setup.plan, setup.scorer, work,
-                                                      lambda: bar.advance(1))
-        write_json(out / "sensitivity.json", made["sensitivity"])
-    if opts.max_drop is not None:
+            self.made["sensitivity"] = q.layer_sensitivity(self.source, setup.fmt, setup.calib, setup.plan,
+                                                           setup.scorer, self.work, lambda: bar.advance(1))
+        write_json(self.ctx.out / "sensitivity.json", self.made["sensitivity"])
+
+    def fall_back(self) -> bool:
+        """--max-drop: the fewest of the most sensitive layers back in float that bring the drop
+        within the budget (at most --max-float-share of them). True when the budget is met."""
+        from edgedistill.deploy import quantize as q
+
+        opts = self.ctx.opts
         # The all-INT8 model before any layer goes back to float, for the record.
-        fallback = {"max_drop": opts.max_drop, "initial_drop": drop, "reached": drop <= opts.max_drop,
-                    "kept_in_float": [], "trials": [],
-                    "initial": {"accuracy": metrics, "bytes": dst.stat().st_size,
-                                "int8_layers": q.int8_share(source, dst)}}
-        made["fallback"] = fallback
-        if drop > opts.max_drop:
-            ranked = [r["node"] for r in (made["sensitivity"] or {}).get("layers", [])]
-            cap = max(1, math.floor(opts.max_float_share * len(ranked)))
-            excluded, metrics, drop, trials, reached = q.fallback(ranked, evaluate, opts.max_drop, cap)
-            if not reached and drop >= fallback["initial_drop"]:  # nothing beat the all-INT8 model: keep it
-                excluded, drop = [], fallback["initial_drop"]
-            fallback.update({"reached": reached, "kept_in_float": excluded, "trials": trials, "final_drop": drop,
-                             "max_float_layers": cap})
-            if reached:
-                log.info("--max-drop %.2f: kept %d weighted layer(s) in float (%s%s): drop %.2f points",
-                         opts.max_drop, len(excluded), ", ".join(excluded[:3]), ", ..." if len(excluded) > 3 else "",
-                         drop)
-            else:
-                msg = (f"INT8 top-1 drop {fallback['initial_drop']:.2f} points{' after QAD' if made['qad'] else ''} "
-                       f"cannot be brought within --max-drop {opts.max_drop:.2f} with at most {cap} layers in float "
-                       f"(--max-float-share {opts.max_float_share:g}): best {drop:.2f} with {len(excluded)}; "
-                       "quantization-aware distillation (--qad-steps), a larger budget or a larger "
-                       "--max-float-share are the remedies")
-                log.warning(msg)
-                ctx.st.status = "max_drop_not_reached"
-                ctx.st.problems.append(msg)
-            # The last trial written may not be the one kept: write the kept one again.
-            metrics, drop = evaluate(excluded)
-            made["excluded"] = excluded
-            if excluded:
-                made["delivered_by"] = "fallback"
-    made.update(metrics=metrics, drop=drop)
+        record = {"max_drop": opts.max_drop, "initial_drop": self.drop, "reached": not self.misses(),
+                  "kept_in_float": [], "trials": [],
+                  "initial": {"accuracy": self.metrics, "bytes": self.dst.stat().st_size,
+                              "int8_layers": q.int8_share(self.source, self.dst)}}
+        if self.made["fallback"] is not None:  # the fallback that did not reach it before QAD
+            record["before_qad"] = self.made["fallback"]
+        self.made["fallback"] = record
+        if not self.misses():
+            return True
+        ranked = [r["node"] for r in (self.made["sensitivity"] or {}).get("layers", [])]
+        cap = max(1, math.floor(opts.max_float_share * len(ranked)))
+        excluded, _, drop, trials, reached = q.fallback(ranked, self.evaluate, opts.max_drop, cap)
+        if not reached and drop >= record["initial_drop"]:  # nothing beat the all-INT8 model: keep it
+            excluded = []
+        # The last trial written may not be the one kept: write the kept one again.
+        self.metrics, self.drop = self.evaluate(excluded)
+        record.update({"reached": reached, "kept_in_float": excluded, "trials": trials, "final_drop": self.drop,
+                       "max_float_layers": cap})
+        if reached:
+            log.info("--max-drop %.2f: kept %d weighted layer(s) in float (%s%s): drop %.2f points", opts.max_drop,
+                     len(excluded), ", ".join(excluded[:3]), ", ..." if len(excluded) > 3 else "", self.drop)
+        self.made["excluded"] = excluded
+        if excluded:
+            self.made["delivered_by"] = "fallback"
+        elif self.made["qad"] is None or not self.made["qad"]["kept"]:
+            self.made["delivered_by"] = "ptq"
+        return reached
+
+    def give_up(self) -> None:
+        """The budget stays out of reach: the export fails its check (exit 1), the file is kept."""
+        ctx, record = self.ctx, self.made["fallback"]
+        qad = self.made["qad"]
+        msg = (f"INT8 top-1 drop {record['initial_drop']:.2f} points{' after QAD' if qad else ''} cannot be brought "
+               f"within --max-drop {ctx.opts.max_drop:.2f} with at most {record['max_float_layers']} layers in float "
+               f"(--max-float-share {ctx.opts.max_float_share:g}): best {self.drop:.2f} with "
+               f"{len(record['kept_in_float'])}; "
+               + ("a larger budget, a larger --max-float-share or more --qad-steps are the remedies" if qad else
+                  "quantization-aware distillation (--qad-steps), a larger budget or a larger --max-float-share "
+                  "are the remedies"))
+        log.warning(msg)
+        ctx.st.status = "max_drop_not_reached"
+        ctx.st.problems.append(msg)
+
+
+def _deliver_int8(ctx: _Export, setup: _Int8Setup, work: Path, dst: Path) -> dict:
+    """Write `dst`. PTQ; if it misses --max-drop, the float fallback (no training, the accuracy-
+    aware tuning of Intel Neural Compressor); if that cannot reach it within --max-float-share,
+    QAD (deploy/qad.py) and the fallback again on the QAD model. `--qad-steps N` runs QAD right
+    after PTQ, `--qad-steps 0` never."""
+    opts = ctx.opts
+    delivery = _Delivery(ctx, setup, work, dst)
+    log.info("%s (%s, %s): %s, drop %.2f points", dst.name, setup.fmt, setup.calib.settings.label,
+             _summary(delivery.metrics), delivery.drop)
+    if opts.qad_steps:
+        delivery.qad()
+    if setup.scorer is not None and (opts.sensitivity or delivery.misses()):
+        delivery.rank_layers()
+    if opts.max_drop is not None and not delivery.fall_back():
+        if opts.qad_steps is None:
+            log.info("--max-drop %.2f: not reached with %d layer(s) in float (best drop %.2f): quantization-aware "
+                     "distillation of the all-INT8 model", opts.max_drop, delivery.made["fallback"]["max_float_layers"],
+                     delivery.drop)
+            delivery.qad()
+            if setup.scorer is not None and delivery.misses():
+                delivery.rank_layers()
+            reached = delivery.fall_back()
+        else:
+            reached = False
+        if not reached:
+            delivery.give_up()
+    made = delivery.made
+    made.update(metrics=delivery.metrics, drop=delivery.drop)
     if opts.latency_fallback:
-        made["latency_fallback"] = _latency_fallback(ctx, setup, work, dst, made, evaluate,
-                                                     lambda excluded, path: q.quantize(source, path, setup.fmt, setup.calib,
-                                                                                       setup.plan, excluded, learnt))
+        made["latency_fallback"] = _latency_fallback(delivery)
     return made
 
 
-def _latency_fallback(ctx: _Export, setup: _Int8Setup, work: Path, dst: Path, made: dict, evaluate, build) -> dict:
+def _latency_fallback(delivery: _Delivery) -> dict:
     """`--latency-fallback`: the delivered INT8 file against itself with one block's weighted layers
     in float (`quantize.layer_groups`), every variant timed at batch 1 in the same interleaved rounds
     on this CPU; the blocks faster in float by more than LATENCY_GAIN are kept in float together
@@ -824,7 +894,8 @@ def _latency_fallback(ctx: _Export, setup: _Int8Setup, work: Path, dst: Path, ma
     (or stays within --max-drop). Updates `made` when kept; returns the record for the manifest."""
     from edgedistill.deploy import quantize as q
 
-    opts = ctx.opts
+    ctx, setup, work, dst, made = delivery.ctx, delivery.setup, delivery.work, delivery.dst, delivery.made
+    build, evaluate, opts = delivery.build, delivery.evaluate, ctx.opts
     if opts.target != "ort-cpu" or setup.arithmetic["this_machine"] != setup.plan.cpu_class:
         why = "TensorRT builds its own kernels" if opts.target != "ort-cpu" else setup.arithmetic["why"]
         return {"measured": False, "reason": f"not timed: {why}"}

@@ -15,10 +15,11 @@ Manifest, top-level keys:
   drop_se, max_abs_diff, ...}, parity{passed, tolerance, ...}, quantization{...},
   on_samples{samples, agreement, divergence, max_rel_diff}}],
   int8 {target, cpu_class {declared, built_for}, scored_with {exact, name, why, this_machine}, format,
-  format_choice, calibration {label, held_out_images, auto_scores...}, placement {name, float_nodes,
+  format_choice, calibration {label, held_out_images, auto_scores, chosen_on (the placement whose
+  --calibrator auto choice was reused)...}, placement {name, float_nodes,
   ...}, placement_choice, int8_layers {weighted_layers, int8, share}, size_ratio_vs_fp32,
   classifier_check {images, agreement, expected_drop, fragile, advice}, max_drop {initial, trials,
-  kept_in_float...}, latency_fallback {measured, blocks, kept, hybrid...} | null, sensitivity_file},
+  kept_in_float, before_qad (the fallback that QAD followed)...}, latency_fallback {measured, blocks, kept, hybrid...} | null, sensitivity_file},
   recommendation {artifact, device, reason, latency_ms_batch1, max_drop}, tensorrt {built, reason,
   engines, commands}, samples {inputs, labels, reference, count}, status ("ok" | "parity_failed" |
   "max_drop_not_reached"), environment.

@@ -137,6 +137,8 @@ def _notes(artifacts: list[dict], latency: list[dict], docs, manifest: dict | No
         if noisy:
             notes.append(f"{source}: unreliable timings (p90/p50 still above the limit after re-measuring; the "
                          f"machine was busy): {'; '.join(noisy)}.")
+        if doc.get("pick") is not None:
+            notes.append(f"{source} ({env.get('host')}): ship {doc['pick']['reason']}.")
         isa = cpu.get("isa") or {}
         if isa and not isa.get("int8_dot", True) and any(r["precision"] == "int8" for r in doc.get("results", [])):
             notes.append(f"{source}: this CPU ({cpu.get('model')}) has no VNNI/AMX INT8 dot-product instructions, "
