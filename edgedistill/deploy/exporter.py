@@ -708,7 +708,8 @@ def _recommend(ctx: _Export, setup: _Int8Setup, int8_path: Path, drop: float, si
     elif latency is None:
         pick, why = f"onnx-int8-{q.short_name(setup.fmt)}", (f"INT8 meets the {budget:g}-point budget (drop {drop:.2f}) and "
                                                             f"is {size_ratio:.1f}x smaller; its speed was not measured here "
-                                                            "(another device class): time it there with kit/edgekit.py bench")
+                                                            "(another device class): `python kit/edgekit.py bench .` there "
+                                                            "times every file and says which to ship on it")
     else:
         speedup = latency["fp32"] / latency["int8"]
         if speedup > 1.0:
