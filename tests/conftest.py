@@ -24,6 +24,17 @@ def _isolated_cache(tmp_path_factory):
     yield
 
 
+def bench_script(name: str):
+    """bench/<name>.py as a module (the bench scripts are not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def tiny_overrides(**extra) -> list[str]:
     """A few optimizer steps of a small student on 32x32 digits with the torchvision loader."""
     base = {

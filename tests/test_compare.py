@@ -169,3 +169,22 @@ def test_a_cut_last_metrics_line_is_tolerated(tmp_path, caplog):
     with pytest.raises(UserError, match="metrics.jsonl line 1"):
         read_metrics(run)
     assert read_metrics(tmp_path / "nowhere") == []
+
+
+def test_paired_difference_of_two_runs(evaluated_run):
+    """bench/paired_difference.py: the deployable classifier reproduces eval.json's linear top-1
+    image for image, and the paired error counts only the images on which two runs disagree."""
+    import numpy as np
+
+    from conftest import bench_script
+
+    script = bench_script("paired_difference")
+    right, info = script.correct_per_image(evaluated_run)
+    assert info["top1"] == pytest.approx(info["eval_json_linear_top1"], abs=0.01) and right.size == info["images"]
+    same = script.paired(right, right)
+    assert same["difference"] == 0 and same["paired_se"] == 0 and same["unpaired_se"] > 0
+    a, b = np.array([1.0] * 60 + [0.0] * 40), np.array([1.0] * 50 + [0.0] * 50)  # b is right on a subset of a's
+    row = script.paired(a, b)
+    assert row["difference"] == 10.0 and (row["only_first_right"], row["only_second_right"]) == (10, 0)
+    assert row["paired_se"] == pytest.approx(100 * np.std(a - b, ddof=1) / 10, abs=1e-3)
+    assert row["paired_se"] < row["unpaired_se"]

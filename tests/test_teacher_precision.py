@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_overrides
+from conftest import bench_script, tiny_overrides
 from edgedistill.errors import UserError
 from edgedistill.methods import components
 from edgedistill.methods.components import TEACHER_FIDELITY_FILE, FrozenTeacher
@@ -144,21 +144,10 @@ def test_precision_errors_name_the_key_and_the_fix(teacher_ckpt, tmp_path, monke
         FrozenTeacher(cfg_for(teacher_ckpt).teacher).set_mode("int4")
 
 
-def _bench_script(name: str):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_teacher_speed_script_quick(tmp_path):
     threads = torch.get_num_threads()
     try:
-        assert _bench_script("teacher_speed").main(["--quick", "--rounds", "1", "--steps", "1",
+        assert bench_script("teacher_speed").main(["--quick", "--rounds", "1", "--steps", "1",
                                                     "--out", str(tmp_path / "t.json")]) == 0
     finally:
         torch.set_num_threads(threads)
@@ -174,7 +163,7 @@ def test_gpu_check_cpu_path(tmp_path):
     """bench/gpu_check.py on the CPU: train, stop at half way, resume, export + parity, teacher modes timed."""
     threads = torch.get_num_threads()
     try:
-        rc = _bench_script("gpu_check").main(["--device", "cpu", "--out", str(tmp_path / "g.json")])
+        rc = bench_script("gpu_check").main(["--device", "cpu", "--out", str(tmp_path / "g.json")])
     finally:
         torch.set_num_threads(threads)
     data = json.loads((tmp_path / "g.json").read_text())
