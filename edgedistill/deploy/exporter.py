@@ -775,10 +775,9 @@ class _Delivery:
         log.info("%s after %d QAD steps: %s, drop %.2f points (PTQ %.2f)", dst.name, record["steps"],
                  _summary(self.metrics), self.drop, self.made["ptq"]["drop"])
         record["kept"] = ptq_divergence is None or record["held_out_divergence"]["qad"] < ptq_divergence
-        self.made["qad"] = record
-        if record["kept"]:
-            self.made["delivered_by"] = "qad"
-        else:  # QAD made the model worse on images it did not train on: ship the PTQ model
+        # All INT8 again, whatever a fallback before it had kept in float.
+        self.made.update(qad=record, excluded=[], delivered_by="qad" if record["kept"] else "ptq")
+        if not record["kept"]:  # QAD made the model worse on images it did not train on: ship the PTQ model
             log.warning("QAD raised the output divergence on the held-out calibration images (%.4g -> %.4g): "
                         "keeping the PTQ model", ptq_divergence, record["held_out_divergence"]["qad"])
             self.source, self.learnt = self.setup.pre, {}
