@@ -951,15 +951,15 @@ def device_pick(results: list[dict], exp: dict) -> dict | None:
     rows = [r for r in results if r["batch"] == 1 and r["artifact"] in arts]
     if not rows:
         return None
-    eligible = [r for r in rows if within_budget(arts[r["artifact"]], budget)[0]]
-    fp32 = [r for r in rows if (arts[r["artifact"]].get("precision") or "fp32") == "fp32"]
+    verdicts = {r["artifact"]: within_budget(arts[r["artifact"]], budget) for r in rows}
+    eligible = [r for r in rows if verdicts[r["artifact"]][0]]
     if not eligible:
         return None
+    fp32 = [r for r in rows if (arts[r["artifact"]].get("precision") or "fp32") == "fp32"]
     best = min(eligible, key=lambda r: r["latency_ms"]["p50"])
     pick = {"artifact": best["artifact"], "runtime": best["runtime"], "p50_ms": best["latency_ms"]["p50"],
-            "max_drop": budget, "accuracy": within_budget(arts[best["artifact"]], budget)[1],
-            "excluded": {r["artifact"]: within_budget(arts[r["artifact"]], budget)[1] for r in rows
-                         if r not in eligible}}
+            "max_drop": budget, "accuracy": verdicts[best["artifact"]][1],
+            "excluded": {name: why for name, (ok, why) in verdicts.items() if not ok}}
     if fp32:
         fastest_fp32 = min(fp32, key=lambda r: r["latency_ms"]["p50"])
         pick["fastest_fp32"] = {"artifact": fastest_fp32["artifact"], "runtime": fastest_fp32["runtime"],
