@@ -23,9 +23,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
 def correct_per_image(run: Path, batch_size: int = 256) -> tuple[np.ndarray, dict]:
     """1/0 per validation image for the run's deployable classifier, and what it was checked against."""
     import json
@@ -72,7 +69,6 @@ def main() -> None:
     from edgedistill.envinfo import environment
     from edgedistill.fileio import write_json
 
-    torch.manual_seed(0)
     scored: dict[Path, tuple[np.ndarray, dict]] = {}
     rows = []
     for first, second in [(args.first, args.second), *map(tuple, args.pair)]:

@@ -763,7 +763,8 @@ class _Delivery:
         from edgedistill.deploy import runtime
 
         ctx, scorer, dst = self.ctx, self.setup.scorer, self.dst
-        self.metrics, self.drop = self.evaluate([])  # QAD starts from the all-INT8 PTQ file
+        if self.made["excluded"]:  # QAD starts from the all-INT8 PTQ file, not a fallback's
+            self.metrics, self.drop = self.evaluate([])
         ptq_divergence = scorer(dst) if scorer is not None else None
         self.source, self.learnt, record = _qad(ctx, self.setup.pre, dst, self.work)
         self.metrics, self.drop = self.evaluate([])
