@@ -41,9 +41,10 @@ class ModelConfig:
 
 # The frozen teacher's arithmetic (DisCo, SEED; see methods/components.FrozenTeacher): fp32 is the
 # teacher as loaded, untouched; bf16/fp16 run it under autocast with BatchNorm folded into the
-# convolutions and channels_last; auto picks the fastest of those this device runs whose measured
-# fidelity passes (mean cosine to fp32 >= 0.999 on augmented training views), else fp32.
-TeacherPrecision = Literal["auto", "fp32", "bf16", "fp16"]
+# convolutions and channels_last; fp32-ort runs it in fp32 with ONNX Runtime's CPU kernels; auto
+# measures those this device runs and takes the fastest that is faster than fp32 and whose fidelity
+# passes (mean cosine to fp32 >= 0.999 on augmented training views), else fp32.
+TeacherPrecision = Literal["auto", "fp32", "bf16", "fp16", "fp32-ort"]
 # Asked for but not offered, with the measurement that decided it (docs/results.md, "The frozen teacher's precision").
 TEACHER_PRECISION_NOT_OFFERED = {
     "int8": "teacher.precision: int8 is not offered: ONNX Runtime INT8 (static QDQ, calibrated on 512 augmented "
@@ -56,7 +57,7 @@ TEACHER_PRECISION_NOT_OFFERED = {
 class TeacherConfig(ModelConfig):
     """The teacher (DisCo, SEED): a backbone from a local checkpoint, plus the arithmetic it runs in."""
 
-    # auto | fp32 | bf16 | fp16: see TeacherPrecision above. The student's arithmetic is train.precision.
+    # auto | fp32 | bf16 | fp16 | fp32-ort: see TeacherPrecision above. The student's arithmetic is train.precision.
     precision: TeacherPrecision = "auto"
     # torch.compile the bf16/fp16 teacher (its folded copy; fp32 stays as loaded). Compiles once at
     # the start (about a minute on one CPU thread, needs a C++ compiler on the CPU), for one batch shape.
@@ -116,7 +117,9 @@ class TrainConfig:
     tensorboard: bool = False
     # auto = bf16 autocast on CUDA, fp32 on CPU.
     precision: Precision = "auto"
-    channels_last: str = "auto"  # auto (on CUDA) | true | false
+    # auto = channels_last on CUDA and on the CPU (oneDNN's NHWC kernels: 1.2-2.6x faster steps on
+    # AVX2 and AVX-512 CPUs for these students, docs/scaling.md) | true | false (NCHW).
+    channels_last: str = "auto"
     compile: bool = False
     log_every: int = 10
     checkpoint_every: int = 200

@@ -109,14 +109,25 @@ def test_tradeoffs_and_noise_pass(tmp_path, baseline):
     assert result.exit_code == 0, result.output
 
 
-def test_latency_on_another_machine_is_not_compared(tmp_path, baseline):
+@pytest.mark.parametrize("field, value", [("cpu", "Some Other CPU"),
+                                          # same model name, another ISA: an AVX2-only EPYC vs a VNNI one
+                                          ("cpu_features", "avx2, 2 cores")])
+def test_latency_on_another_machine_is_not_compared(tmp_path, baseline, field, value):
     rep = make_report(**{"latency.ort-cpu.onnx-int8-u8s8.1": 50.0})
     for r in rep["latency"]:
-        r["cpu"] = "Some Other CPU"
+        r[field] = value
     result = gate(tmp_path, rep, baseline, "--format", "github")
     assert result.exit_code == 0, result.output
     assert "::notice title=edgedistill gate: latency-regression" in result.output
     assert "another machine" in result.output
+
+
+def test_report_latency_rows_name_the_cpu_features():
+    from edgedistill.report.build import cpu_features
+
+    isa = {"avx2": True, "avx512f": True, "avx512_vnni": True, "amx_int8": False, "int8_dot": True}
+    assert cpu_features({"model": "AMD EPYC", "isa": isa, "affinity_cores": 2}) == "avx2+avx512f+avx512_vnni, 2 cores"
+    assert cpu_features({"model": "AMD EPYC"}) is None
 
 
 def test_unreliable_latency_is_not_compared(tmp_path, baseline):

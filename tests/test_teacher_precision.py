@@ -39,9 +39,12 @@ def teacher_ckpt(tmp_path_factory):
 
 @pytest.fixture
 def bf16_cpu(monkeypatch):
-    """Let this CPU count as bf16-capable (autocast runs either way), so the tests do not depend on the ISA;
-    a smaller fidelity sample keeps them fast."""
+    """Let this CPU count as bf16-capable (autocast runs either way) with bf16 its only fast mode, and
+    take it whatever its speed (bf16 is emulated, slower than fp32, on a CPU without AVX512_BF16), so
+    these tests of the fidelity rule do not depend on the ISA; a smaller fidelity sample keeps them fast."""
     monkeypatch.setattr(components, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(components, "fast_teacher_modes", lambda device: ["bf16"])
+    monkeypatch.setattr(components, "AUTO_MIN_SPEEDUP", 0.0)
     monkeypatch.setattr(components, "FIDELITY_IMAGES", 128)
 
 
@@ -110,10 +113,46 @@ def test_auto_refuses_a_mode_below_the_threshold(teacher_ckpt, tmp_path, bf16_cp
 
 
 def test_auto_without_a_fast_mode_is_fp32(teacher_ckpt, tmp_path, monkeypatch):
-    monkeypatch.setattr(components, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(components, "fast_teacher_modes", lambda device: [])
     m = prepared(cfg_for(teacher_ckpt), tmp_path)
     assert m.teacher.mode == "fp32"
-    assert "no fast teacher precision" in json.loads((tmp_path / TEACHER_FIDELITY_FILE).read_text())["note"]
+    assert "no fast teacher mode" in json.loads((tmp_path / TEACHER_FIDELITY_FILE).read_text())["note"]
+
+
+def test_auto_takes_the_fastest_mode_that_passes_and_beats_fp32():
+    from edgedistill.methods.components import choose_teacher_mode
+
+    modes = {"bf16": {"passed": True, "ms_per_image": 1.0}, "fp32-ort": {"passed": True, "ms_per_image": 1.4},
+             "fp16": {"passed": False, "ms_per_image": 0.5}}
+    assert choose_teacher_mode("auto", 2.0, modes) == "bf16"  # fp16 is faster but failed its fidelity check
+    assert choose_teacher_mode("auto", 1.2, modes) == "bf16"
+    assert choose_teacher_mode("auto", 0.9, modes) == "fp32"  # every passing mode is slower than fp32 here
+    assert choose_teacher_mode("fp32-ort", 0.9, modes) == "fp32-ort"  # asked for: kept
+
+
+def test_fp32_on_onnxruntime_is_fp32_and_auto_takes_it_only_when_faster(teacher_ckpt, tmp_path, monkeypatch, caplog):
+    """fp32-ort: the teacher exported to ONNX and run by ONNX Runtime on the CPU, the same target to
+    fp32 rounding; auto (no bf16 here) times it against torch's fp32 on the fidelity views and takes
+    it only if it was faster; a resumed run reuses the choice."""
+    monkeypatch.setattr(components, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(components, "FIDELITY_IMAGES", 128)
+    m = prepared(cfg_for(teacher_ckpt, "fp32-ort"), tmp_path / "ort")
+    assert m.teacher.mode == "fp32-ort" and m.teacher.fast is None
+    x = torch.randn(48, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    cos = F.cosine_similarity(m.teacher(x), m.teacher._target(x, "fp32"), dim=1)
+    assert float(cos.min()) > 0.99999
+    assert not any("sessions" in k or "ort" in k.lower() for k in m.state_dict())
+
+    m = prepared(cfg_for(teacher_ckpt), tmp_path / "auto")
+    record = json.loads((tmp_path / "auto" / TEACHER_FIDELITY_FILE).read_text())
+    assert record["candidates"] == ["fp32-ort"]
+    ort = record["modes"]["fp32-ort"]
+    assert ort["passed"] and ort["mean_cosine"] > 0.99999
+    faster = ort["ms_per_image"] < record["fp32"]["ms_per_image"]
+    assert record["chosen"] == m.teacher.mode == ("fp32-ort" if faster else "fp32")
+    with caplog.at_level(logging.INFO):
+        again = prepared(cfg_for(teacher_ckpt), tmp_path / "auto")
+    assert again.teacher.mode == record["chosen"] and "reused" in caplog.text
 
 
 def test_train_mode_bn_is_left_unfolded(teacher_ckpt, bf16_cpu):
@@ -129,7 +168,7 @@ def test_train_mode_bn_is_left_unfolded(teacher_ckpt, bf16_cpu):
 def test_precision_errors_name_the_key_and_the_fix(teacher_ckpt, tmp_path, monkeypatch):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"method: disco\nteacher:\n  arch: resnet20_cifar\n  checkpoint: {teacher_ckpt}\n  precision: fp8\n")
-    with pytest.raises(UserError, match=r"r\.yaml: teacher\.precision: 'fp8' is not one of auto, fp32, bf16, fp16"):
+    with pytest.raises(UserError, match=r"r\.yaml: teacher\.precision: 'fp8' is not one of auto, fp32, bf16, fp16, fp32-ort"):
         load_config(recipe)
     with pytest.raises(UserError, match="int8 is not offered: .*0.993.*use auto, bf16 or fp32"):
         cfg_for(teacher_ckpt, "int8")
@@ -142,6 +181,10 @@ def test_precision_errors_name_the_key_and_the_fix(teacher_ckpt, tmp_path, monke
         prepared(cfg_for(teacher_ckpt, "bf16"), tmp_path)
     with pytest.raises(UserError, match="not one of fp32"):
         FrozenTeacher(cfg_for(teacher_ckpt).teacher).set_mode("int4")
+    with pytest.raises(UserError, match="fp32-ort runs the teacher with ONNX Runtime on the CPU.*use teacher.precision=auto"):
+        components.check_teacher_precision("fp32-ort", torch.device("cuda"))
+    with pytest.raises(UserError, match="fp32-ort needs method.teacher_bn=eval"):
+        FrozenTeacher(cfg_for(teacher_ckpt).teacher, bn_mode="train").set_mode("fp32-ort")
 
 
 def test_teacher_speed_script_quick(tmp_path):
@@ -182,12 +225,12 @@ def test_teacher_compile_wraps_only_the_fast_copy(teacher_ckpt, bf16_cpu):
     m = create_method(cfg_for(teacher_ckpt, "bf16", **{"teacher.compile": "true"}), num_classes=10)
     teacher = m.teacher
     teacher.set_mode("bf16")
-    fast, compiled = teacher.fast, teacher._compiled
+    fast, compiled = teacher.fast, teacher._runner
     assert compiled is not None and compiled._orig_mod is fast
     teacher.set_mode("fp32")
-    assert teacher.fast is None and teacher._compiled is None
+    assert teacher.fast is None and teacher._runner is None
     teacher.set_mode("bf16")
-    assert teacher.fast is fast and teacher._compiled is compiled
+    assert teacher.fast is fast and teacher._runner is compiled
     assert not any("_compiled" in k or "_orig_mod" in k for k in m.state_dict())
     with pytest.raises(UserError, match="teacher.compile: expected bool"):
         cfg_for(teacher_ckpt, **{"teacher.compile": "sometimes"})

@@ -75,10 +75,16 @@ def load_deployable(run_dir: Path, embedding: bool = False) -> Deployable:
 
 def export_onnx(dep: Deployable, path: Path, opset: int = DEFAULT_OPSET, exporter: str = "legacy") -> dict:
     """Write `dep.model` as ONNX with a dynamic batch; returns what was done (for the manifest)."""
-    model = dep.model.eval()
-    dummy = torch.zeros(2, 3, dep.img_size, dep.img_size)
+    return export_module(dep.model, path, dep.img_size, dep.output_name, opset, exporter)
+
+
+def export_module(model: nn.Module, path: Path, img_size: int, output_name: str, opset: int = DEFAULT_OPSET,
+                  exporter: str = "legacy") -> dict:
+    """Write `model` (an image model, NCHW input `INPUT_NAME`) as checked ONNX with a dynamic batch."""
+    model = model.eval()
+    dummy = torch.zeros(2, 3, img_size, img_size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    names = {"input_names": [INPUT_NAME], "output_names": [dep.output_name]}
+    names = {"input_names": [INPUT_NAME], "output_names": [output_name]}
     with warnings.catch_warnings():
         # The legacy exporter announces its deprecation on every call; the choice is documented above.
         warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -86,7 +92,7 @@ def export_onnx(dep: Deployable, path: Path, opset: int = DEFAULT_OPSET, exporte
         with torch.no_grad():
             if exporter == "legacy":
                 torch.onnx.export(model, (dummy,), str(path), opset_version=opset, dynamo=False,
-                                  dynamic_axes={INPUT_NAME: {0: "batch"}, dep.output_name: {0: "batch"}},
+                                  dynamic_axes={INPUT_NAME: {0: "batch"}, output_name: {0: "batch"}},
                                   do_constant_folding=True, **names)
             elif exporter == "dynamo":
                 batch = torch.export.Dim("batch", min=1, max=4096)

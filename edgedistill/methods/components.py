@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 
 import numpy as np
 import torch
@@ -31,6 +32,14 @@ FIDELITY_IMAGES = 512
 # seeded subsets of the training set (centre crops); k and temperature are eval's defaults.
 FIDELITY_KNN_BANK, FIDELITY_KNN_QUERIES, FIDELITY_KNN_K, FIDELITY_KNN_T = 2_000, 1_000, 20, 0.07
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# fp32 arithmetic run by ONNX Runtime's CPU kernels (the teacher exported to ONNX; BatchNorm folded
+# by its graph optimiser): on an AVX2 CPU 1.5x torch's fp32 ResNet-56 at 32 px (docs/results.md).
+ORT_MODE = "fp32-ort"
+TEACHER_MODES = ("fp32", *AMP_DTYPES, ORT_MODE)
+# `auto` takes a fast mode only when it ran at least this many times fp32's speed on the fidelity
+# views (1: any gain; a mode that passes fidelity but is slower, e.g. ONNX Runtime where torch's
+# kernels win, is left).
+AUTO_MIN_SPEEDUP = 1.0
 
 
 def cpu_has_bf16() -> bool:
@@ -42,23 +51,45 @@ def cpu_has_bf16() -> bool:
 
 
 def fast_teacher_modes(device: torch.device) -> list[str]:
-    """The fast teacher precisions `device` runs natively, fastest first ([] = fp32 only)."""
+    """The fast teacher modes `device` runs natively ([] = fp32 only): `auto` measures each against
+    fp32 and takes the fastest whose fidelity passes."""
     if device.type == "cuda":
         return ["bf16", "fp16"] if torch.cuda.is_bf16_supported() else ["fp16"]
-    if device.type == "cpu" and cpu_has_bf16():
-        return ["bf16"]
-    return []
+    if device.type != "cpu":
+        return []
+    return (["bf16"] if cpu_has_bf16() else []) + ([ORT_MODE] if _has_onnxruntime() else [])
+
+
+def _has_onnxruntime() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
+def choose_teacher_mode(requested: str, fp32_ms: float | None, modes: dict[str, dict]) -> str:
+    """The mode a teacher runs in, from its measurements (`modes`: mode -> {"passed", "ms_per_image"}):
+    an explicit request is kept; `auto` takes the fastest mode that passed the fidelity check and
+    ran faster than fp32, else fp32."""
+    if requested != "auto":
+        return requested
+    faster = {mode: m["ms_per_image"] for mode, m in modes.items()
+              if m["passed"] and (fp32_ms is None or m["ms_per_image"] * AUTO_MIN_SPEEDUP < fp32_ms)}
+    return min(faster, key=faster.get) if faster else "fp32"
 
 
 def check_teacher_precision(mode: str, device: torch.device) -> None:
     """A one-line error for an explicit teacher.precision this device cannot run fast."""
     from edgedistill.config import TEACHER_PRECISION_NOT_OFFERED
 
-    if mode not in ("auto", "fp32", *AMP_DTYPES):
+    if mode not in ("auto", *TEACHER_MODES):
         raise UserError(TEACHER_PRECISION_NOT_OFFERED.get(mode)
-                        or f"teacher precision {mode!r} is not one of auto, fp32, {', '.join(AMP_DTYPES)}")
+                        or f"teacher precision {mode!r} is not one of auto, {', '.join(TEACHER_MODES)}")
     if mode in ("fp32", "auto") or mode in fast_teacher_modes(device):
         return
+    if mode == ORT_MODE:
+        raise UserError(f"teacher.precision: {ORT_MODE} runs the teacher with ONNX Runtime on the CPU (this run is on "
+                        f"{device.type}{'' if device.type != 'cpu' else ', and onnxruntime cannot be imported'}): "
+                        "use teacher.precision=auto or fp32")
     if mode == "fp16":
         raise UserError(f"teacher.precision: fp16 needs a CUDA device (this run is on {device.type}): "
                         "use teacher.precision=auto (or bf16 / fp32)")
@@ -78,6 +109,39 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
         logging.getLogger(__name__).info("teacher BatchNorm not folded (%s: %s)", type(e).__name__,
                                          str(e).splitlines()[0] if str(e) else "")
         return module
+
+
+class OrtTeacher:
+    """The teacher's encoder exported to ONNX (fp32) and run by an ONNX Runtime CPU session, as a
+    callable on torch tensors (NCHW or channels_last in, fp32 embeddings out). One session per input
+    size, with torch's intra-op thread count."""
+
+    def __init__(self, encoder: nn.Module):
+        self.encoder = encoder
+        self.sessions: dict[tuple[int, int], object] = {}
+
+    def _session(self, height: int, width: int):
+        import tempfile
+        from pathlib import Path
+
+        from edgedistill.deploy.onnx_export import export_module
+        from edgedistill.deploy.runtime import session
+
+        if height != width:
+            raise UserError(f"teacher.precision {ORT_MODE}: square inputs only (got {height}x{width}); use fp32")
+        if (height, width) not in self.sessions:
+            was_training = self.encoder.training
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "teacher.onnx"
+                export_module(copy.deepcopy(self.encoder).eval(), path, height, "embedding")
+                self.sessions[height, width] = session(path, threads=torch.get_num_threads())
+            self.encoder.train(was_training)
+        return self.sessions[height, width]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        sess = self._session(*x.shape[-2:])
+        out = sess.run(None, {sess.get_inputs()[0].name: x.detach().float().contiguous().numpy()})[0]
+        return torch.from_numpy(out)
 
 
 def cosine_summary(reference: torch.Tensor, other: torch.Tensor) -> dict:
@@ -116,11 +180,13 @@ class FrozenTeacher(nn.Module):
     precision (`teacher.precision`): "fp32" runs `encoder` exactly as before (under whatever
     autocast the trainer's train.precision sets). "bf16" / "fp16" run `fast`, a copy of the encoder
     with BatchNorm folded into the convolutions (bn_mode eval; with bn_mode "train" the encoder
-    itself, BN unfolded), in channels_last under autocast of that dtype; the target is still
-    centred and normalised in fp32. "auto" takes, at `prepare`, the first of
-    `fast_teacher_modes(device)` whose target has mean cosine >= FIDELITY_MIN_COSINE to fp32's on
-    augmented training views, else fp32, and says which it refused and why. The measurement
-    (cosine mean / 0.1% quantile, kNN top-1 with fp32 and with the fast targets) is logged and
+    itself, BN unfolded), in channels_last under autocast of that dtype. "fp32-ort" runs the encoder
+    exported to ONNX in an ONNX Runtime CPU session (fp32; bn_mode eval only). The target is still
+    centred and normalised in fp32. "auto" measures, at `prepare`, every mode of
+    `fast_teacher_modes(device)` against fp32 on augmented training views and takes the fastest
+    whose target has mean cosine >= FIDELITY_MIN_COSINE to fp32's and that ran faster than fp32
+    (`choose_teacher_mode`), else fp32, and says which it refused and why. The measurement (cosine
+    mean / 0.1% quantile, kNN top-1 with fp32 and with the fast targets, ms an image) is logged and
     written to <run>/teacher_fidelity.json, which a resumed run reuses.
     """
 
@@ -141,41 +207,51 @@ class FrozenTeacher(nn.Module):
         self.mode: str | None = "fp32" if self.precision == "fp32" else None  # resolved by prepare / set_mode
         self.fast: nn.Module | None = None
         self.compile = bool(getattr(cfg, "compile", False))
-        self._compiled = None  # torch.compile(self.fast): not a submodule (self.fast holds the weights)
+        # What runs instead of `fast` (not a submodule): torch.compile(self.fast), or the ONNX Runtime
+        # session of fp32-ort (then `fast` is None).
+        self._runner = None
         self.batch_size = 256  # the forward's batch: fidelity chunks are padded to it (one compiled shape)
         self.fidelity: dict | None = None
         self.train(True)
 
     def set_mode(self, mode: str) -> None:
-        """Run the teacher in `mode` (fp32 | bf16 | fp16) from now on; builds the folded copy on
-        the encoder's device and memory format (no fidelity check: `prepare` does that)."""
-        if mode not in ("fp32", *AMP_DTYPES):
-            raise UserError(f"teacher precision {mode!r} is not one of fp32, {', '.join(AMP_DTYPES)}")
+        """Run the teacher in `mode` (fp32 | bf16 | fp16 | fp32-ort) from now on; builds the folded
+        copy on the encoder's device (or the ONNX Runtime session) once (no fidelity check: `prepare`
+        does that)."""
+        if mode not in TEACHER_MODES:
+            raise UserError(f"teacher precision {mode!r} is not one of {', '.join(TEACHER_MODES)}")
+        if mode == ORT_MODE and self.bn_mode == "train":
+            raise UserError(f"teacher.precision {ORT_MODE} needs method.teacher_bn=eval (batch statistics do not "
+                            "export): use fp32")
         param = next(self.encoder.parameters())
-        cache = self.__dict__.setdefault("_built", {})  # (mode, compile) -> (fast, compiled): switching back is free
+        cache = self.__dict__.setdefault("_built", {})  # (mode, compile) -> (fast, runner): switching back is free
         key = (mode, self.compile)
-        fast, compiled = cache.get(key, (None, None))
-        if fast is None or next(fast.parameters()).device != param.device:
-            fast, compiled = None, None
-            if mode != "fp32" and self.bn_mode == "eval":
+        fast, runner = cache.get(key, (None, None))
+        if (fast, runner) == (None, None) or (fast is not None and next(fast.parameters()).device != param.device):
+            fast, runner = None, None
+            if mode == ORT_MODE:
+                runner = OrtTeacher(self.encoder)
+            elif mode != "fp32" and self.bn_mode == "eval":
                 fast = fold_batchnorm(self.encoder).to(param.device).to(memory_format=torch.channels_last)
                 fast.requires_grad_(False)
                 if self.compile:
-                    compiled = torch.compile(fast, dynamic=False)
+                    runner = torch.compile(fast, dynamic=False)
             elif self.compile and mode != "fp32":
                 logging.getLogger(__name__).info("teacher.compile: not with method.teacher_bn=train (BN unfolded)")
-            if fast is not None:
-                cache[key] = (fast, compiled)
+            if (fast, runner) != (None, None):
+                cache[key] = (fast, runner)
         self.fast = fast
-        object.__setattr__(self, "_compiled", compiled)
+        object.__setattr__(self, "_runner", runner)
         self.mode = mode
 
     def _features(self, x: torch.Tensor, mode: str) -> torch.Tensor:
         if mode == "fp32":
             return self.encoder(x).float()
+        if mode == ORT_MODE:
+            return self._runner(x).to(x.device)
         module = self.fast if self.fast is not None else self.encoder
-        if self._compiled is not None:
-            module = self._compiled
+        if self._runner is not None:
+            module = self._runner
         with torch.autocast(x.device.type, dtype=AMP_DTYPES[mode]):
             return module(x.contiguous(memory_format=torch.channels_last)).float()
 
@@ -266,27 +342,29 @@ class FrozenTeacher(nn.Module):
             if candidates:
                 views, bank, queries = self._fidelity_data(folder, data_cfg, seed, device, augmentation)
                 reference = self._fidelity(views, bank, queries, "fp32")
-                record["fp32"] = {"knn_top1": reference["knn_top1"]}
+                record["fp32"] = {"knn_top1": reference["knn_top1"], "ms_per_image": reference["ms_per_image"]}
                 for mode in candidates:
                     self.set_mode(mode)
                     measured = self._fidelity(views, bank, queries, mode, reference)
                     passed = measured["mean_cosine"] >= FIDELITY_MIN_COSINE
                     record["modes"][mode] = {**measured, "passed": passed}
                     log.info("teacher %s vs fp32 on %d augmented training views: mean cosine %.6f, 0.1%% quantile "
-                             "%.6f; teacher kNN top-1 fp32 %.2f, %s %.2f (%s queries on the fp32 bank %.2f)",
-                             mode, measured["rows"], measured["mean_cosine"], measured["q001_cosine"],
-                             reference["knn_top1"], mode, measured["knn_top1"], mode, measured["knn_top1_on_fp32_bank"])
-                    if passed or self.precision != "auto":
-                        chosen = mode
-                        if not passed:
-                            log.warning("teacher.precision %s: mean cosine %.6f to fp32 is below %.4f (auto would "
-                                        "refuse it); kept because the recipe asks for it", mode,
-                                        measured["mean_cosine"], FIDELITY_MIN_COSINE)
-                        break
-                    log.warning("teacher.precision auto: %s refused (mean cosine %.6f to fp32 < %.4f)", mode,
-                                measured["mean_cosine"], FIDELITY_MIN_COSINE)
+                             "%.6f; teacher kNN top-1 fp32 %.2f, %s %.2f (%s queries on the fp32 bank %.2f); "
+                             "%.3f ms an image (fp32 %.3f)", mode, measured["rows"], measured["mean_cosine"],
+                             measured["q001_cosine"], reference["knn_top1"], mode, measured["knn_top1"], mode,
+                             measured["knn_top1_on_fp32_bank"], measured["ms_per_image"], reference["ms_per_image"])
+                    if not passed and self.precision == "auto":
+                        log.warning("teacher.precision auto: %s refused (mean cosine %.6f to fp32 < %.4f)", mode,
+                                    measured["mean_cosine"], FIDELITY_MIN_COSINE)
+                    elif not passed:
+                        log.warning("teacher.precision %s: mean cosine %.6f to fp32 is below %.4f (auto would "
+                                    "refuse it); kept because the recipe asks for it", mode,
+                                    measured["mean_cosine"], FIDELITY_MIN_COSINE)
+                    elif self.precision == "auto" and measured["ms_per_image"] >= reference["ms_per_image"]:
+                        log.info("teacher.precision auto: %s passed but is not faster than fp32 here", mode)
+                chosen = choose_teacher_mode(self.precision, reference["ms_per_image"], record["modes"])
             elif self.precision == "auto":
-                record["note"] = f"no fast teacher precision on this {device.type} (bf16 needs AVX512_BF16/AMX or CUDA)"
+                record["note"] = f"no fast teacher mode on this {device.type} (bf16 needs AVX512_BF16/AMX or CUDA)"
         self.set_mode(chosen)
         record["chosen"] = chosen
         self.fidelity = record
@@ -322,7 +400,9 @@ class FrozenTeacher(nn.Module):
         was_training = self.encoder.training
         self.encoder.eval()  # the kNN and the cosine use the frozen statistics
 
-        def embed(images):
+        seconds = []  # per chunk of the views: their time is the mode's speed (the first chunk warms up)
+
+        def embed(images, clock=None):
             # Every chunk padded to the training batch: a compiled teacher sees one shape (BN is frozen
             # here, so padding rows change nothing in the others).
             out, n = [], self.batch_size
@@ -330,18 +410,23 @@ class FrozenTeacher(nn.Module):
                 rows = chunk.shape[0]
                 if rows < n:
                     chunk = torch.cat([chunk, chunk.new_zeros((n - rows, *chunk.shape[1:]))])
+                start = time.perf_counter()
                 out.append(self._target(chunk.to(device), mode)[:rows].cpu())
+                if clock is not None:
+                    clock.append(time.perf_counter() - start)
             return torch.cat(out)
 
         try:
-            out = {"views": embed(views), "bank": embed(bank[0]), "queries": embed(queries[0])}
+            out = {"views": embed(views, seconds), "bank": embed(bank[0]), "queries": embed(queries[0])}
         finally:
             self.encoder.train(was_training)
+        timed = seconds[1:] or seconds
+        ms_per_image = round(1000 * sum(timed) / (len(timed) * self.batch_size), 4)
         classes = int(max(bank[1].max(), queries[1].max())) + 1
         knn = round(knn_top1(out["bank"], bank[1], out["queries"], queries[1], FIDELITY_KNN_K, FIDELITY_KNN_T, classes), 2)
         if reference is None:
-            return {**out, "knn_top1": knn}
-        return {**cosine_summary(reference["views"], out["views"]), "knn_top1": knn,
+            return {**out, "knn_top1": knn, "ms_per_image": ms_per_image}
+        return {**cosine_summary(reference["views"], out["views"]), "knn_top1": knn, "ms_per_image": ms_per_image,
                 "knn_top1_on_fp32_bank": round(knn_top1(reference["bank"], bank[1], out["queries"], queries[1],
                                                         FIDELITY_KNN_K, FIDELITY_KNN_T, classes), 2),
                 "knn_bank": int(bank[1].numel()), "knn_queries": int(queries[1].numel())}

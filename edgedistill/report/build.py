@@ -50,18 +50,29 @@ def _check_rows(docs) -> list[dict]:
     return rows
 
 
+def cpu_features(cpu: dict | None) -> str | None:
+    """What, besides its model name, makes a CPU time a model differently: the ISA extensions the
+    environment stamp found and the cores the process may use ("avx2+avx512f+avx512_vnni, 2 cores").
+    Two AMD EPYC machines, one with AVX-512 VNNI and one with AVX2 only, have the same model name."""
+    if not cpu or not cpu.get("isa"):
+        return None
+    isa = "+".join(name for name, present in cpu["isa"].items() if present and name != "int8_dot") or "baseline"
+    return f"{isa}, {cpu.get('affinity_cores') or cpu.get('logical_cores')} cores"
+
+
 def _latency_rows(docs) -> list[dict]:
     rows = []
     for source, doc in docs:
         env = doc.get("environment", {})
         cpu = (env.get("cpu") or {}).get("model")
+        features = cpu_features(env.get("cpu"))
         gpus = env.get("gpu") or []
         for r in doc.get("results", []):
             lat = r.get("latency_ms", {})
             rows.append({
                 "artifact": r["artifact"], "runtime": r["runtime"], "provider": r.get("provider"),
                 "precision": r.get("precision"), "host": r.get("host") or env.get("host"), "cpu": cpu,
-                "gpu": gpus[0]["name"] if gpus else None, "source": source, "batch": int(r["batch"]),
+                "cpu_features": features, "gpu": gpus[0]["name"] if gpus else None, "source": source, "batch": int(r["batch"]),
                 "threads": r.get("threads"), "runs": r.get("runs"),
                 "p50_ms": lat.get("p50"), "p90_ms": lat.get("p90"), "p99_ms": lat.get("p99"),
                 "mean_ms": lat.get("mean"), "std_ms": lat.get("std"), "throughput_ips": r.get("throughput_ips"),

@@ -113,8 +113,9 @@ def normalize(report: dict) -> dict:
     arts = {}
     for a in report["artifacts"]:
         arts[a["name"]] = {k: a.get(k) for k in ("format", "precision", "top1", "n", "bytes", "params", "macs")}
-    latency = [{k: r.get(k) for k in ("artifact", "runtime", "host", "cpu", "gpu", "batch", "threads", "p50_ms",
-                                      "p99_ms", "throughput_ips", "unreliable")} for r in report.get("latency", [])]
+    latency = [{k: r.get(k) for k in ("artifact", "runtime", "host", "cpu", "cpu_features", "gpu", "batch", "threads",
+                                      "p50_ms", "p99_ms", "throughput_ips", "unreliable")}
+               for r in report.get("latency", [])]
     student = (report.get("models") or {}).get("student") or {}
     return {"schema": BASELINE_SCHEMA, "run": report.get("run"), "student_arch": student.get("arch"),
             "artifacts": arts, "latency": latency, "budgets": report.get("budgets", {})}
@@ -202,7 +203,7 @@ def run_gate(report_path, baseline_path, **flags) -> GateResult:
             same = [x for x in base_rows if x["runtime"] == r["runtime"] and x.get("threads") == r.get("threads")]
             if not same:
                 continue
-            machine = [x for x in same if x.get("cpu") == r.get("cpu") and x.get("gpu") == r.get("gpu")]
+            machine = [x for x in same if _machine(x) == _machine(r)]
             if machine and r.get("unreliable"):
                 checks.append(Check("latency-regression", name, "skip", f"{r['p50_ms']:.3f} ms",
                                     detail=f"{r['runtime']}: timing marked unreliable (the machine was busy): "
@@ -211,7 +212,8 @@ def run_gate(report_path, baseline_path, **flags) -> GateResult:
             if not machine:
                 checks.append(Check("latency-regression", name, "skip", f"{r['p50_ms']:.3f} ms",
                                     detail=f"{r['runtime']}: baseline measured on another machine "
-                                           f"({same[0].get('cpu')} / {same[0].get('gpu')})"))
+                                           f"({' / '.join(str(v) for v in _machine(same[0]))}; this one: "
+                                           f"{' / '.join(str(v) for v in _machine(r))})"))
                 continue
             ref = min(x["p50_ms"] for x in machine)
             limit = ref * (1 + tol / 100)
@@ -251,13 +253,18 @@ def _image_counts(new_n, base_n) -> str:
             "so the difference includes their sampling noise (rebuild the baseline with the same --val-count)")
 
 
+def _machine(row: dict) -> tuple:
+    """What must be equal for two latencies to be compared: CPU model, its ISA and cores, GPU."""
+    return row.get("cpu"), row.get("cpu_features"), row.get("gpu")
+
+
 def _best_rows(latency: list[dict], artifact: str, batch: int) -> list[dict]:
     """Rows of `artifact` at `batch`, one per (runtime, host, cpu, gpu, threads): the lowest p50."""
     best: dict[tuple, dict] = {}
     for r in latency:
         if r["artifact"] != artifact or r["batch"] != batch or not r.get("p50_ms"):
             continue
-        key = (r["runtime"], r.get("host"), r.get("cpu"), r.get("gpu"), r.get("threads"))
+        key = (r["runtime"], r.get("host"), *_machine(r), r.get("threads"))
         if key not in best or r["p50_ms"] < best[key]["p50_ms"]:
             best[key] = r
     return list(best.values())
