@@ -124,7 +124,7 @@ class OrtTeacher:
         import tempfile
         from pathlib import Path
 
-        from edgedistill.deploy.onnx_export import export_module
+        from edgedistill.deploy.onnx_module import export_module
         from edgedistill.deploy.runtime import session
 
         if height != width:
