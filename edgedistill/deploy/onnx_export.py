@@ -19,17 +19,15 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 
 import edgedistill
 from edgedistill.config import RunConfig
+from edgedistill.deploy.onnx_module import INPUT_NAME, export_module
 from edgedistill.deploy.quantize import DEFAULT_OPSET
 from edgedistill.errors import UserError
 
 log = logging.getLogger(__name__)
-
-from edgedistill.deploy.onnx_module import INPUT_NAME  # noqa: E402 (one name for every export)
 
 
 @dataclass
@@ -75,8 +73,6 @@ def load_deployable(run_dir: Path, embedding: bool = False) -> Deployable:
 
 def export_onnx(dep: Deployable, path: Path, opset: int = DEFAULT_OPSET, exporter: str = "legacy") -> dict:
     """Write `dep.model` as ONNX with a dynamic batch; returns what was done (for the manifest)."""
-    from edgedistill.deploy.onnx_module import export_module
-
     return export_module(dep.model, path, dep.img_size, dep.output_name, opset, exporter)
 
 

@@ -26,7 +26,7 @@ def export_module(model: nn.Module, path: Path, img_size: int, output_name: str,
     path.parent.mkdir(parents=True, exist_ok=True)
     names = {"input_names": [INPUT_NAME], "output_names": [output_name]}
     with warnings.catch_warnings():
-        # The legacy exporter announces its deprecation on every call; the choice is documented above.
+        # The legacy exporter announces its deprecation on every call; the choice is documented in onnx_export.
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
         with torch.no_grad():
