@@ -105,27 +105,37 @@ def test_kit_env_and_bad_input(export_dir, tmp_path):
 
 def test_kit_check_on_the_device_without_torch(evaluated_run, export_dir, tmp_path):
     """`edgekit.py check`: every artifact on every runtime here (ONNX Runtime, OpenVINO) against the
-    fp32 reference outputs the export wrote; a reference that no longer matches is exit 1."""
+    fp32 reference outputs the export wrote; a reference that no longer matches is exit 1.
+
+    The INT8 file is held to what the export measured with ONNX Runtime, so ONNX Runtime must pass;
+    OpenVINO computes the same QDQ file with its own kernels, and on an AVX2-only CPU (7-bit
+    weights) it diverged from fp32 6x more than ONNX Runtime on this fragile 4-step student
+    (docs/int8.md): there the check's verdict is the finding, and the exit code must follow it."""
     shipped = export_dir / "kit" / "edgekit.py"
     out = tmp_path / "check.json"
     proc = _run_kit(shipped, "check", export_dir, "--providers", "cpu,openvino-cpu", "--threads", "1", "--out", out)
-    assert proc.returncode == 0, proc.stderr + proc.stdout
     doc = json.loads(out.read_text())
-    assert doc["schema"] == "edgedistill.check/1" and doc["passed"]
+    assert doc["schema"] == "edgedistill.check/1"
+    assert proc.returncode == (0 if doc["passed"] else 1), proc.stderr + proc.stdout
     runs = {(r["runtime"], r["precision"]) for r in doc["results"]}
     runtimes = ("ort-cpu", "openvino-cpu") if importlib.util.find_spec("openvino") else ("ort-cpu",)  # the test extra has it
     assert runs == {(rt, p) for rt in runtimes for p in ("fp32", "int8")}, runs
     for row in doc["results"]:
-        assert row["samples"] == 32 and row["passed"]
+        assert row["samples"] == 32
         if row["precision"] == "fp32":
-            assert row["max_rel_diff"] <= row["tolerance"]["max_rel_diff"] and row["agreement"] == 100.0
+            assert row["passed"] and row["max_rel_diff"] <= row["tolerance"]["max_rel_diff"] and row["agreement"] == 100.0
         else:  # held to what the export measured on the same samples
-            assert row["divergence"] <= row["tolerance"]["divergence"] and row["tolerance"]["expected"]["samples"] == 32
+            assert row["passed"] == (row["divergence"] <= row["tolerance"]["divergence"]
+                                     and row["agreement"] >= row["tolerance"]["agreement"])
+            assert row["tolerance"]["expected"]["samples"] == 32
+            if row["runtime"] == "ort-cpu":
+                assert row["passed"], row
     # `report` folds the device's checks in beside its latencies.
     from edgedistill.report import build_report
 
     report = json.loads(build_report(evaluated_run, [out], export_dir=export_dir, out_dir=tmp_path / "r").read_text())
-    assert len(report["device_checks"]) == len(doc["results"]) and all(r["passed"] for r in report["device_checks"])
+    assert len(report["device_checks"]) == len(doc["results"])
+    assert [r["passed"] for r in report["device_checks"]] == [r["passed"] for r in doc["results"]]
     assert "Accuracy checks on the devices" in (tmp_path / "r" / "report.md").read_text()
     # A device that computes something else: here, the reference of other images.
     broken = tmp_path / "broken"
