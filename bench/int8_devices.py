@@ -46,6 +46,9 @@ ROWS = {
 RUNTIMES = ("ort-cpu", "openvino-cpu")
 THREADS = (1, 2)
 SPREAD_LIMIT = 1.5
+# Timed on this machine: one entry per CPU class (runs/int8/devices/NAME.PART.CLASS.json), so a run on
+# another class adds its rows beside the committed ones.
+PER_CLASS = ("latency", "blocks")
 
 
 def accuracy(runs: list[Path], rows: list[str]) -> None:
@@ -139,7 +142,7 @@ def latency(runs: list[Path], rounds: int = 5, time_s: float = 1.0) -> None:
         for r in rows:
             print(run.name, r["runtime"], r["threads"], r["file"], r["median_ms"], r["speedup_vs_fastest_fp32"],
                   r["spread_max_min"], flush=True)
-        _write(WORK / f"{run.name}.latency.json", result)
+        _write(WORK / f"{run.name}.latency.{result['cpu_class']}.json", result)
 
 
 def blocks(runs: list[Path], rounds: int = 5, time_s: float = 0.6) -> None:
@@ -207,25 +210,35 @@ def blocks(runs: list[Path], rounds: int = 5, time_s: float = 0.6) -> None:
                     "side_by_side_ms": {k: v["median_ms"] for k, v in again.items()}}
                 print(run.name, threads, "fp32", table["fp32"]["median_ms"], "int8", base, "hybrid",
                       again["hybrid"]["median_ms"], f"({len(faster)} of {len(groups)} blocks float)", flush=True)
-        _write(WORK / f"{run.name}.blocks.json", result)
+        _write(WORK / f"{run.name}.blocks.{result['cpu_class']}.json", result)
 
 
 def table() -> None:
+    """Merge runs/int8/devices/*.json into the committed file: accuracy rows by name, latency and
+    blocks by CPU class; what is not measured here is kept."""
     from edgedistill.envinfo import environment
 
-    students = sorted({p.name.split(".")[0] for p in WORK.glob("*.json")})
-    doc = {"schema": "edgedistill.int8_devices/1", "what": __doc__.split("\n\n")[0],
+    committed = json.loads(RESULT.read_text()) if RESULT.is_file() else {}
+    students: dict[str, dict] = {}
+    for name, entry in committed.get("students", {}).items():
+        for part, value in entry.items():  # schema 1 held one latency / blocks entry, of its cpu_class
+            students.setdefault(name, {})[part] = {value["cpu_class"]: value} if part in PER_CLASS and "cpu_class" in value else value
+    for path in sorted(WORK.glob("*.json")):
+        name, part = path.name.split(".")[:2]
+        data = json.loads(path.read_text())
+        entry = students.setdefault(name, {})
+        if part in PER_CLASS:
+            entry.setdefault(part, {})[data["cpu_class"]] = data
+        else:
+            entry.setdefault(part, {"run": data["run"], "rows": {}})["rows"].update(data["rows"])
+    doc = {"schema": "edgedistill.int8_devices/2", "what": __doc__.split("\n\n")[0],
            "commands": ["python bench/int8_devices.py accuracy runs/int8/NAME ...",
                         "python bench/int8_devices.py latency runs/int8/NAME ...  (alone, idle machine)",
+                        "python bench/int8_devices.py blocks runs/int8/NAME ...  (alone, idle machine)",
                         "python bench/int8_devices.py table"],
-           "students": {}, "environment": environment()}
-    for s in students:
-        entry = {}
-        for part in ("accuracy", "latency", "blocks"):
-            path = WORK / f"{s}.{part}.json"
-            if path.is_file():
-                entry[part] = json.loads(path.read_text())
-        doc["students"][s] = entry
+           "layout": "students.NAME: accuracy.rows by device row; latency and blocks by the CPU class they were timed "
+                     "on (each with its own environment)",
+           "students": dict(sorted(students.items())), "environment": environment()}
     _write(RESULT, doc)
     print(markdown(doc))
 
@@ -238,15 +251,20 @@ def markdown(doc: dict) -> str:
             lines.append(f"| {s} | {name} ({r['scored_with']}) | {r['placement']} | {r['drop']:.2f} ± {r['drop_se']:.2f} | "
                          f"{r['agreement']:.2f} | {r['int8_layers']['int8']}/{r['int8_layers']['weighted_layers']} | "
                          f"{r['size_ratio']:.2f}x |")
-    lines += ["", "| student | threads | file | ORT ms (x) | OpenVINO ms (x) |", "|---|---|---|---|---|"]
+    lines += ["", "| student | CPU class | threads | file | ORT ms (x) | OpenVINO ms (x) |", "|---|---|---|---|---|---|"]
+
+    def fmt(r):
+        return (f"{r['median_ms']:.3f} ({r['speedup_vs_fastest_fp32']:.2f}x"
+                + (f", spread {r['spread_max_min']:.2f}" if r["unreliable"] else "") + ")") if r else "-"
+
     for s, entry in doc["students"].items():
-        rows = (entry.get("latency") or {}).get("rows", [])
-        for threads in THREADS:
-            for name in dict.fromkeys(r["file"] for r in rows):
-                cell = {r["runtime"]: r for r in rows if r["threads"] == threads and r["file"] == name}
-                fmt = lambda r: (f"{r['median_ms']:.3f} ({r['speedup_vs_fastest_fp32']:.2f}x"  # noqa: E731
-                                 + (f", spread {r['spread_max_min']:.2f}" if r["unreliable"] else "") + ")") if r else "-"
-                lines.append(f"| {s} | {threads} | {name} | {fmt(cell.get('ort-cpu'))} | {fmt(cell.get('openvino-cpu'))} |")
+        for cpu_class, latency in (entry.get("latency") or {}).items():
+            rows = latency["rows"]
+            for threads in THREADS:
+                for name in dict.fromkeys(r["file"] for r in rows):
+                    cell = {r["runtime"]: r for r in rows if r["threads"] == threads and r["file"] == name}
+                    lines.append(f"| {s} | {cpu_class} | {threads} | {name} | {fmt(cell.get('ort-cpu'))} | "
+                                 f"{fmt(cell.get('openvino-cpu'))} |")
     return "\n".join(lines)
 
 

@@ -72,6 +72,14 @@ def count_macs(module, img_size: int) -> int:
     return total[0]
 
 
+def arithmetic(mode: str) -> str:
+    """The precision a teacher mode computes in ("fp32-ort": fp32 by ONNX Runtime; "+compile": compiled)."""
+    from edgedistill.methods.components import ORT_MODE
+
+    precision = mode.partition("+")[0]
+    return "fp32" if precision == ORT_MODE else precision
+
+
 def cpu_peak(fma_units: int, ghz: float | None) -> dict:
     """Peak MACs/s of one core per precision, with the assumption spelled out."""
     from edgedistill.envinfo import cpu_info
@@ -107,7 +115,8 @@ def _cosine(stepper, model: dict, modes: list[str], seed: int, run_dir: Path) ->
 
         cfg = stepper.cfg
         folder = train_folder(cfg.data, cfg.seed)
-        teacher.prepare(run_dir, folder, cfg.data, cfg.seed, stepper.device)  # precision auto: every fast mode
+        teacher.prepare(run_dir, folder, cfg.data, cfg.seed, stepper.device,  # precision auto: every fast mode
+                        channels_last=True)
         fidelity = teacher.fidelity
         out = {m: {k: fidelity["modes"][m][k] for k in ("mean_cosine", "q001_cosine", "knn_top1")}
                for m in modes if m in fidelity["modes"]}
@@ -200,7 +209,7 @@ def bench_model(model: dict, rounds: int, steps: int, seed: int, peak: dict, com
         step = kit.latency_stats(times[mode]["disco"])
         per_image = teacher_ms / (2 * batch)
         rate = macs / (per_image / 1000) / 1e9
-        peak_rate = peak["gmac_per_s"].get(mode.partition("+")[0])
+        peak_rate = peak["gmac_per_s"].get(arithmetic(mode))
         rows[mode] = {
             "teacher_ms_per_image": round(per_image, 4), "teacher_ms_both_views": round(teacher_ms, 2),
             "teacher_gmac_per_s": round(rate, 2), "peak_gmac_per_s": peak_rate,
@@ -246,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             for m in (QUICK if args.quick else MODELS)]
     for row in rows:
         for mode, r in row["modes"].items():
-            print(f"{row['teacher']:18s} {mode:5s} teacher {r['teacher_ms_per_image']:.3f} ms/img "
+            print(f"{row['teacher']:18s} {mode:8s} teacher {r['teacher_ms_per_image']:.3f} ms/img "
                   f"{r['teacher_gmac_per_s']:6.1f} GMAC/s ({r['fraction_of_peak'] or 0:.0%} of peak)  cos "
                   f"{r.get('mean_cosine', r.get('cosine_to_uncompiled_mean', float('nan'))):.6f}/"
                   f"{r.get('q001_cosine', r.get('cosine_to_uncompiled_q001', float('nan'))):.6f}"

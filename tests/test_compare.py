@@ -124,7 +124,8 @@ def test_teacher_row_is_added_on_reuse_and_scored_like_the_students(tmp_path):
     a = _recipe(tmp_path, "moco", {"name": "mocov2", "queue_size": 64})
     b = _recipe(tmp_path, "disco", {"name": "disco", "queue_size": 64})
     data = yaml.safe_load(b.read_text())
-    data["teacher"] = {"arch": "resnet20_cifar", "checkpoint": str(ckpt)}
+    # fp32: the exact target, without auto's timing pass (teacher.precision is test_teacher_precision's)
+    data["teacher"] = {"arch": "resnet20_cifar", "checkpoint": str(ckpt), "precision": "fp32"}
     b.write_text(yaml.safe_dump(data))
     out = tmp_path / "cmp"
     first = run_compare([a, b], [], out)

@@ -213,8 +213,8 @@ def test_tensorrt_target_without_tensorrt(evaluated_run, tmp_path):
     ok, reason, _ = status()
     if ok:
         pytest.skip("TensorRT and a GPU are present here: the skip path cannot be tested")
-    out = export_run(evaluated_run, int8=True, target="tensorrt", out=tmp_path / "trt", cache_dir=tmp_path / "c",
-                     val_count=48, calib_count=32)
+    out = export_run(evaluated_run, int8=True, target="tensorrt", calibrator="minmax", out=tmp_path / "trt",
+                     cache_dir=tmp_path / "c", val_count=48, calib_count=32)
     m = _manifest(out)
     trt = m["tensorrt"]
     assert trt["built"] is False and trt["reason"] == reason and "\n" not in reason
@@ -257,6 +257,7 @@ def test_max_drop_not_reachable_exits_1(evaluated_run, tmp_path, monkeypatch, be
 
     monkeypatch.setattr(q, "fallback", never)
     result = CliRunner().invoke(app, ["export", str(evaluated_run), "--int8", "--int8-format", "qdq-u8s8", "--max-drop", "0",
+                                      "--calibrator", "minmax", "--placement", "tuned",
                                       *([] if auto_qad else ["--qad-steps", "0"]), "--calib-count", "32",
                                       "--val-count", "48", "--out", str(tmp_path / "ex")])
     assert result.exit_code == 1, result.output

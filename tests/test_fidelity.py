@@ -36,7 +36,9 @@ def teacher_ckpt(tmp_path_factory):
     return path
 
 
-FAST = {"train.batch_size": 64, "train.max_steps": 2, "student.stem_stride": "null", "method.queue_size": 128}
+# teacher.precision fp32: the exact target, without auto's timing pass (tests/test_teacher_precision.py's subject)
+FAST = {"train.batch_size": 64, "train.max_steps": 2, "student.stem_stride": "null", "method.queue_size": 128,
+        "teacher.precision": "fp32"}
 
 
 def tiny(method: str, **extra) -> list[str]:
@@ -172,8 +174,7 @@ def test_centring_off_and_teacher_target_is_centred(teacher_ckpt, tmp_path):
     from edgedistill.data import train_folder
     from edgedistill.methods import create_method
 
-    base = {"method.name": "disco", **FAST, "teacher.arch": "resnet20_cifar", "teacher.checkpoint": str(teacher_ckpt),
-            "teacher.precision": "fp32"}  # the exact target (teacher.precision is tests/test_teacher_precision.py's)
+    base = {"method.name": "disco", **FAST, "teacher.arch": "resnet20_cifar", "teacher.checkpoint": str(teacher_ckpt)}
     cfg = load_config(None, tiny_overrides(**base))
     m = create_method(cfg, num_classes=10)
     m.prepare(tmp_path, train_folder(cfg.data, 0), torch.device("cpu"))

@@ -133,6 +133,24 @@ def test_split_holdout_is_disjoint():
     assert q.split_holdout(files[:3]) == (files[:3], [])
 
 
+def test_entropy_threshold_is_onnxruntimes_search():
+    """The vectorised KL threshold search gives ONNX Runtime's own threshold, bit for bit, on
+    histograms of the shapes activations have (Gaussian, heavy-tailed, post-ReLU with a spike at 0)."""
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    rng = np.random.default_rng(0)
+    collector = HistogramCollector("entropy", False, 512, 128, 99.99, "same")
+    for data in (rng.standard_normal(20000), rng.standard_t(2, 20000),
+                 np.concatenate([np.zeros(5000), rng.exponential(1.0, 3000)]).astype(np.float32)):
+        data = data.astype(np.float32)
+        for bins in (512, 300):
+            hist, edges = np.histogram(data, bins, range=(float(data.min()), float(data.max())))
+            histogram = (hist, edges.astype(np.float32), data.min(), data.max())
+            low, high = q.entropy_threshold(histogram, 128)
+            ref_low, ref_high = collector.get_entropy_threshold(histogram, 128)
+            assert (low, high) == (ref_low, ref_high) and low.dtype == ref_low.dtype
+
+
 def test_auto_calibrator_never_reads_the_validation_set(evaluated_run, tmp_path, monkeypatch):
     from edgedistill.data import val_folder
     from edgedistill.deploy import data as ddata
@@ -354,8 +372,8 @@ def test_latency_fallback_keeps_only_a_faster_file_that_costs_no_accuracy(evalua
     file and it was faster and no less accurate; not kept -> the file is the all-INT8 one."""
     from edgedistill.deploy import export_run
 
-    out = export_run(evaluated_run, int8=True, qad_steps=0, latency_fallback=True, placement="tuned", val_count=64,
-                     out=tmp_path / "ex", cache_dir=tmp_path / "cache", calib_count=64)
+    out = export_run(evaluated_run, int8=True, qad_steps=0, latency_fallback=True, placement="tuned", calibrator="minmax",
+                     val_count=64, out=tmp_path / "ex", cache_dir=tmp_path / "cache", calib_count=64)
     m = json.loads((out / "manifest.json").read_text())
     record, art = m["int8"]["latency_fallback"], next(a for a in m["artifacts"] if a["precision"] == "int8")
     assert record["measured"], record

@@ -38,7 +38,8 @@ def _overrides(method: str, teacher: Path | None, **extra) -> list[str]:
     if method in ("supervised", "dogo", "simclr"):  # no queue in these methods
         items = [i for i in items if not i.startswith("method.queue_size=")]
     if teacher is not None:
-        items += ["teacher.arch=resnet20_cifar", f"teacher.checkpoint={teacher}"]
+        # fp32: the exact target, without auto's timing pass (teacher.precision is test_teacher_precision's)
+        items += ["teacher.arch=resnet20_cifar", f"teacher.checkpoint={teacher}", "teacher.precision=fp32"]
     return items
 
 

@@ -540,6 +540,40 @@ def default_cache_dir() -> Path:
     return cache_dir() / "calibration"
 
 
+def entropy_threshold(histogram: tuple, num_quantized_bins: int) -> tuple:
+    """ONNX Runtime's KL-divergence threshold search (`HistogramCollector.get_entropy_threshold`,
+    TensorRT's entropy calibration) with its two Python loops over the quantized bins done in
+    numpy: the same integer distributions, smoothed and compared by ONNX Runtime's own
+    `smooth_distribution` and `entropy`, so the same threshold (tests/test_int8.py compares them).
+    On the demo's export on a 2-core AVX2 machine: about 2 s where ONNX Runtime's loops took 24-27 s."""
+    from onnxruntime.quantization.calibrate import entropy
+    from onnxruntime.quantization.quant_utils import smooth_distribution
+
+    hist, edges, min_value, max_value = histogram[:4]
+    num_bins, dtype = hist.size, edges.dtype
+    zero_bin, half = num_bins // 2, num_quantized_bins // 2
+    below = np.concatenate([[0], np.cumsum(hist)])  # below[k] = sum(hist[:k])
+    divergences, thresholds = [], []
+    for i in range(half, zero_bin + 1):
+        start, end = zero_bin - i, min(zero_bin + i + 1, num_bins)
+        thresholds.append((edges[start], edges[end]))
+        sliced = hist[start:end]
+        p = sliced.copy()  # the reference: outliers folded into the end bins
+        p[0] += below[start]
+        p[-1] += below[-1] - below[end]
+        merged = sliced.size // num_quantized_bins
+        whole = num_quantized_bins * merged
+        quantized = sliced[:whole].reshape(num_quantized_bins, merged).sum(axis=1)
+        quantized[-1] += sliced[whole:].sum()
+        norm = (p[:whole] != 0).reshape(num_quantized_bins, merged).sum(axis=1)
+        q = np.zeros(p.size, dtype=np.int64)  # expanded back over the nonzero bins; int64, truncated, as there
+        q[:whole] = np.repeat(np.where(norm != 0, quantized / np.maximum(norm, 1), 0), merged)
+        p, q = smooth_distribution(p), smooth_distribution(q)
+        divergences.append(np.inf if p is None or q is None else np.array(entropy(p, q), dtype=dtype))
+    low, high = thresholds[int(np.argmin(np.array(divergences, dtype=np.float64)))]
+    return (min_value if low < min_value else low), (max_value if high > max_value else high)
+
+
 class Calibration:
     """Where the ranges for one (model, files, settings) live, and whether they were there already."""
 
@@ -583,6 +617,8 @@ class Calibration:
             )
             with contextlib.redirect_stdout(io.StringIO()):  # ONNX Runtime prints its progress
                 calibrator.collect_data(self.reader_factory())
+                if self.settings.calibrator == "entropy":  # the same search, vectorised (entropy_threshold)
+                    calibrator.collector.get_entropy_threshold = entropy_threshold
                 for calib in (self, *also):
                     if calib.settings.calibrator == "percentile":
                         calibrator.collector.percentile = calib.settings.percentile

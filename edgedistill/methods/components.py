@@ -28,6 +28,8 @@ COSINE_IMAGES = 2_000
 FIDELITY_MIN_COSINE = 0.999
 # Training images whose two augmented views measure that cosine (seeded subset).
 FIDELITY_IMAGES = 512
+# Rounds of the modes' interleaved timing (`FrozenTeacher._time_modes`), after one warm-up round.
+TIMING_ROUNDS = 5
 # kNN top-1 of the teacher's targets, fp32 and fast: a labelled bank and held-out queries, both
 # seeded subsets of the training set (centre crops); k and temperature are eval's defaults.
 FIDELITY_KNN_BANK, FIDELITY_KNN_QUERIES, FIDELITY_KNN_K, FIDELITY_KNN_T = 2_000, 1_000, 20, 0.07
@@ -257,14 +259,15 @@ class FrozenTeacher(nn.Module):
 
     @torch.no_grad()
     def prepare(self, run_dir, folder, data_cfg, seed: int, device: torch.device,
-                augmentation: str = "mocov2", batch_size: int | None = None) -> dict | None:
+                augmentation: str = "mocov2", batch_size: int | None = None, channels_last: bool = False) -> dict | None:
         """Load or compute the centre, then settle the precision (see the class doc); returns the
         centre's statistics, or None when centring is off. `batch_size`: the training step's
-        per-process batch (the teacher's forward batch)."""
+        per-process batch (the teacher's forward batch); `channels_last`: the step's memory format,
+        in which the modes are timed (fp32 in NCHW is up to 2x slower on a CPU than in the step)."""
         if batch_size:
             self.batch_size = batch_size
         stats = self._prepare_center(run_dir, folder, data_cfg, seed, device)
-        self._prepare_precision(run_dir, folder, data_cfg, seed, device, augmentation)
+        self._prepare_precision(run_dir, folder, data_cfg, seed, device, augmentation, channels_last)
         return stats
 
     def _prepare_center(self, run_dir, folder, data_cfg, seed: int, device: torch.device) -> dict | None:
@@ -306,7 +309,8 @@ class FrozenTeacher(nn.Module):
                  stats["mean_pairwise_cosine_after"])
         return stats
 
-    def _prepare_precision(self, run_dir, folder, data_cfg, seed: int, device: torch.device, augmentation: str) -> None:
+    def _prepare_precision(self, run_dir, folder, data_cfg, seed: int, device: torch.device, augmentation: str,
+                           channels_last: bool) -> None:
         import json
         from pathlib import Path
 
@@ -314,11 +318,12 @@ class FrozenTeacher(nn.Module):
 
         log = logging.getLogger(__name__)
         check_teacher_precision(self.precision, device)
+        memory_format = "channels_last" if channels_last else "contiguous"
         path = Path(run_dir) / TEACHER_FIDELITY_FILE
         if path.is_file():
             saved = json.loads(path.read_text())
-            if (saved.get("requested"), saved.get("compile", False), saved.get("device_type")) == (
-                    self.precision, self.compile, device.type):
+            if (saved.get("requested"), saved.get("compile", False), saved.get("device_type"),
+                    saved.get("memory_format", "contiguous")) == (self.precision, self.compile, device.type, memory_format):
                 self.fidelity = saved
                 self.set_mode(saved["chosen"])
                 log.info("teacher precision %s -> %s, reused from %s", self.precision, self.mode, path)
@@ -326,7 +331,8 @@ class FrozenTeacher(nn.Module):
         candidates = fast_teacher_modes(device) if self.precision == "auto" else (
             [] if self.precision == "fp32" else [self.precision])
         record = {"requested": self.precision, "compile": self.compile, "device_type": device.type, "device": str(device),
-                  "threshold_mean_cosine": FIDELITY_MIN_COSINE, "candidates": candidates, "modes": {}}
+                  "memory_format": memory_format, "threshold_mean_cosine": FIDELITY_MIN_COSINE,
+                  "candidates": candidates, "modes": {}}
         if candidates and folder is None:
             # Nothing to measure on: auto stays exact; an explicit mode is taken unmeasured.
             chosen = "fp32" if self.precision == "auto" else self.precision
@@ -335,18 +341,28 @@ class FrozenTeacher(nn.Module):
             chosen = "fp32"
             if candidates:
                 views, bank, queries = self._fidelity_data(folder, data_cfg, seed, device, augmentation)
+                if channels_last:  # as the step will run: the trainer puts the method (teacher too) and views there
+                    self.encoder.to(memory_format=torch.channels_last)
+                    views, bank, queries = (views.contiguous(memory_format=torch.channels_last),
+                                            *((images.contiguous(memory_format=torch.channels_last), labels)
+                                              for images, labels in (bank, queries)))
                 reference = self._fidelity(views, bank, queries, "fp32")
-                record["fp32"] = {"knn_top1": reference["knn_top1"], "ms_per_image": reference["ms_per_image"]}
                 for mode in candidates:
                     self.set_mode(mode)
-                    measured = self._fidelity(views, bank, queries, mode, reference)
+                    record["modes"][mode] = self._fidelity(views, bank, queries, mode, reference)
+                speed = self._time_modes(views, ["fp32", *candidates])
+                record["fp32"] = {"knn_top1": reference["knn_top1"], "ms_per_image": speed["fp32"]}
+                record["timing"] = (f"median of {TIMING_ROUNDS} interleaved rounds (after a warm-up round), one forward "
+                                    f"of {self.batch_size} views per mode and round")
+                for mode in candidates:
+                    measured = record["modes"][mode]
                     passed = measured["mean_cosine"] >= FIDELITY_MIN_COSINE
-                    record["modes"][mode] = {**measured, "passed": passed}
+                    measured.update(ms_per_image=speed[mode], passed=passed)
                     log.info("teacher %s vs fp32 on %d augmented training views: mean cosine %.6f, 0.1%% quantile "
                              "%.6f; teacher kNN top-1 fp32 %.2f, %s %.2f (%s queries on the fp32 bank %.2f); "
                              "%.3f ms an image (fp32 %.3f)", mode, measured["rows"], measured["mean_cosine"],
                              measured["q001_cosine"], reference["knn_top1"], mode, measured["knn_top1"], mode,
-                             measured["knn_top1_on_fp32_bank"], measured["ms_per_image"], reference["ms_per_image"])
+                             measured["knn_top1_on_fp32_bank"], measured["ms_per_image"], speed["fp32"])
                     if not passed and self.precision == "auto":
                         log.warning("teacher.precision auto: %s refused (mean cosine %.6f to fp32 < %.4f)", mode,
                                     measured["mean_cosine"], FIDELITY_MIN_COSINE)
@@ -354,7 +370,7 @@ class FrozenTeacher(nn.Module):
                         log.warning("teacher.precision %s: mean cosine %.6f to fp32 is below %.4f (auto would "
                                     "refuse it); kept because the recipe asks for it", mode,
                                     measured["mean_cosine"], FIDELITY_MIN_COSINE)
-                chosen = choose_teacher_mode(self.precision, reference["ms_per_image"], record["modes"])
+                chosen = choose_teacher_mode(self.precision, speed["fp32"], record["modes"])
             elif self.precision == "auto":
                 record["note"] = f"no fast teacher mode on this {device.type} (bf16 needs AVX512_BF16/AMX or CUDA)"
         self.set_mode(chosen)
@@ -392,36 +408,53 @@ class FrozenTeacher(nn.Module):
         was_training = self.encoder.training
         self.encoder.eval()  # the kNN and the cosine use the frozen statistics
 
-        seconds = []  # per chunk of the views: their time is the mode's speed (the first chunk warms up)
-
-        def embed(images, clock=None):
-            # Every chunk padded to the training batch: a compiled teacher sees one shape (BN is frozen
-            # here, so padding rows change nothing in the others).
-            out, n = [], self.batch_size
-            for chunk in images.split(n):
-                rows = chunk.shape[0]
-                if rows < n:
-                    chunk = torch.cat([chunk, chunk.new_zeros((n - rows, *chunk.shape[1:]))])
-                start = time.perf_counter()
-                out.append(self._target(chunk.to(device), mode)[:rows].cpu())
-                if clock is not None:
-                    clock.append(time.perf_counter() - start)
-            return torch.cat(out)
+        def embed(images):
+            return torch.cat([self._target(self._padded(chunk).to(device), mode)[:chunk.shape[0]].cpu()
+                              for chunk in images.split(self.batch_size)])
 
         try:
-            out = {"views": embed(views, seconds), "bank": embed(bank[0]), "queries": embed(queries[0])}
+            out = {"views": embed(views), "bank": embed(bank[0]), "queries": embed(queries[0])}
         finally:
             self.encoder.train(was_training)
-        timed = seconds[1:] or seconds
-        ms_per_image = round(1000 * sum(timed) / (len(timed) * self.batch_size), 4)
         classes = int(max(bank[1].max(), queries[1].max())) + 1
         knn = round(knn_top1(out["bank"], bank[1], out["queries"], queries[1], FIDELITY_KNN_K, FIDELITY_KNN_T, classes), 2)
         if reference is None:
-            return {**out, "knn_top1": knn, "ms_per_image": ms_per_image}
-        return {**cosine_summary(reference["views"], out["views"]), "knn_top1": knn, "ms_per_image": ms_per_image,
+            return {**out, "knn_top1": knn}
+        return {**cosine_summary(reference["views"], out["views"]), "knn_top1": knn,
                 "knn_top1_on_fp32_bank": round(knn_top1(reference["bank"], bank[1], out["queries"], queries[1],
                                                         FIDELITY_KNN_K, FIDELITY_KNN_T, classes), 2),
                 "knn_bank": int(bank[1].numel()), "knn_queries": int(queries[1].numel())}
+
+    def _padded(self, chunk: torch.Tensor) -> torch.Tensor:
+        """`chunk` padded with zero images to the training batch, in its layout: a compiled teacher
+        sees one shape (BN is frozen here, so padding rows change nothing in the others)."""
+        rows = chunk.shape[0]
+        if rows == self.batch_size:
+            return chunk
+        layout = torch.channels_last if chunk.stride(1) == 1 else torch.contiguous_format
+        return torch.cat([chunk, chunk.new_zeros((self.batch_size - rows, *chunk.shape[1:]))]).contiguous(
+            memory_format=layout)
+
+    def _time_modes(self, views: torch.Tensor, modes: list[str]) -> dict[str, float]:
+        """ms an image of each mode's target on one training batch of the fidelity views (in the
+        step's layout), the modes in interleaved rounds so that a busy neighbour (the training
+        loader prefetching, another job) slows them alike; the first round warms up (and compiles).
+        Leaves the teacher in the last mode timed."""
+        batch = self._padded(views[:self.batch_size])
+        was_training = self.encoder.training
+        self.encoder.eval()
+        seconds: dict[str, list[float]] = {mode: [] for mode in modes}
+        try:
+            for round_ in range(TIMING_ROUNDS + 1):
+                for mode in modes:
+                    self.set_mode(mode)
+                    start = time.perf_counter()
+                    self._target(batch, mode)
+                    if round_:
+                        seconds[mode].append(time.perf_counter() - start)
+        finally:
+            self.encoder.train(was_training)
+        return {mode: round(1000 * float(np.median(t)) / batch.shape[0], 4) for mode, t in seconds.items()}
 
     def train(self, mode: bool = True):
         super().train(mode)

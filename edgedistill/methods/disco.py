@@ -67,9 +67,9 @@ class DisCo(MoCoV2):
         loss = contrastive + self.hp.distill_weight * distill
         return {"loss": loss, "info_nce": contrastive.detach(), "distill": distill.detach()}
 
-    def prepare(self, run_dir, folder, device):
+    def prepare(self, run_dir, folder, device, channels_last: bool = False):
         self.teacher.prepare(run_dir, folder, self.cfg.data, self.cfg.seed, device,
-                             batch_size=self.cfg.train.batch_size)
+                             batch_size=self.cfg.train.batch_size, channels_last=channels_last)
 
     def frozen_prefixes(self):
         return ("teacher.",)

@@ -75,9 +75,9 @@ class SEED(Method):
     def deployable(self) -> dict[str, nn.Module]:
         return {"student": self.student.backbone, "head": self.student.head}
 
-    def prepare(self, run_dir, folder, device):
+    def prepare(self, run_dir, folder, device, channels_last: bool = False):
         self.teacher.prepare(run_dir, folder, self.cfg.data, self.cfg.seed, device,
-                             batch_size=self.cfg.train.batch_size)
+                             batch_size=self.cfg.train.batch_size, channels_last=channels_last)
 
     def frozen_prefixes(self):
         return ("teacher.",)
