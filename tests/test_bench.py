@@ -113,3 +113,47 @@ def test_bench_missing_export(tmp_path):
     result = CliRunner().invoke(app, ["bench", str(tmp_path / "nothing")])
     assert result.exit_code == 2
     assert "manifest.json is missing" in _text(result)
+
+
+def test_result_tables_merge_by_cpu_class(tmp_path, monkeypatch):
+    """bench/int8_devices.py and bench/demo_spread.py `table`: what this machine measured replaces
+    only its own CPU class's rows; the committed rows of another class (and schema-1 latency
+    entries, which held one class) are kept."""
+    from conftest import bench_script
+
+    devices = bench_script("int8_devices")
+    work, result = tmp_path / "devices", tmp_path / "int8_devices.json"
+    work.mkdir()
+    monkeypatch.setattr(devices, "WORK", work)
+    monkeypatch.setattr(devices, "RESULT", result)
+    vnni = {"run": "runs/int8/s", "cpu_class": "x86-vnni", "rows": [
+        {"runtime": "ort-cpu", "threads": 1, "file": "fp32", "median_ms": 1.0, "speedup_vs_fastest_fp32": 1.0,
+         "spread_max_min": 1.1, "unreliable": False}]}
+    accuracy = {"run": "runs/int8/s", "rows": {"x86-vnni": {"drop": 0.1}}}
+    result.write_text(json.dumps({"schema": "edgedistill.int8_devices/1",
+                                  "students": {"s": {"latency": vnni, "accuracy": accuracy}}}))
+    (work / "s.latency.x86-avx2.json").write_text(json.dumps({**vnni, "cpu_class": "x86-avx2"}))
+    (work / "s.accuracy.json").write_text(json.dumps({"run": "runs/int8/s", "rows": {"x86-avx2": {"drop": 0.4}}}))
+    monkeypatch.setattr(devices, "markdown", lambda doc: "")
+    devices.table()
+    entry = json.loads(result.read_text())["students"]["s"]
+    assert set(entry["latency"]) == {"x86-vnni", "x86-avx2"} and entry["latency"]["x86-vnni"] == vnni
+    assert entry["accuracy"]["rows"] == {"x86-vnni": {"drop": 0.1}, "x86-avx2": {"drop": 0.4}}
+
+    spread = bench_script("demo_spread")
+    work, result = tmp_path / "spread", tmp_path / "demo_spread.json"
+    (work / "t2_s0" / "disco" / "export").mkdir(parents=True)
+    (work / "t2_s0" / "disco" / "export" / "manifest.json").write_text("{}")
+    monkeypatch.setattr(spread, "WORK", work)
+    monkeypatch.setattr(spread, "RESULT", result)
+
+    def row(cpu_class, wall):
+        int8 = {"cpu_class": cpu_class, "drop": 0.3, "drop_se": 0.5, "delivered_by": "ptq", "size_ratio": 3.2,
+                "int8_layers": {"int8": 52, "weighted_layers": 54}}
+        return {"threads": "2", "seed": 0, "disco_linear_top1": 90.0, "int8": int8, "gate_passed": True, "wall_s": wall}
+
+    result.write_text(json.dumps({"rows": [row("x86-vnni", 136.0), row("x86-avx2", 999.0)]}))
+    monkeypatch.setattr(spread, "_row", lambda folder: row("x86-avx2", 370.0))
+    spread.table()
+    rows = json.loads(result.read_text())["rows"]
+    assert sorted((r["int8"]["cpu_class"], r["wall_s"]) for r in rows) == [("x86-avx2", 370.0), ("x86-vnni", 136.0)]
