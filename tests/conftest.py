@@ -35,6 +35,11 @@ def bench_script(name: str):
     return module
 
 
+# DisCo/SEED tests that are not about teacher.precision run the exact fp32 target, without `auto`'s
+# fidelity and timing pass at every start (tests/test_teacher_precision.py tests that).
+EXACT_TEACHER = {"teacher.precision": "fp32"}
+
+
 def tiny_overrides(**extra) -> list[str]:
     """A few optimizer steps of a small student on 32x32 digits with the torchvision loader."""
     base = {

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import EXACT_TEACHER
 from typer.testing import CliRunner
 
 from edgedistill.cli import app
@@ -124,8 +125,8 @@ def test_teacher_row_is_added_on_reuse_and_scored_like_the_students(tmp_path):
     a = _recipe(tmp_path, "moco", {"name": "mocov2", "queue_size": 64})
     b = _recipe(tmp_path, "disco", {"name": "disco", "queue_size": 64})
     data = yaml.safe_load(b.read_text())
-    # fp32: the exact target, without auto's timing pass (teacher.precision is test_teacher_precision's)
-    data["teacher"] = {"arch": "resnet20_cifar", "checkpoint": str(ckpt), "precision": "fp32"}
+    data["teacher"] = {"arch": "resnet20_cifar", "checkpoint": str(ckpt),
+                       "precision": EXACT_TEACHER["teacher.precision"]}
     b.write_text(yaml.safe_dump(data))
     out = tmp_path / "cmp"
     first = run_compare([a, b], [], out)

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from conftest import interrupt_after_checkpoint, tiny_overrides
+from conftest import EXACT_TEACHER, interrupt_after_checkpoint, tiny_overrides
 from edgedistill.config import DataConfig
 from edgedistill.recipe import load_config
 from edgedistill.errors import UserError
@@ -36,9 +36,8 @@ def teacher_ckpt(tmp_path_factory):
     return path
 
 
-# teacher.precision fp32: the exact target, without auto's timing pass (tests/test_teacher_precision.py's subject)
 FAST = {"train.batch_size": 64, "train.max_steps": 2, "student.stem_stride": "null", "method.queue_size": 128,
-        "teacher.precision": "fp32"}
+        **EXACT_TEACHER}
 
 
 def tiny(method: str, **extra) -> list[str]:

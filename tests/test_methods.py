@@ -15,7 +15,7 @@ from edgedistill.recipe import load_config
 from edgedistill.losses import mutual_kl, view_similarity_log_probs
 from edgedistill.models import count_params, create_backbone, feature_dim, load_into
 from edgedistill.train import train
-from conftest import tiny_overrides
+from conftest import EXACT_TEACHER, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +38,8 @@ def _overrides(method: str, teacher: Path | None, **extra) -> list[str]:
     if method in ("supervised", "dogo", "simclr"):  # no queue in these methods
         items = [i for i in items if not i.startswith("method.queue_size=")]
     if teacher is not None:
-        # fp32: the exact target, without auto's timing pass (teacher.precision is test_teacher_precision's)
-        items += ["teacher.arch=resnet20_cifar", f"teacher.checkpoint={teacher}", "teacher.precision=fp32"]
+        items += ["teacher.arch=resnet20_cifar", f"teacher.checkpoint={teacher}",
+                  *(f"{k}={v}" for k, v in EXACT_TEACHER.items())]
     return items
 
 

@@ -340,12 +340,9 @@ class FrozenTeacher(nn.Module):
         else:
             chosen = "fp32"
             if candidates:
-                views, bank, queries = self._fidelity_data(folder, data_cfg, seed, device, augmentation)
-                if channels_last:  # as the step will run: the trainer puts the method (teacher too) and views there
-                    self.encoder.to(memory_format=torch.channels_last)
-                    views, bank, queries = (views.contiguous(memory_format=torch.channels_last),
-                                            *((images.contiguous(memory_format=torch.channels_last), labels)
-                                              for images, labels in (bank, queries)))
+                layout = torch.channels_last if channels_last else torch.contiguous_format
+                self.encoder.to(memory_format=layout)  # as the trainer will put it (the method, teacher included)
+                views, bank, queries = self._fidelity_data(folder, data_cfg, seed, device, augmentation, layout)
                 reference = self._fidelity(views, bank, queries, "fp32")
                 for mode in candidates:
                     self.set_mode(mode)
@@ -379,9 +376,11 @@ class FrozenTeacher(nn.Module):
         write_json(path, record)
         log.info("teacher precision %s -> %s (%s)", self.precision, chosen, path)
 
-    def _fidelity_data(self, folder, data_cfg, seed: int, device: torch.device, augmentation: str):
+    def _fidelity_data(self, folder, data_cfg, seed: int, device: torch.device, augmentation: str,
+                       layout: torch.memory_format):
         """Augmented views of a seeded subset of the training images (the training recipe's
-        augmentation, two views each), and a kNN bank / query split of centre crops with labels."""
+        augmentation, two views each), and a kNN bank / query split of centre crops with labels,
+        the images in `layout` (the training step's memory format)."""
         from torch.utils.data import DataLoader
 
         from edgedistill.data.torch_loader import ViewsDataset, eval_loader, view_transform
@@ -397,9 +396,10 @@ class FrozenTeacher(nn.Module):
 
         def crops(indices):
             images, labels = zip(*eval_loader(folder, data_cfg, 256, indices))
-            return torch.cat(images), torch.cat(labels)
+            return torch.cat(images).contiguous(memory_format=layout), torch.cat(labels)
 
-        return views.to(device), crops(order[:n_bank]), crops(order[n_bank:n_bank + n_query])
+        views = views.to(device).contiguous(memory_format=layout)
+        return views, crops(order[:n_bank]), crops(order[n_bank:n_bank + n_query])
 
     def _fidelity(self, views, bank, queries, mode: str, reference: dict | None = None) -> dict:
         from edgedistill.knn import knn_top1
