@@ -35,6 +35,7 @@ def _row(folder: Path) -> dict:
     """One demo run's row: its students' top-1, the INT8 file, the gate, the wall time and the CPU."""
     from edgedistill.demo import int8_summary
     from edgedistill.deploy.manifest import read_manifest
+    from edgedistill.deploy.quantize import timing_class
     from edgedistill.report.build import cpu_features
 
     threads, seed = folder.name[1:].split("_s")
@@ -47,6 +48,7 @@ def _row(folder: Path) -> dict:
              "wall_s": None, "stopped_after": "export"}
     cpu = read_manifest(folder / "disco" / "export", "re-run the demo").get("environment", {}).get("cpu", {})
     return {"threads": threads, "seed": int(seed), "cpu": cpu.get("model"), "cpu_features": cpu_features(cpu),
+            "timed_on": timing_class(cpu),
             **{f"{k}_linear_top1": v["linear_top1"] for k, v in d["models"].items()},
             "disco_knn_top1": d["models"]["disco"]["knn_top1"], "int8": d["int8"],
             "gate_passed": (d.get("gate") or {}).get("passed"), "wall_s": d["wall_s"],
@@ -54,13 +56,14 @@ def _row(folder: Path) -> dict:
 
 
 def _key(row: dict) -> tuple:
-    """A row is replaced only by a run of the same CPU class (the class its INT8 file was built for)."""
-    return row["int8"]["cpu_class"], str(row["threads"]), row["seed"]
+    """A row is replaced only by a run of the same timing class (the class its INT8 file was built for,
+    `+amx` on an AMX CPU: its wall time and kernels differ from a VNNI-only CPU's)."""
+    return row.get("timed_on") or row["int8"]["cpu_class"], str(row["threads"]), row["seed"]
 
 
 def table() -> None:
     """Rows of the runs under runs/demo_spread, merged into the committed file: a run replaces the
-    row of the same CPU class, threads and seed; rows of other classes are kept."""
+    row of the same timing class, threads and seed; rows of other classes are kept."""
     from edgedistill.envinfo import environment
     from edgedistill.fileio import write_json
 

@@ -4,6 +4,7 @@ latency of fp32 against INT8 on ONNX Runtime and OpenVINO, side by side, on this
     python bench/int8_devices.py accuracy runs/int8/sup_mnv3s [...]  # exports, full test set (one thread is fine)
     python bench/int8_devices.py latency runs/int8/sup_mnv3s [...]   # timing: run alone on an idle machine
     python bench/int8_devices.py blocks runs/int8/sup_mnv3s [...]    # per-block INT8 vs float timing (idle)
+    python bench/int8_devices.py ops runs/int8/sup_mnv3s [...]       # where the time goes, by kind of node (idle)
     python bench/int8_devices.py table                              # merge -> bench/results/int8_devices.json
 
 Accuracy: every row is the real `edgedistill export --int8 --qad-steps 0` (post-training
@@ -27,6 +28,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -46,9 +48,9 @@ ROWS = {
 RUNTIMES = ("ort-cpu", "openvino-cpu")
 THREADS = (1, 2)
 SPREAD_LIMIT = 1.5
-# Timed on this machine: one entry per CPU class (runs/int8/devices/NAME.PART.CLASS.json), so a run on
-# another class adds its rows beside the committed ones.
-PER_CLASS = ("latency", "blocks")
+# Timed on this machine: one entry per timing class (the CPU class, `+amx` on an AMX CPU:
+# runs/int8/devices/NAME.PART.CLASS.json), so a run on another class adds its rows beside the committed ones.
+PER_CLASS = ("latency", "blocks", "ops")
 
 
 def accuracy(runs: list[Path], rows: list[str]) -> None:
@@ -78,10 +80,12 @@ def accuracy(runs: list[Path], rows: list[str]) -> None:
             _write(done, result)
 
 
-def _files_224(run: Path, work: Path) -> tuple[dict[str, Path], np.ndarray]:
+def _files_224(run: Path, work: Path, all_int8: bool = False) -> tuple[dict[str, Path], np.ndarray]:
     """fp32 and the INT8 placements `export --placement auto` chooses between, for this machine's
     CPU class, of the run's classifier at 224 px (calibrated on 32 training images: the ranges do
-    not change the speed), and one real validation image at 224 px to time them on."""
+    not change the speed), and one real validation image at 224 px to time them on. `all_int8`:
+    also "int8-all", the tuned file with every weighted layer in INT8 (`--int8-classifier`: no
+    weight-only head, no float classifier)."""
     import onnx
 
     from edgedistill.deploy import data as ddata
@@ -104,11 +108,13 @@ def _files_224(run: Path, work: Path) -> tuple[dict[str, Path], np.ndarray]:
                               lambda: ddata.make_reader(calib_files, cfg, INPUT_NAME, 32))
         plan = q.make_plan("ort-cpu", pre, placement, float_classifier=True)
         files[f"int8-{placement}"] = q.quantize(pre, work / f"int8.{placement}.onnx", "qdq-u8s8", calib, plan)
+        if all_int8 and placement == "tuned":
+            files["int8-all"] = q.quantize(pre, work / "int8.all.onnx", "qdq-u8s8", calib, q.make_plan("ort-cpu", pre, placement))
     return files, ddata.validation_set(cfg, 1)[0]
 
 
 def latency(runs: list[Path], rounds: int = 5, time_s: float = 1.0) -> None:
-    from edgedistill.deploy.quantize import this_cpu_class
+    from edgedistill.deploy.quantize import this_cpu_class, timing_class
     from edgedistill.kit import load_kit_module
 
     kit = load_kit_module("edgekit")
@@ -137,12 +143,12 @@ def latency(runs: list[Path], rounds: int = 5, time_s: float = 1.0) -> None:
                 fastest = min(r["median_ms"] for r in rows if r["file"] == "fp32" and r["threads"] == row["threads"])
                 row["speedup_vs_fastest_fp32"] = round(fastest / row["median_ms"], 3)
             del runners
-        result = {"run": str(run), "px": 224, "batch": 1, "cpu_class": this_cpu_class(), "rows": rows,
-                  "environment": kit.environment()}
+        result = {"run": str(run), "px": 224, "batch": 1, "cpu_class": this_cpu_class(), "timed_on": timing_class(),
+                  "rows": rows, "environment": kit.environment()}
         for r in rows:
             print(run.name, r["runtime"], r["threads"], r["file"], r["median_ms"], r["speedup_vs_fastest_fp32"],
                   r["spread_max_min"], flush=True)
-        _write(WORK / f"{run.name}.latency.{result['cpu_class']}.json", result)
+        _write(WORK / f"{run.name}.latency.{result['timed_on']}.json", result)
 
 
 def blocks(runs: list[Path], rounds: int = 5, time_s: float = 0.6) -> None:
@@ -154,7 +160,7 @@ def blocks(runs: list[Path], rounds: int = 5, time_s: float = 0.6) -> None:
     from edgedistill.deploy import quantize as q
     from edgedistill.deploy.exporter import LATENCY_GAIN
     from edgedistill.deploy.onnx_export import INPUT_NAME, export_onnx, load_deployable, preprocess_spec
-    from edgedistill.deploy.quantize import this_cpu_class
+    from edgedistill.deploy.quantize import this_cpu_class, timing_class
     from edgedistill.kit import load_kit_module
 
     kit = load_kit_module("edgekit")
@@ -191,7 +197,7 @@ def blocks(runs: list[Path], rounds: int = 5, time_s: float = 0.6) -> None:
             files.update({g: build(f"float{k}", layers) for k, (g, layers) in enumerate(groups.items())})
             x = ddata.validation_set(cfg, 1)[0]
             result = {"run": str(run), "px": 224, "batch": 1, "runtime": "ort-cpu", "cpu_class": this_cpu_class(),
-                      "threads": {}, "environment": kit.environment()}
+                      "timed_on": timing_class(), "threads": {}, "environment": kit.environment()}
             for threads in THREADS:
                 table = timed(files, x, threads)
                 base = table["int8"]["median_ms"]
@@ -210,12 +216,113 @@ def blocks(runs: list[Path], rounds: int = 5, time_s: float = 0.6) -> None:
                     "side_by_side_ms": {k: v["median_ms"] for k, v in again.items()}}
                 print(run.name, threads, "fp32", table["fp32"]["median_ms"], "int8", base, "hybrid",
                       again["hybrid"]["median_ms"], f"({len(faster)} of {len(groups)} blocks float)", flush=True)
-        _write(WORK / f"{run.name}.blocks.{result['cpu_class']}.json", result)
+        _write(WORK / f"{run.name}.blocks.{result['timed_on']}.json", result)
+
+
+# `ops`: ONNX Runtime names a fused node after the node (QLinearConv: "<Conv>_token_N") or the tensor
+# (NCHWc Conv + activation: "<activation output>_nchwc") it came from.
+WARMUP = 20
+WEIGHTED_OPS = {"Conv", "FusedConv", "QLinearConv", "Gemm", "QGemm", "MatMul", "QLinearMatMul", "MatMulInteger",
+                "ConvInteger", "NchwcConv"}
+FUSED_SUFFIX = re.compile(r"(_nchwc|_token_\d+)+$")
+
+
+def _layer_kinds(graph) -> dict[str, str]:
+    """Each Conv / Gemm of an ONNX graph by kind (depthwise: grouped; squeeze-excite: a 1x1 conv of
+    an `se` module; pointwise: other 1x1; dense: k x k), under its node name, its output tensor and
+    the output of an activation that follows it (what a fused node is named after)."""
+    consts = {i.name: list(i.dims) for i in graph.initializer}
+    producer = {out: n for n in graph.node for out in n.output}
+
+    def weight_dims(node):  # an initializer, or the DequantizeLinear of one
+        src = producer.get(node.input[1])
+        return consts.get(node.input[1]) or (consts.get(src.input[0]) if src is not None and src.op_type == "DequantizeLinear" else None)
+
+    kinds: dict[str, str] = {}
+    for node in graph.node:
+        if node.op_type == "Conv":
+            group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            kernel = (weight_dims(node) or [0, 0, 0, 0])[2:]
+            kind = ("depthwise convs" if group > 1 else "squeeze-excite convs" if "/se/" in node.name
+                    else "pointwise convs" if kernel == [1, 1] else "dense convs (stem, ResNet)")
+        elif node.op_type in ("Gemm", "MatMul"):
+            kind = "fully connected"
+        else:
+            continue
+        kinds.update({node.name: kind, **{out: kind for out in node.output}})
+    for node in graph.node:  # Conv -> activation, fused and named after the activation's output
+        if node.op_type in ("Relu", "Clip", "HardSwish", "HardSigmoid", "Sigmoid") and node.input[0] in kinds:
+            kinds.setdefault(node.output[0], kinds[node.input[0]])
+    return kinds
+
+
+def _node_category(op: str, name: str, kinds: dict[str, str], weight_dq: set[str]) -> str:
+    if op in ("QuantizeLinear", "DequantizeLinear"):
+        return "weight DequantizeLinear (runs every call)" if name in weight_dq else "activation Q/DQ"
+    if op in ("Transpose", "ReorderInput", "ReorderOutput"):
+        return "layout (Transpose, NCHWc reorders)"
+    if op in WEIGHTED_OPS:
+        return kinds.get(FUSED_SUFFIX.sub("", name), "other weighted layers")
+    return "float element-wise and pooling"
+
+
+def ops(runs: list[Path], iterations: int = 200) -> None:
+    """Where the time goes on ONNX Runtime: fp32, the tuned INT8 file of `latency` and the same
+    with every weighted layer INT8 (224 px, batch 1, 1 and 2 threads), each node timed by ONNX
+    Runtime's own profiler over `iterations` calls after a warm-up, summed by what the node is
+    (weighted layers by kind, `_layer_kinds`; the Q/DQ of activations; the DequantizeLinear of
+    weights that stay int8 in front of a float layer, which ONNX Runtime does not constant-fold;
+    layout; the rest). The profiler's overhead is in every node alike: compare within a run."""
+    import onnx
+    import onnxruntime as ort
+
+    from edgedistill.deploy.quantize import this_cpu_class, timing_class
+    from edgedistill.kit import load_kit_module
+
+    kit = load_kit_module("edgekit")
+    WORK.mkdir(parents=True, exist_ok=True)
+    for run in runs:
+        result = {"run": str(run), "px": 224, "batch": 1, "runtime": "ort-cpu", "iterations": iterations,
+                  "cpu_class": this_cpu_class(), "timed_on": timing_class(), "threads": {},
+                  "environment": kit.environment()}
+        with tempfile.TemporaryDirectory() as tmp:
+            files, x = _files_224(run, Path(tmp), all_int8=True)
+            files = {name: files[name] for name in ("fp32", "int8-tuned", "int8-all")}
+            kinds, weight_dq = {}, {}  # per file: layer kinds; DequantizeLinear nodes of an initializer (a weight)
+            for name, path in files.items():
+                graph = onnx.load(str(path)).graph
+                consts = {i.name for i in graph.initializer}
+                kinds[name] = _layer_kinds(graph)
+                weight_dq[name] = {n.name for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in consts}
+            for threads in THREADS:
+                table: dict[str, dict[str, float]] = {}
+                for name, path in files.items():
+                    so = ort.SessionOptions()
+                    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+                    so.enable_profiling, so.profile_file_prefix = True, str(Path(tmp) / f"profile.{name}.{threads}")
+                    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+                    feed = {sess.get_inputs()[0].name: x[:1]}
+                    for _ in range(WARMUP + iterations):
+                        sess.run(None, feed)
+                    profile = json.loads(Path(sess.end_profiling()).read_text())
+                    starts = sorted(e["ts"] for e in profile if e.get("cat") == "Session" and e["name"] == "model_run")
+                    sums: dict[str, float] = {}
+                    for event in profile:  # the nodes of the timed calls (after the warm-up ones)
+                        if (event.get("cat") == "Node" and event["name"].endswith("_kernel_time")
+                                and event["ts"] >= starts[WARMUP]):
+                            node = event["name"][: -len("_kernel_time")]
+                            key = _node_category(event["args"].get("op_name", ""), node, kinds[name], weight_dq[name])
+                            sums[key] = sums.get(key, 0.0) + event["dur"] / 1000.0
+                    table[name] = {key: round(ms / iterations, 4) for key, ms in sorted(sums.items())}
+                    table[name]["total of nodes"] = round(sum(sums.values()) / iterations, 4)
+                result["threads"][str(threads)] = table
+                print(run.name, threads, json.dumps(table), flush=True)
+        _write(WORK / f"{run.name}.ops.{result['timed_on']}.json", result)
 
 
 def table() -> None:
-    """Merge runs/int8/devices/*.json into the committed file: accuracy rows by name, latency and
-    blocks by CPU class; what is not measured here is kept."""
+    """Merge runs/int8/devices/*.json into the committed file: accuracy rows by name, latency,
+    blocks and ops by timing class; what is not measured here is kept."""
     from edgedistill.envinfo import environment
 
     committed = json.loads(RESULT.read_text()) if RESULT.is_file() else {}
@@ -228,16 +335,17 @@ def table() -> None:
         data = json.loads(path.read_text())
         entry = students.setdefault(name, {})
         if part in PER_CLASS:
-            entry.setdefault(part, {})[data["cpu_class"]] = data
+            entry.setdefault(part, {})[data.get("timed_on", data["cpu_class"])] = data
         else:
             entry.setdefault(part, {"run": data["run"], "rows": {}})["rows"].update(data["rows"])
     doc = {"schema": "edgedistill.int8_devices/2", "what": __doc__.split("\n\n")[0],
            "commands": ["python bench/int8_devices.py accuracy runs/int8/NAME ...",
                         "python bench/int8_devices.py latency runs/int8/NAME ...  (alone, idle machine)",
                         "python bench/int8_devices.py blocks runs/int8/NAME ...  (alone, idle machine)",
+                        "python bench/int8_devices.py ops runs/int8/NAME ...  (alone, idle machine)",
                         "python bench/int8_devices.py table"],
-           "layout": "students.NAME: accuracy.rows by device row; latency and blocks by the CPU class they were timed "
-                     "on (each with its own environment)",
+           "layout": "students.NAME: accuracy.rows by device row; latency, blocks and ops by the timing class they "
+                     "were measured on (the CPU class, +amx on an AMX CPU; each with its own environment)",
            "students": dict(sorted(students.items())), "environment": environment()}
     _write(RESULT, doc)
     print(markdown(doc))
@@ -265,6 +373,15 @@ def markdown(doc: dict) -> str:
                     cell = {r["runtime"]: r for r in rows if r["threads"] == threads and r["file"] == name}
                     lines.append(f"| {s} | {cpu_class} | {threads} | {name} | {fmt(cell.get('ort-cpu'))} | "
                                  f"{fmt(cell.get('openvino-cpu'))} |")
+    lines += ["", "| student | CPU class | threads | nodes | fp32 ms | INT8 (tuned) ms | INT8 (all layers) ms |",
+              "|---|---|---|---|---|---|---|"]
+    for s, entry in doc["students"].items():
+        for cpu_class, ops_entry in (entry.get("ops") or {}).items():
+            for threads, files in ops_entry["threads"].items():
+                kinds = sorted(set().union(*files.values()), key=lambda k: (k == "total of nodes", k))
+                for kind in kinds:
+                    cells = " | ".join(f"{files[f].get(kind, 0):.3f}" for f in ("fp32", "int8-tuned", "int8-all"))
+                    lines.append(f"| {s} | {cpu_class} | {threads} | {kind} | {cells} |")
     return "\n".join(lines)
 
 
@@ -276,13 +393,13 @@ def _write(path: Path, data: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("phase", choices=("accuracy", "latency", "blocks", "table"))
+    parser.add_argument("phase", choices=("accuracy", "latency", "blocks", "ops", "table"))
     parser.add_argument("runs", nargs="*", type=Path)
     parser.add_argument("--rows", default=",".join(ROWS), help="accuracy: rows to (re)measure")
     args = parser.parse_args()
     os.chdir(ROOT)
     {"accuracy": lambda: accuracy(args.runs, args.rows.split(",")), "latency": lambda: latency(args.runs),
-     "blocks": lambda: blocks(args.runs), "table": table}[args.phase]()
+     "blocks": lambda: blocks(args.runs), "ops": lambda: ops(args.runs), "table": table}[args.phase]()
 
 
 if __name__ == "__main__":

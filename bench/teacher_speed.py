@@ -238,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true",
                         help="also time each fast mode torch.compile'd (teacher.compile; about a minute to compile each)")
     parser.add_argument("--quick", action="store_true", help="a tiny ResNet-20 at 16 px, batch 8 (a smoke run)")
+    parser.add_argument("--teacher", choices=[m["name"] for m in MODELS], action="append",
+                        help="time only this teacher (repeatable; default: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULT)
     args = parser.parse_args(argv)
@@ -251,8 +253,9 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     peak = cpu_peak(args.fma_units, args.ghz)
+    chosen = QUICK if args.quick else [m for m in MODELS if not args.teacher or m["name"] in args.teacher]
     rows = [bench_model(m, args.rounds, args.steps, args.seed, peak, args.compile, log=lambda s: print(s, flush=True))
-            for m in (QUICK if args.quick else MODELS)]
+            for m in chosen]
     for row in rows:
         for mode, r in row["modes"].items():
             print(f"{row['teacher']:18s} {mode:8s} teacher {r['teacher_ms_per_image']:.3f} ms/img "

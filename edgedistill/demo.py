@@ -134,7 +134,8 @@ def print_summary(summary: dict) -> None:
                   + ")")
     if q.get("recommendation"):
         rec = q["recommendation"]
-        console.print(f"recommended for {rec['device']}: {rec['artifact']} ({rec['reason']})")
+        on = f" on {rec['runtime']}" if rec.get("runtime") else ""
+        console.print(f"recommended for {rec['device']}: {rec['artifact']}{on} ({rec['reason']})")
     console.print(f"report: {summary['report_md']}  (JSON: {summary['report']})")
     for plot in summary["plots"]:
         console.print(f"plot:   {plot}")

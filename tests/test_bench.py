@@ -117,8 +117,8 @@ def test_bench_missing_export(tmp_path):
 
 def test_result_tables_merge_by_cpu_class(tmp_path, monkeypatch):
     """bench/int8_devices.py and bench/demo_spread.py `table`: what this machine measured replaces
-    only its own CPU class's rows; the committed rows of another class (and schema-1 latency
-    entries, which held one class) are kept."""
+    only its own timing class's rows (the CPU class, `+amx` on AMX); the committed rows of another
+    class (and schema-1 latency entries, which held one class) are kept."""
     from conftest import bench_script
 
     devices = bench_script("int8_devices")
@@ -133,11 +133,12 @@ def test_result_tables_merge_by_cpu_class(tmp_path, monkeypatch):
     result.write_text(json.dumps({"schema": "edgedistill.int8_devices/1",
                                   "students": {"s": {"latency": vnni, "accuracy": accuracy}}}))
     (work / "s.latency.x86-avx2.json").write_text(json.dumps({**vnni, "cpu_class": "x86-avx2"}))
+    (work / "s.latency.x86-vnni+amx.json").write_text(json.dumps({**vnni, "timed_on": "x86-vnni+amx"}))
     (work / "s.accuracy.json").write_text(json.dumps({"run": "runs/int8/s", "rows": {"x86-avx2": {"drop": 0.4}}}))
     monkeypatch.setattr(devices, "markdown", lambda doc: "")
     devices.table()
     entry = json.loads(result.read_text())["students"]["s"]
-    assert set(entry["latency"]) == {"x86-vnni", "x86-avx2"} and entry["latency"]["x86-vnni"] == vnni
+    assert set(entry["latency"]) == {"x86-vnni", "x86-avx2", "x86-vnni+amx"} and entry["latency"]["x86-vnni"] == vnni
     assert entry["accuracy"]["rows"] == {"x86-vnni": {"drop": 0.1}, "x86-avx2": {"drop": 0.4}}
 
     spread = bench_script("demo_spread")
@@ -147,13 +148,18 @@ def test_result_tables_merge_by_cpu_class(tmp_path, monkeypatch):
     monkeypatch.setattr(spread, "WORK", work)
     monkeypatch.setattr(spread, "RESULT", result)
 
-    def row(cpu_class, wall):
+    def row(cpu_class, wall, **timed_on):
         int8 = {"cpu_class": cpu_class, "drop": 0.3, "drop_se": 0.5, "delivered_by": "ptq", "size_ratio": 3.2,
                 "int8_layers": {"int8": 52, "weighted_layers": 54}}
-        return {"threads": "2", "seed": 0, "disco_linear_top1": 90.0, "int8": int8, "gate_passed": True, "wall_s": wall}
+        return {"threads": "2", "seed": 0, "disco_linear_top1": 90.0, "int8": int8, "gate_passed": True, "wall_s": wall,
+                **timed_on}
 
     result.write_text(json.dumps({"rows": [row("x86-vnni", 136.0), row("x86-avx2", 999.0)]}))
     monkeypatch.setattr(spread, "_row", lambda folder: row("x86-avx2", 370.0))
     spread.table()
     rows = json.loads(result.read_text())["rows"]
     assert sorted((r["int8"]["cpu_class"], r["wall_s"]) for r in rows) == [("x86-avx2", 370.0), ("x86-vnni", 136.0)]
+    monkeypatch.setattr(spread, "_row", lambda folder: row("x86-vnni", 120.0, timed_on="x86-vnni+amx"))
+    spread.table()  # an AMX run is kept beside the VNNI-only row of the same class
+    rows = json.loads(result.read_text())["rows"]
+    assert sorted(r["wall_s"] for r in rows if r["int8"]["cpu_class"] == "x86-vnni") == [120.0, 136.0]

@@ -18,6 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from edgedistill.cli import app
+from edgedistill.deploy import quantize as q
 
 FAST = {"val_count": 96, "calib_count": 48, "timing_budget_s": 0.15}
 
@@ -75,7 +76,11 @@ def test_export_writes_checked_artifacts(export_dir, evaluated_run):
     calibration = m["int8"]["calibration"]
     assert calibration["label"] == min(calibration["auto_scores"], key=lambda s: s["output_divergence"])["calibrator"]
     assert calibration.get("chosen_on") == (None if choice["chosen"] == "tuned" else "tuned")
-    assert m["recommendation"]["artifact"] in arts and m["recommendation"]["reason"]
+    rec = m["recommendation"]
+    assert rec["artifact"] in arts and rec["reason"]
+    # timed on every CPU runtime installed (the test extra has OpenVINO), and it names the runtime to use
+    assert set(rec["latency_ms_batch1"]) == set(q.cpu_runtimes()) >= {"ort-cpu", "openvino-cpu"}
+    assert rec["runtime"] in rec["latency_ms_batch1"]
     assert m["int8"]["scored_with"]["exact"] is False  # declared class auto = this machine: its own kernels
 
 
@@ -129,7 +134,6 @@ def test_int8_format_is_measured_for_ort_cpu(export_dir):
 
 def test_calibration_cache_key_and_invalidation(export_dir, evaluated_run, tmp_path):
     from edgedistill.deploy import data as ddata
-    from edgedistill.deploy import quantize as q
     from edgedistill.deploy.onnx_export import load_deployable, preprocess_spec
 
     dep = load_deployable(evaluated_run)

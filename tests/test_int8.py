@@ -113,6 +113,19 @@ def test_scoring_arithmetic_follows_the_declared_class(monkeypatch):
         q.this_cpu_class()
 
 
+@pytest.mark.parametrize("arch,flags,cpu_class,timed_on", [
+    ("x86_64", {"avx2": True}, "x86-avx2", "x86-avx2"),
+    ("x86_64", {"avx2": True, "avx512_vnni": True}, "x86-vnni", "x86-vnni"),
+    ("x86_64", {"avx2": True, "avx512_vnni": True, "amx_int8": True}, "x86-vnni", "x86-vnni+amx"),
+    ("aarch64", {"neon": True, "arm_dotprod": True}, "arm64", "arm64")])
+def test_cpu_class_from_an_environment_stamp(monkeypatch, arch, flags, cpu_class, timed_on):
+    """An AMX CPU computes INT8 as a VNNI one does (same class, same file), but its timings are kept
+    apart (`+amx`), so a latency table measured there does not replace a VNNI-only CPU's rows."""
+    monkeypatch.delenv(q.CPU_CLASS_ENV, raising=False)
+    stamp = {"arch": arch, "isa": flags}
+    assert q._class_of(stamp) == cpu_class and q.timing_class(stamp) == timed_on
+
+
 def test_excluded_layer_stays_float_and_divergence_is_zero_for_identical_outputs(prepared, tmp_path):
     pre, _ = prepared
     images = np.random.default_rng(1).standard_normal((8, 3, 32, 32)).astype(np.float32)
@@ -388,3 +401,21 @@ def test_latency_fallback_keeps_only_a_faster_file_that_costs_no_accuracy(evalua
         assert m["int8"]["delivered_by"].endswith("+latency")
     else:
         assert not art["quantization"]["nodes_kept_in_float"] and layers["int8"] == layers["weighted_layers"] - 2
+
+
+def test_recommendation_takes_the_fastest_runtime_and_never_a_slower_int8():
+    """`export`'s pick over every CPU runtime timed: INT8 on the runtime where it beats the fastest
+    fp32 of any runtime (here OpenVINO, as on an AMX Xeon); fp32 when no runtime's INT8 beats it
+    (even if INT8 beats fp32 on a slower runtime); fp32 beyond the accuracy budget; INT8 untimed on
+    another class."""
+    from edgedistill.deploy.exporter import recommend_artifact
+
+    int8 = "onnx-int8-u8s8"
+    amx = {"ort-cpu": {"fp32": 7.0, "int8": 9.9}, "openvino-cpu": {"fp32": 7.05, "int8": 6.1}}
+    pick, runtime, why = recommend_artifact(int8, amx, 0.3, 1.0, 3.5)
+    assert (pick, runtime) == (int8, "openvino-cpu") and "1.15x" in why and "ort-cpu INT8 9.900 / fp32 7.000 ms (0.71x)" in why
+    slow = {"ort-cpu": {"fp32": 2.0, "int8": 4.0}, "openvino-cpu": {"fp32": 3.0, "int8": 2.5}}
+    pick, runtime, why = recommend_artifact(int8, slow, 0.3, 1.0, 3.5)
+    assert (pick, runtime) == ("onnx-fp32", "ort-cpu") and "buys size" in why and "(0.80x)" in why
+    assert recommend_artifact(int8, amx, 1.5, 1.0, 3.5)[:2] == ("onnx-fp32", "ort-cpu")
+    assert recommend_artifact(int8, None, 0.3, 1.0, 3.5)[:2] == (int8, None)

@@ -124,7 +124,8 @@ def print_export(folder: Path) -> None:
         console.print(f"INT8 placement: {int8['placement_choice']['reason']}", highlight=False)
     rec = manifest.get("recommendation")
     if rec:
-        console.print(f"[bold]recommended for {rec['device']}:[/] {rec['artifact']} ({rec['reason']})", highlight=False)
+        on = f" on {rec['runtime']}" if rec.get("runtime") else ""
+        console.print(f"[bold]recommended for {rec['device']}:[/] {rec['artifact']}{on} ({rec['reason']})", highlight=False)
     if (int8.get("classifier_check") or {}).get("fragile"):
         console.print(f"[yellow]warning:[/] {int8['classifier_check']['advice']}", highlight=False)
     trt = manifest.get("tensorrt") or {}

@@ -692,37 +692,47 @@ def _choose_placement(ctx: _Export, work: Path, scorer, arithmetic: dict) -> tup
 
 
 def _recommend(ctx: _Export, setup: _Int8Setup, int8_path: Path, drop: float, size_ratio: float) -> dict:
-    """The artifact to ship for the declared device: the INT8 file when it meets the accuracy
-    budget (--max-drop, else RECOMMEND_MAX_DROP) and, where this CPU is of the declared class, is
-    faster than fp32 side by side at batch 1; otherwise fp32, saying plainly what INT8 buys."""
+    """The artifact to ship for the declared device, and the runtime to run it on: where this CPU is
+    of the declared class, fp32 and INT8 are timed side by side at batch 1 on every CPU runtime
+    installed here (ONNX Runtime; OpenVINO, which runs the same QDQ file); `recommend_artifact` picks."""
     from edgedistill.deploy import quantize as q
 
     budget = ctx.opts.max_drop if ctx.opts.max_drop is not None else RECOMMEND_MAX_DROP
-    fits = drop <= budget
     timed = ctx.opts.target == "ort-cpu" and setup.arithmetic["this_machine"] == setup.plan.cpu_class
-    latency = (q.time_side_by_side({"fp32": ctx.out / "model.onnx", "int8": int8_path}, ctx.images[:1],
-                                   ctx.opts.timing_budget_s) if timed else None)
+    latency = (q.time_on_runtimes({"fp32": ctx.out / "model.onnx", "int8": int8_path}, ctx.images[:1],
+                                  q.cpu_runtimes(), ctx.opts.timing_budget_s) if timed else None)
     device = f"{setup.plan.cpu_class} ({ctx.opts.target})"
-    if not fits:
-        pick, why = "onnx-fp32", f"the INT8 file loses {drop:.2f} points, beyond the {budget:g}-point budget"
-    elif latency is None:
-        pick, why = f"onnx-int8-{q.short_name(setup.fmt)}", (f"INT8 meets the {budget:g}-point budget (drop {drop:.2f}) and "
-                                                            f"is {size_ratio:.1f}x smaller; its speed was not measured here "
-                                                            "(another device class): `python kit/edgekit.py bench .` there "
-                                                            "times every file and says which to ship on it")
-    else:
-        speedup = latency["fp32"] / latency["int8"]
-        if speedup > 1.0:
-            pick, why = f"onnx-int8-{q.short_name(setup.fmt)}", (f"INT8 is {speedup:.2f}x faster than fp32 ({latency['int8']:.3f} vs "
-                                                                f"{latency['fp32']:.3f} ms, batch 1), {size_ratio:.1f}x smaller, "
-                                                                f"drop {drop:.2f} (budget {budget:g})")
-        else:
-            pick, why = "onnx-fp32", (f"INT8 buys size ({size_ratio:.1f}x smaller) but not speed on this CPU: "
-                                      f"{latency['int8']:.3f} ms against fp32's {latency['fp32']:.3f} ms at batch 1 "
-                                      f"({speedup:.2f}x); ship model.onnx for speed, the INT8 file where size matters")
-    log.info("recommended for %s: %s (%s)", device, pick, why)
-    return {"artifact": pick, "device": device, "reason": why, "latency_ms_batch1": latency, "max_drop": budget,
-            "int8_drop": drop, "int8_size_ratio": size_ratio}
+    pick, runtime, why = recommend_artifact(f"onnx-int8-{q.short_name(setup.fmt)}", latency, drop, budget, size_ratio)
+    log.info("recommended for %s: %s%s (%s)", device, pick, f" on {runtime}" if runtime else "", why)
+    return {"artifact": pick, "runtime": runtime, "device": device, "reason": why, "latency_ms_batch1": latency,
+            "max_drop": budget, "int8_drop": drop, "int8_size_ratio": size_ratio}
+
+
+def recommend_artifact(int8_name: str, latency: dict[str, dict[str, float]] | None, drop: float, budget: float,
+                       size_ratio: float) -> tuple[str, str | None, str]:
+    """(artifact, runtime, why): the INT8 file, on the runtime where it runs fastest, when it meets
+    the accuracy budget and is faster than the fastest fp32 (any runtime) in `latency`
+    ({runtime: {"fp32": ms, "int8": ms}}, batch 1); fp32 on its fastest runtime otherwise, saying
+    plainly what INT8 buys. `latency` None: not timed here (another device class)."""
+    fastest = {name: min(latency, key=lambda rt: latency[rt][name]) for name in ("fp32", "int8")} if latency else {}
+    if drop > budget:
+        return "onnx-fp32", fastest.get("fp32"), f"the INT8 file loses {drop:.2f} points, beyond the {budget:g}-point budget"
+    if not latency:
+        return int8_name, None, (f"INT8 meets the {budget:g}-point budget (drop {drop:.2f}) and is {size_ratio:.1f}x smaller; "
+                                 "its speed was not measured here (another device class): `python kit/edgekit.py bench .` "
+                                 "there times every file and says which to ship on it")
+    fp32_ms, int8_ms = latency[fastest["fp32"]]["fp32"], latency[fastest["int8"]]["int8"]
+    speedup = fp32_ms / int8_ms
+    per_runtime = "" if len(latency) == 1 else "; per runtime: " + ", ".join(
+        f"{rt} INT8 {v['int8']:.3f} / fp32 {v['fp32']:.3f} ms ({v['fp32'] / v['int8']:.2f}x)" for rt, v in latency.items())
+    if speedup > 1.0:
+        return int8_name, fastest["int8"], (f"INT8 is {speedup:.2f}x faster than the fastest fp32 ({int8_ms:.3f} ms on "
+                                            f"{fastest['int8']} vs {fp32_ms:.3f} ms on {fastest['fp32']}, batch 1), "
+                                            f"{size_ratio:.1f}x smaller, drop {drop:.2f} (budget {budget:g}){per_runtime}")
+    return "onnx-fp32", fastest["fp32"], (f"INT8 buys size ({size_ratio:.1f}x smaller) but not speed on this CPU: "
+                                          f"{int8_ms:.3f} ms at best ({fastest['int8']}) against fp32's {fp32_ms:.3f} ms "
+                                          f"({fastest['fp32']}) at batch 1 ({speedup:.2f}x); ship model.onnx for speed, the "
+                                          f"INT8 file where size matters{per_runtime}")
 
 
 class _Delivery:

@@ -20,7 +20,7 @@ Manifest, top-level keys:
   ...}, placement_choice, int8_layers {weighted_layers, int8, share}, size_ratio_vs_fp32,
   classifier_check {images, agreement, expected_drop, fragile, advice}, max_drop {initial, trials,
   kept_in_float, before_qad (the fallback that QAD followed)...}, latency_fallback {measured, blocks, kept, hybrid...} | null, sensitivity_file},
-  recommendation {artifact, device, reason, latency_ms_batch1, max_drop}, tensorrt {built, reason,
+  recommendation {artifact, runtime, device, reason, latency_ms_batch1 {runtime: {fp32, int8}} | null, max_drop}, tensorrt {built, reason,
   engines, commands}, samples {inputs, labels, reference, count}, status ("ok" | "parity_failed" |
   "max_drop_not_reached"), environment.
 Paths are relative to the export folder.

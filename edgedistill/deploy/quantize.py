@@ -50,7 +50,6 @@ import json
 import logging
 import math
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -188,11 +187,12 @@ def _ort_method(name: str):
             "percentile": CalibrationMethod.Percentile}[name]
 
 
-def cpu_has_vnni() -> bool:
-    from edgedistill.envinfo import cpu_info
-
-    isa = cpu_info()["isa"]
-    return bool(isa.get("avx512_vnni") or isa.get("avx_vnni") or isa.get("amx_int8"))
+def _class_of(cpu: dict) -> str:
+    """The INT8 class of the CPU an environment stamp's `cpu` entry describes."""
+    isa = cpu.get("isa") or {}
+    if str(cpu.get("arch", "")).lower() in ("aarch64", "arm64"):
+        return "arm64"
+    return "x86-vnni" if isa.get("avx512_vnni") or isa.get("avx_vnni") or isa.get("amx_int8") else "x86-avx2"
 
 
 def this_cpu_class() -> str:
@@ -204,9 +204,22 @@ def this_cpu_class() -> str:
         if forced not in CPU_CLASSES:
             raise UserError(f"{CPU_CLASS_ENV}={forced!r}: use one of {', '.join(CPU_CLASSES)} (or unset it)")
         return forced
-    if platform.machine().lower() in ("aarch64", "arm64"):
-        return "arm64"
-    return "x86-vnni" if cpu_has_vnni() else "x86-avx2"
+    from edgedistill.envinfo import cpu_info
+
+    return _class_of(cpu_info())
+
+
+def timing_class(cpu: dict | None = None) -> str:
+    """What INT8 *speed* is keyed by: the CPU class, with `+amx` where the CPU also has AMX INT8
+    tiles (ONNX Runtime's and OpenVINO's INT8 GEMMs use them, so the same file times differently
+    from a VNNI-only CPU of the same arithmetic). `cpu`: an environment stamp's `cpu` entry (default:
+    this machine, in the class `this_cpu_class` gives). Accuracy is keyed by the class alone: AMX,
+    like VNNI, accumulates u8 x s8 products exactly in int32."""
+    from edgedistill.envinfo import cpu_info
+
+    cpu_class = this_cpu_class() if cpu is None else _class_of(cpu)
+    amx = ((cpu_info() if cpu is None else cpu).get("isa") or {}).get("amx_int8")
+    return f"{cpu_class}+amx" if cpu_class == "x86-vnni" and amx else cpu_class
 
 
 def resolve_cpu_class(declared: str) -> str:
@@ -756,17 +769,36 @@ def choose_calibrator(pre_path: Path, fmt: str, plan: QuantPlan, make_calibratio
 # --------------------------------------------------------------------------- format choice
 
 
-def time_side_by_side(paths: dict[str, Path], sample: np.ndarray, budget_s: float = 0.6, rounds: int = 3) -> dict:
-    """Batch-1 median latency (ms) of each ONNX file on this CPU, in interleaved rounds (a busy
-    neighbour hurts all alike); the median of the rounds' medians."""
-    from edgedistill.deploy.runtime import latency_ms
+def cpu_runtimes() -> tuple[str, ...]:
+    """The CPU runtimes installed here that run the exported ONNX files as they are: ONNX Runtime,
+    and OpenVINO where the `openvino` package is present (its ONNX frontend reads the QDQ file)."""
+    from edgedistill.kit import load_kit_module
 
-    sessions = {name: session(path) for name, path in paths.items()}
-    runs: dict[str, list[float]] = {k: [] for k in paths}
+    usable = load_kit_module("edgekit").available_runtimes()
+    return tuple(rt for rt in ("ort-cpu", "openvino-cpu") if usable.get(rt) is None)
+
+
+def time_on_runtimes(paths: dict[str, Path], sample: np.ndarray, runtimes: tuple[str, ...] = ("ort-cpu",),
+                     budget_s: float = 0.6, rounds: int = 3) -> dict[str, dict[str, float]]:
+    """Batch-1 median latency (ms) of each ONNX file on each CPU runtime, {runtime: {name: ms}}:
+    the device kit's runners, every file and runtime once per round, interleaved (a busy neighbour
+    hurts all alike); the median of the rounds' medians."""
+    from edgedistill.deploy.runtime import cpu_threads
+    from edgedistill.kit import load_kit_module
+
+    kit = load_kit_module("edgekit")
+    runners = {(rt, name): kit.make_runner(rt, path, cpu_threads()) for rt in runtimes for name, path in paths.items()}
+    medians: dict[tuple[str, str], list[float]] = {key: [] for key in runners}
+    per_call = budget_s / rounds
     for _ in range(rounds):
-        for name, sess in sessions.items():
-            runs[name].append(latency_ms(sess, sample, budget_s=budget_s / rounds, min_runs=5, warmup=3)["median_ms"])
-    return {name: round(float(np.median(v)), 4) for name, v in runs.items()}
+        for key, runner in runners.items():
+            medians[key].append(runner.bench(sample[:1], 3, None, per_call)["latency_ms"]["p50"])
+    return {rt: {name: round(float(np.median(medians[(rt, name)])), 4) for name in paths} for rt in runtimes}
+
+
+def time_side_by_side(paths: dict[str, Path], sample: np.ndarray, budget_s: float = 0.6, rounds: int = 3) -> dict:
+    """`time_on_runtimes` on ONNX Runtime alone: {name: ms}."""
+    return time_on_runtimes(paths, sample, ("ort-cpu",), budget_s, rounds)["ort-cpu"]
 
 
 def layer_groups(pre_path: Path, skip=()) -> dict[str, list[str]]:
