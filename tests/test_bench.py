@@ -163,3 +163,42 @@ def test_result_tables_merge_by_cpu_class(tmp_path, monkeypatch):
     spread.table()  # an AMX run is kept beside the VNNI-only row of the same class
     rows = json.loads(result.read_text())["rows"]
     assert sorted(r["wall_s"] for r in rows if r["int8"]["cpu_class"] == "x86-vnni") == [120.0, 136.0]
+
+
+def test_ops_profile_names_each_layer_kind():
+    """bench/int8_devices.py `ops`: convolutions are classified from their weights and groups (also
+    behind a weight DequantizeLinear), and a fused node's profiler name ("<Conv>_token_N", "<activation
+    output>_nchwc") finds its layer; a weight DequantizeLinear is told apart from an activation's."""
+    import numpy as np
+    from conftest import bench_script
+    from onnx import TensorProto, helper, numpy_helper
+
+    devices = bench_script("int8_devices")
+
+    def weight(name, shape, dtype=np.float32):
+        return numpy_helper.from_array(np.zeros(shape, dtype), name)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w_stem"], ["stem"], name="/backbone/conv_stem/Conv"),
+        helper.make_node("Relu", ["stem"], ["/backbone/act/Relu_output_0"], name="/backbone/act/Relu"),
+        helper.make_node("Conv", ["/backbone/act/Relu_output_0", "w_dw"], ["dw"], name="/b/conv_dw/Conv", group=8),
+        helper.make_node("DequantizeLinear", ["w_pw_q", "s"], ["w_pw"], name="w_pw_DequantizeLinear"),
+        helper.make_node("Conv", ["dw", "w_pw"], ["pw"], name="/b/conv_pw/Conv"),
+        helper.make_node("Conv", ["pw", "w_se"], ["se"], name="/b/se/conv_reduce/Conv"),
+        helper.make_node("Gemm", ["se", "w_fc"], ["y"], name="/fc/Gemm"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [weight("w_stem", (8, 3, 3, 3)), weight("w_dw", (8, 1, 3, 3)),
+                               weight("w_pw_q", (8, 8, 1, 1), np.int8), weight("s", ()), weight("w_se", (8, 8, 1, 1)),
+                               weight("w_fc", (8, 10))])
+    kinds = devices._layer_kinds(graph)
+    category = lambda op, name: devices._node_category(op, name, kinds, {"w_pw_DequantizeLinear"})  # noqa: E731
+    assert category("Conv", "/backbone/act/Relu_output_0_nchwc") == "dense convs (stem, ResNet)"
+    assert category("QLinearConv", "/b/conv_dw/Conv_token_23") == "depthwise convs"
+    assert category("QLinearConv", "/b/conv_pw/Conv_token_7") == "pointwise convs"
+    assert category("Conv", "/b/se/conv_reduce/Conv") == "squeeze-excite convs"
+    assert category("Gemm", "/fc/Gemm") == "fully connected"
+    assert category("DequantizeLinear", "w_pw_DequantizeLinear") == "weight DequantizeLinear (runs every call)"
+    assert category("DequantizeLinear", "pw_DequantizeLinear") == "activation Q/DQ"
+    assert category("HardSigmoid", "HardSigmoid_431") == "float element-wise and pooling"
