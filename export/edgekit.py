@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -538,6 +539,16 @@ class OrtRunner(Runner):
 # ----------------------------------------------------------------------------- OpenVINO
 
 
+@functools.lru_cache(maxsize=1)
+def openvino_core():
+    """The process's one OpenVINO Core, which every runner compiles through: a new Core per model
+    load can crash the process after many loads (OpenVINO users report segfaults; this project's
+    test suite, where every export timed OpenVINO with its own Core, died of one once)."""
+    import openvino as ov
+
+    return ov.Core()
+
+
 class OpenVinoRunner(Runner):
     """OpenVINO's CPU plugin reading the exported ONNX file itself: its ONNX frontend turns a QDQ
     file's QuantizeLinear/DequantizeLinear pairs into FakeQuantize and runs its own INT8 kernels.
@@ -550,7 +561,7 @@ class OpenVinoRunner(Runner):
     def __init__(self, path, threads: int | None = None):
         import openvino as ov
 
-        core = ov.Core()
+        core = openvino_core()
         config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
