@@ -217,9 +217,11 @@ def timing_class(cpu: dict | None = None) -> str:
     like VNNI, accumulates u8 x s8 products exactly in int32."""
     from edgedistill.envinfo import cpu_info
 
-    cpu_class = this_cpu_class() if cpu is None else _class_of(cpu)
-    amx = ((cpu_info() if cpu is None else cpu).get("isa") or {}).get("amx_int8")
-    return f"{cpu_class}+amx" if cpu_class == "x86-vnni" and amx else cpu_class
+    if cpu is None:
+        cpu_class, cpu = this_cpu_class(), cpu_info()
+    else:
+        cpu_class = _class_of(cpu)
+    return f"{cpu_class}+amx" if cpu_class == "x86-vnni" and (cpu.get("isa") or {}).get("amx_int8") else cpu_class
 
 
 def resolve_cpu_class(declared: str) -> str:
