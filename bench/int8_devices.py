@@ -11,8 +11,8 @@ Accuracy: every row is the real `edgedistill export --int8 --qad-steps 0` (post-
 quantization alone) of a trained CIFAR-10-JPEG student, scored on the full test set the way the
 declared device computes the file (`int8.scored_with` in the manifest): `--cpu x86-vnni` and
 `--cpu x86-avx2` (7-bit weights; on a machine of the other class, the exact QDQ reference), the
-TensorRT format (always the exact reference), and `--int8-classifier` (every weighted layer in
-INT8, the classifier too).
+TensorRT format (always the exact reference), and `--int8-classifier --int8-stem` (every weighted layer in
+INT8, the classifier and the stem too).
 
 Latency: the same weights exported at 224 px, fp32 and the INT8 placements `export` chooses
 between (tuned; split-hardswish where the model has HardSwish), for this machine's class, at batch
@@ -43,7 +43,7 @@ ROWS = {
     "x86-vnni": {"cpu": "x86-vnni"},
     "x86-avx2": {"cpu": "x86-avx2"},
     "tensorrt": {"target": "tensorrt"},
-    "x86-vnni-int8-classifier": {"cpu": "x86-vnni", "int8_classifier": True},
+    "x86-vnni-int8-classifier": {"cpu": "x86-vnni", "int8_classifier": True, "int8_stem": True},
 }
 RUNTIMES = ("ort-cpu", "openvino-cpu")
 THREADS = (1, 2)
@@ -84,7 +84,7 @@ def _files_224(run: Path, work: Path, all_int8: bool = False) -> tuple[dict[str,
     """fp32 and the INT8 placements `export --placement auto` chooses between, for this machine's
     CPU class, of the run's classifier at 224 px (calibrated on 32 training images: the ranges do
     not change the speed), and one real validation image at 224 px to time them on. `all_int8`:
-    also "int8-all", the tuned file with every weighted layer in INT8 (`--int8-classifier`: no
+    also "int8-all", the tuned file with every weighted layer in INT8 (`--int8-classifier --int8-stem`: no
     weight-only head, no float classifier)."""
     import onnx
 
@@ -106,7 +106,7 @@ def _files_224(run: Path, work: Path, all_int8: bool = False) -> tuple[dict[str,
         calib = q.Calibration(pre, calib_files, ddata.file_list_fingerprint(calib_files), q.QuantSettings("minmax"),
                               preprocess_spec(dep), work / "cache",
                               lambda: ddata.make_reader(calib_files, cfg, INPUT_NAME, 32))
-        plan = q.make_plan("ort-cpu", pre, placement, float_classifier=True)
+        plan = q.make_plan("ort-cpu", pre, placement, float_classifier=True, float_stem=True)  # export's default
         files[f"int8-{placement}"] = q.quantize(pre, work / f"int8.{placement}.onnx", "qdq-u8s8", calib, plan)
         if all_int8 and placement == "tuned":
             files["int8-all"] = q.quantize(pre, work / "int8.all.onnx", "qdq-u8s8", calib, q.make_plan("ort-cpu", pre, placement))

@@ -121,6 +121,10 @@ class TrainConfig:
     # AVX2 and AVX-512 CPUs for these students, docs/scaling.md) | true | false (NCHW).
     channels_last: str = "auto"
     compile: bool = False
+    # CPU: layers whose input is smaller than their kernel (the 1x1-4x4 maps of 32 px models) get
+    # their weight gradient tap by tap (models/small_map_conv.py: oneDNN falls back to a slow GEMM
+    # there; the same sums, 2-70x faster a layer). false = PyTorch's own kernel everywhere.
+    cpu_small_map_grad: bool = True
     log_every: int = 10
     checkpoint_every: int = 200
     device: str = "auto"  # auto | cpu | cuda | cuda:N

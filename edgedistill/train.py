@@ -28,6 +28,7 @@ from edgedistill.methods import create_method, method_class
 from edgedistill.methods.base import Method
 from edgedistill.models import CLASSIFIER_FILE, HEAD_FILE, STUDENT_FILE, save_safetensors, save_torch
 from edgedistill.models.checkpoint import load_torch_file
+from edgedistill.models.small_map_conv import use_small_map_grad
 from edgedistill.ui import progress_bar, setup_logging
 from edgedistill.fileio import write_json, write_text
 
@@ -136,6 +137,8 @@ def setup_training(cfg: RunConfig, method: Method, device: torch.device, world: 
     channels_last = use_channels_last(cfg, device)
     if channels_last:
         method.to(memory_format=torch.channels_last)  # in place: the parameters stay the same objects
+    if cfg.train.cpu_small_map_grad and device.type == "cpu":
+        use_small_map_grad(method)  # in place too
     optimizers = build_optimizers(method, cfg, world)
     amp_dtype = amp_dtype_for(cfg, device)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
@@ -205,7 +208,7 @@ def _save_checkpoint(path: Path, method, optimizers, scaler, step, epoch, step_i
 # (method, data, model, optimizer, lr, seed, precision, ...) would leave the weights coming from
 # neither recipe, so it is refused.
 RESUME_MAY_CHANGE = ("name", "out_dir", "train.max_steps", "train.epochs", "train.log_every",
-                     "train.checkpoint_every", "train.tensorboard", "data.workers")
+                     "train.checkpoint_every", "train.tensorboard", "train.cpu_small_map_grad", "data.workers")
 _RESUME_BUDGET = ("train.max_steps", "train.epochs")
 
 

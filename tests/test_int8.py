@@ -201,7 +201,7 @@ def test_auto_calibrator_never_reads_the_validation_set(evaluated_run, tmp_path,
 
 
 def test_fallback_meets_the_budget_with_few_layers_in_float(evaluated_run, tmp_path):
-    """On the tiny run with every layer in INT8 (the classifier too), a budget of half the all-INT8
+    """On the tiny run with every layer in INT8 (the classifier and the stem too), a budget of half the all-INT8
     drop: the end-to-end ranking and the search keep some layers in float, meet it, and the search
     stops at the fewest it tried that do. Without --qad-steps no training runs when it does.
 
@@ -211,7 +211,7 @@ def test_fallback_meets_the_budget_with_few_layers_in_float(evaluated_run, tmp_p
     from edgedistill.deploy import export_run
 
     common = dict(int8=True, int8_format="qdq-u8s8", calibrator="minmax", placement="tuned", int8_classifier=True,
-                  cache_dir=tmp_path / "c", val_count=96, calib_count=32)
+                  int8_stem=True, cache_dir=tmp_path / "c", val_count=96, calib_count=32)
     base = export_run(evaluated_run, out=tmp_path / "base", **common)
     art = next(a for a in json.loads((base / "manifest.json").read_text())["artifacts"] if a["precision"] == "int8")
     budget = max(0.0, art["accuracy"]["drop_vs_fp32"] / 2)
@@ -295,14 +295,17 @@ def test_probe_choice_and_noise_check():
 def test_ptq_alone_keeps_the_classifier_in_float_and_the_check_predicts_the_int8_one(evaluated_run, tmp_path):
     """Post-training quantization only. By default the head (from the output of the layer whose
     features the global pooling averages to the logits) runs with float activations and int8
-    weights: neither the pooled features nor what is pooled pass a QuantizeLinear,
-    >= 90% of the layers are fully INT8, the file >= 3x smaller. Either way (and with --int8-classifier) the
-    check (the INT8 file against fp32 on held-out calibration images) must not pass while it loses points."""
+    weights: neither the pooled features nor what is pooled pass a QuantizeLinear; the stem reads
+    the float image with float weights and its output is quantized; >= 90% of the layers are fully
+    INT8, the file >= 3x smaller. Either way (and with --int8-classifier --int8-stem: every layer
+    INT8) the check (the INT8 file against fp32 on held-out calibration images) must not pass while
+    it loses points."""
     from edgedistill.deploy import export_run
 
     for int8_classifier in (False, True):
-        out = export_run(evaluated_run, int8=True, qad_steps=0, int8_classifier=int8_classifier, val_count=None,
-                         out=tmp_path / str(int8_classifier), cache_dir=tmp_path / "cache", calib_count=128)
+        out = export_run(evaluated_run, int8=True, qad_steps=0, int8_classifier=int8_classifier,
+                         int8_stem=int8_classifier, val_count=None, out=tmp_path / str(int8_classifier),
+                         cache_dir=tmp_path / "cache", calib_count=128)
         m = json.loads((out / "manifest.json").read_text())
         art = next(a for a in m["artifacts"] if a["precision"] == "int8")
         graph = onnx.load(str(out / art["file"])).graph
@@ -336,6 +339,13 @@ def test_ptq_alone_keeps_the_classifier_in_float_and_the_check_predicts_the_int8
             weights = {i.name: i for i in graph.initializer}
             assert weights[producer[conv_head.input[1]].input[0]].data_type == onnx.TensorProto.INT8  # int8 weights
             assert weights[gemm.input[1]].data_type == onnx.TensorProto.FLOAT  # the probe's own weights: float
+            stem = next(n for n in graph.node if n.op_type == "Conv")
+            assert stem.name.endswith("conv_stem/Conv") and stem.name in floats
+            assert stem.input[0] == graph.input[0].name and stem.input[1] in weights  # float image, float weights
+            consumers = [n for n in graph.node if stem.output[0] in n.input]  # its activation (float), then a Q
+            while consumers and consumers[0].op_type in q.ACTIVATION_OPS:
+                consumers = [n for n in graph.node if consumers[0].output[0] in n.input]
+            assert {n.op_type for n in consumers} == {"QuantizeLinear"}, consumers
 
 
 def test_eval_keeps_a_jointly_trained_classifier(tmp_path):
@@ -397,10 +407,10 @@ def test_latency_fallback_keeps_only_a_faster_file_that_costs_no_accuracy(evalua
     if record["kept"]:
         hybrid = record["hybrid"]
         assert hybrid["latency_ms_batch1"]["hybrid"] * 1.03 < hybrid["latency_ms_batch1"]["int8"]
-        assert art["quantization"]["nodes_kept_in_float"] and layers["int8"] < layers["weighted_layers"] - 1
+        assert art["quantization"]["nodes_kept_in_float"] and layers["int8"] < layers["weighted_layers"] - 2
         assert m["int8"]["delivered_by"].endswith("+latency")
-    else:
-        assert not art["quantization"]["nodes_kept_in_float"] and layers["int8"] == layers["weighted_layers"] - 2
+    else:  # the float classifier and stem, the weight-only conv_head
+        assert not art["quantization"]["nodes_kept_in_float"] and layers["int8"] == layers["weighted_layers"] - 3
 
 
 def test_recommendation_takes_the_fastest_runtime_and_never_a_slower_int8():

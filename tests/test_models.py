@@ -121,3 +121,47 @@ def test_saved_heads_of_every_method_rebuild(make):
     assert torch.allclose(head(x), rebuilt(x))
     with pytest.raises(UserError, match="unrecognised projection head"):
         head_from_state({"weight": torch.zeros(2, 2)}, "odd.safetensors")
+
+
+
+@pytest.mark.parametrize("groups", [1, 6])
+@pytest.mark.parametrize("kernel,stride,dilation,size,bias", [(5, 1, 1, 2, False), (3, 2, 1, 1, True), (3, 1, 2, 4, False),
+                                                               (5, 2, 1, 3, True), (3, 1, 1, 1, False)])
+def test_small_map_grad_matches_pytorch_where_the_kernel_is_larger_than_the_input(groups, kernel, stride, dilation,
+                                                                                 size, bias):
+    """The tap-by-tap weight gradient (models/small_map_conv.py) takes over exactly where oneDNN
+    would fall back to its slow GEMM, for dense and depthwise layers, and computes PyTorch's
+    gradients (float64: to rounding)."""
+    from edgedistill.models.small_map_conv import SmallMapConv2d, use_small_map_grad
+
+    torch.manual_seed(0)
+    padding = kernel // 2 * dilation
+
+    def net():
+        return torch.nn.Sequential(torch.nn.Conv2d(6, 6, 1), torch.nn.Conv2d(6, 6, kernel, stride, padding, dilation,
+                                                                           groups=groups, bias=bias)).double()
+
+    plain, fast = net(), net()
+    fast.load_state_dict(plain.state_dict())
+    assert use_small_map_grad(fast) == 1 and type(fast[1]) is SmallMapConv2d  # a 1x1 kernel is never larger
+    x = torch.randn(3, 6, size, size + 1, dtype=torch.double)
+    out, out_fast = plain(x.clone().requires_grad_()), fast(x.clone().requires_grad_())
+    assert type(out_fast.grad_fn).__name__ == "_SmallMapConvBackward"
+    torch.testing.assert_close(out_fast, out, rtol=0, atol=0)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    out_fast.backward(grad)
+    for name, param in plain.named_parameters():
+        torch.testing.assert_close(dict(fast.named_parameters())[name].grad, param.grad, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_small_map_grad_leaves_large_inputs_frozen_weights_and_other_groupings_to_pytorch():
+    from edgedistill.models.small_map_conv import use_small_map_grad
+
+    conv = torch.nn.Conv2d(4, 4, 3, padding=1, groups=4)
+    assert use_small_map_grad(torch.nn.Sequential(conv, torch.nn.Conv2d(4, 8, 3, groups=2))) == 1
+    assert type(conv(torch.randn(2, 4, 3, 3)).grad_fn).__name__ != "_SmallMapConvBackward"
+    conv.requires_grad_(False)
+    assert conv(torch.randn(2, 4, 2, 2)).grad_fn is None
+    with torch.no_grad():
+        assert conv.requires_grad_(True)(torch.randn(2, 4, 2, 2)).grad_fn is None

@@ -179,6 +179,30 @@ def test_channels_last_is_a_memory_format_only(tmp_path):
         torch.testing.assert_close(runs["true"][key], nchw, rtol=1e-3, atol=1e-4, msg=key)
 
 
+def test_cpu_small_map_grad_is_a_kernel_choice_only(tmp_path):
+    """train.cpu_small_map_grad (the default on CPU) turns the student's convolutions into
+    SmallMapConv2d, whose weight gradients on maps smaller than the kernel are computed tap by tap:
+    one step of training with it and without it gives the same student to float rounding."""
+    from edgedistill.methods import create_method
+    from edgedistill.models.small_map_conv import SmallMapConv2d
+    from edgedistill.train import setup_training
+
+    for flag, expected in (("true", True), ("false", False)):
+        cfg = load_config(None, tiny_overrides(**{"method.name": "mocov2", "train.cpu_small_map_grad": flag}))
+        method = create_method(cfg, num_classes=10)
+        setup_training(cfg, method, torch.device("cpu"), 1, 4)
+        kinds = {type(m) is SmallMapConv2d for m in method.encoder_q.modules() if isinstance(m, torch.nn.Conv2d)
+                 and m.kernel_size[0] > 1}
+        assert kinds == {expected}
+    runs = {}
+    for flag in ("false", "true"):
+        overrides = {"method.name": "mocov2", "train.cpu_small_map_grad": flag, "train.max_steps": 1}
+        train(load_config(None, tiny_overrides(**overrides)), tmp_path / flag)
+        runs[flag] = load_file(str(tmp_path / flag / "student.safetensors"))
+    for key, reference in runs["false"].items():
+        torch.testing.assert_close(runs["true"][key], reference, rtol=1e-3, atol=1e-5, msg=key)
+
+
 def _metrics(run) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 

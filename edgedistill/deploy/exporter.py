@@ -88,6 +88,11 @@ class ExportOptions:
     # points from the pooled features' scale alone, 2.8 from the pooling input's); their
     # activations stay float.
     int8_classifier: bool = False
+    # Quantize the stem too (the layer that reads the image). Off by default: its weights are a
+    # negligible share of the file (432 of MobileNetV3-Small's 1.5M), its 3-channel INT8 kernel is
+    # slower than fp32 on CPUs (docs/int8.md, the per-node profile), and it is among the layers
+    # whose quantization costs the network most (the demo's sensitivity ranking).
+    int8_stem: bool = False
     entropy_bins: int = 512
     max_drop: float | None = None
     # --max-drop keeps at most this share of the weighted layers in float: beyond it the file is no
@@ -548,7 +553,8 @@ def _int8_setup(ctx: _Export, work: Path, placement: str, scorer, arithmetic: di
     pre = work / f"model.pre.{placement}.onnx"
     prepared = q.prepare(ctx.out / "model.onnx", pre, placement)
     plan = q.make_plan(opts.target, pre, placement, opts.cpu,
-                       float_classifier=ctx.kind == "classifier" and not opts.int8_classifier)
+                       float_classifier=ctx.kind == "classifier" and not opts.int8_classifier,
+                       float_stem=not opts.int8_stem)
     cache_dir = opts.cache_dir or q.default_cache_dir()
     fingerprint = ddata.file_list_fingerprint(calib_files_used)
 

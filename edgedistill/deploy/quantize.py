@@ -508,10 +508,20 @@ def weight_only_int8(path: Path, nodes: list[str]) -> list[str]:
     return changed
 
 
+def stem_nodes(model_path: Path) -> list[str]:
+    """The weighted layers that read the graph's input (a network's stem convolution)."""
+    import onnx
+
+    graph = onnx.load(str(model_path)).graph
+    inputs = {i.name for i in graph.input}
+    return [n.name for n in graph.node if n.op_type in WEIGHTED_OPS and n.input and n.input[0] in inputs]
+
+
 def make_plan(target: str, prepared: Path, placement: str = "tuned", cpu_class: str = "auto",
-              float_classifier: bool = False) -> QuantPlan:
+              float_classifier: bool = False, float_stem: bool = False) -> QuantPlan:
     """() as op types = every op type ONNX Runtime can quantize. `float_classifier`: the final
-    linear classifier and its input stay in float (`classifier_nodes`)."""
+    linear classifier and its input stay in float (`classifier_nodes`). `float_stem`: so does the
+    layer that reads the image (`stem_nodes`; its output is quantized for the next layer)."""
     cpu_class = resolve_cpu_class(cpu_class)
     # TensorRT's placement never quantizes a layer's output: there the pooling's input is float anyway.
     keep = tuple(classifier_nodes(prepared, pool_input=target != "tensorrt")) if float_classifier else ()
@@ -523,6 +533,7 @@ def make_plan(target: str, prepared: Path, placement: str = "tuned", cpu_class: 
     all_weighted = set(weighted_nodes(prepared)) if keep else set()
     weighted = [name for name in keep if name in all_weighted]
     weight_only = tuple(weighted[1:]) if target != "tensorrt" else ()
+    keep += tuple(stem_nodes(prepared)) if float_stem else ()
     if placement == "ort-default":
         return QuantPlan(target, cpu_class, op_types=(), float_nodes=keep, weight_only_nodes=weight_only)
     if target == "tensorrt":
