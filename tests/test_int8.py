@@ -250,9 +250,16 @@ def test_lbfgs_probe_reaches_the_optimum_sgd_stops_short_of():
         loss.backward()
         return float(loss), float(torch.cat([weight.grad.flatten(), bias.grad]).norm())
 
-    lbfgs, lbfgs_grad = objective(linear_probe(feats, labels, 4, 5, 0.1, wd, seed=0, solver="lbfgs"))
+    lbfgs_fc = linear_probe(feats, labels, 4, 5, 0.1, wd, seed=0, solver="lbfgs")
+    lbfgs, lbfgs_grad = objective(lbfgs_fc)
     sgd, _ = objective(linear_probe(feats, labels, 4, 5, 0.1, wd, seed=0, solver="sgd"))
     assert lbfgs_grad < 1e-3 and lbfgs <= sgd, (lbfgs, lbfgs_grad, sgd)
+    # Started from another decay's solution (as `choose_probe` walks the path), the same optimum.
+    warm = linear_probe(feats, labels, 4, 5, 0.1, wd, seed=0, solver="lbfgs",
+                        init=linear_probe(feats, labels, 4, 5, 0.1, 1e-2, seed=0, solver="lbfgs"))
+    warm_loss, warm_grad = objective(warm)
+    assert warm_grad < 1e-3 and abs(warm_loss - lbfgs) < 1e-5, (warm_loss, lbfgs)
+    torch.testing.assert_close(warm(feats), lbfgs_fc(feats), rtol=0, atol=1e-2)  # logits, up to the tolerance
 
 
 def test_probe_choice_and_noise_check():
