@@ -165,3 +165,24 @@ def test_small_map_grad_leaves_large_inputs_frozen_weights_and_other_groupings_t
     assert conv(torch.randn(2, 4, 2, 2)).grad_fn is None
     with torch.no_grad():
         assert conv.requires_grad_(True)(torch.randn(2, 4, 2, 2)).grad_fn is None
+
+
+def test_small_map_grad_under_cpu_autocast_runs_in_its_dtype():
+    """Under bf16 autocast the layer runs in bf16 as autocast would run it, and the fp32 weight gets
+    PyTorch's gradient to bf16 rounding."""
+    from edgedistill.models.small_map_conv import use_small_map_grad
+
+    torch.manual_seed(0)
+    plain, fast = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1)
+    fast.load_state_dict(plain.state_dict())
+    use_small_map_grad(fast)
+    x = torch.randn(4, 8, 2, 2)
+    grads = []
+    for conv in (plain, fast):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = conv(x)
+        assert out.dtype == torch.bfloat16
+        out.float().pow(2).sum().backward()
+        grads.append(conv.weight.grad)
+    assert grads[1].dtype == torch.float32
+    torch.testing.assert_close(grads[1], grads[0], rtol=2e-2, atol=2e-2)

@@ -12,7 +12,8 @@ window touches the input (most taps of a 3x3 kernel on a 1x1 map see only paddin
 gradient), the output gradient times the input shifted by the tap, summed over batch and
 positions (a GEMM for a dense layer, a multiply-sum per channel for a depthwise one). It is the
 same sum in another order: the gradient differs from oneDNN's by float rounding only (tested).
-The forward and the input gradient stay oneDNN's, and everything else (GPU, no gradient, a
+The forward and the input gradient stay oneDNN's (under CPU autocast in its dtype, as autocast
+would run the layer), and everything else (GPU, no gradient, a
 frozen weight, inputs at least as large as the kernel, grouped layers that are not depthwise)
 takes `nn.Conv2d`'s own path, so the module is an `nn.Conv2d` with the same parameters and state
 dict.
@@ -77,10 +78,16 @@ class SmallMapConv2d(nn.Conv2d):
 
     def _conv_forward(self, input, weight, bias):
         reach_h, reach_w = ((k - 1) * d + 1 for k, d in zip(self.kernel_size, self.dilation))
-        if (input.device.type == "cpu" and weight.requires_grad and torch.is_grad_enabled()
+        if not (input.device.type == "cpu" and weight.requires_grad and torch.is_grad_enabled()
                 and (input.shape[-2] < reach_h or input.shape[-1] < reach_w)):
-            return _SmallMapConv.apply(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
-        return super()._conv_forward(input, weight, bias)
+            return super()._conv_forward(input, weight, bias)
+        if torch.is_autocast_enabled("cpu"):  # the layer in autocast's dtype, as autocast runs a convolution
+            dtype = torch.get_autocast_dtype("cpu")
+            input, weight = input.to(dtype), weight.to(dtype)  # differentiable casts: fp32 weight gradients
+            bias = bias.to(dtype) if bias is not None else None
+            with torch.autocast("cpu", enabled=False):
+                return _SmallMapConv.apply(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        return _SmallMapConv.apply(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 def takes_small_map_grad(module: nn.Module) -> bool:
