@@ -34,10 +34,9 @@ RESULTS = {"memory-format": ROOT / "bench" / "results" / "memory_format_cpu.json
            "small-map-grad": ROOT / "bench" / "results" / "small_map_grad_cpu.json"}
 
 
-def step_ms(recipe: Path, overrides: list[str]):
-    """A function timing one training step of `recipe` with `overrides` on the CPU (median ms of
-    `steps` after `warmup`), on a fixed synthetic batch: the trainer's own step via the
-    `bench-train` stepper."""
+def step_timer(recipe: Path, overrides: list[str]):
+    """A function `(warmup, steps) -> median ms` of one training step of `recipe` with `overrides`
+    on the CPU, on a fixed synthetic batch: the trainer's own step via the `bench-train` stepper."""
     import torch
 
     from edgedistill.bench.train_speed import _Stepper
@@ -79,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         row = {"recipe": str(recipe.relative_to(ROOT) if recipe.is_relative_to(ROOT) else recipe),
                "method": cfg.method.name, "student": cfg.student.arch, "batch_size": cfg.train.batch_size,
                "img_size": cfg.data.img_size}
-        timers = [step_ms(recipe, overrides) for _, overrides in settings]
+        timers = [step_timer(recipe, overrides) for _, overrides in settings]
         rounds = [[timer(args.warmup, args.steps) for timer in timers] for _ in range(args.rounds)]
         for index, (name, _) in enumerate(settings):
             ms = statistics.median(r[index] for r in rounds)
@@ -93,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or RESULTS[args.compare]
     write_json(out, {"benchmark": args.compare.replace("-", "_"), "device": "cpu", "precision": "fp32",
                      "threads": torch.get_num_threads(), "warmup_steps": args.warmup, "timed_steps": args.steps,
-                     "rounds": args.rounds, "command": f"python bench/memory_format.py --compare {args.compare}",
+                     "rounds": args.rounds, "command": " ".join(["python bench/memory_format.py", *(argv if argv is not None else sys.argv[1:])]),
                      "rows": rows, "environment": environment(torch.get_num_threads())})
     print(f"written: {out}")
     return 0

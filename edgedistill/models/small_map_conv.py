@@ -12,11 +12,10 @@ window touches the input (most taps of a 3x3 kernel on a 1x1 map see only paddin
 gradient), the output gradient times the input shifted by the tap, summed over batch and
 positions (a GEMM for a dense layer, a multiply-sum per channel for a depthwise one). It is the
 same sum in another order: the gradient differs from oneDNN's by float rounding only (tested).
-The forward and the input gradient stay oneDNN's (under CPU autocast in its dtype, as autocast
-would run the layer), and everything else (GPU, no gradient, a
-frozen weight, inputs at least as large as the kernel, grouped layers that are not depthwise)
-takes `nn.Conv2d`'s own path, so the module is an `nn.Conv2d` with the same parameters and state
-dict.
+The forward and the input gradient stay oneDNN's (under CPU autocast in autocast's dtype, as
+autocast would run the layer), and everything else (GPU, no gradient, a frozen weight, inputs at
+least as large as the kernel, grouped layers that are not depthwise) takes `nn.Conv2d`'s own
+path, so the module is an `nn.Conv2d` with the same parameters and state dict.
 """
 
 from __future__ import annotations
@@ -85,17 +84,16 @@ class SmallMapConv2d(nn.Conv2d):
             dtype = torch.get_autocast_dtype("cpu")
             input, weight = input.to(dtype), weight.to(dtype)  # differentiable casts: fp32 weight gradients
             bias = bias.to(dtype) if bias is not None else None
-            with torch.autocast("cpu", enabled=False):
-                return _SmallMapConv.apply(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
-        return _SmallMapConv.apply(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        with torch.autocast("cpu", enabled=False):  # a no-op without autocast
+            return _SmallMapConv.apply(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 def takes_small_map_grad(module: nn.Module) -> bool:
     """A plain `nn.Conv2d`, dense or depthwise, with a kernel larger than 1x1 and zero (or no)
     padding given as sizes."""
-    return (type(module) is nn.Conv2d and module.groups in (1, module.in_channels) and module.padding_mode == "zeros"
-            and not isinstance(module.padding, str) and max(module.kernel_size) > 1
-            and (module.groups == 1 or module.out_channels == module.in_channels))
+    return (type(module) is nn.Conv2d and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+            and max(module.kernel_size) > 1
+            and (module.groups == 1 or module.groups == module.in_channels == module.out_channels))
 
 
 def use_small_map_grad(model: nn.Module) -> int:
