@@ -18,7 +18,8 @@ own check (`FrozenTeacher.prepare`: centred targets on 1,024 augmented training 
 otherwise (random weights, the ResNet-50) the cosine on a uniform-noise batch, labelled so.
 
 Peak MAC rate of one core (the assumption, written into the JSON): FMA units x vector lanes x clock;
-fp32 lanes = vector width / 32 (512-bit with AVX-512F, else 256); bf16 doubles it (VDPBF16PS: two
+fp32 lanes = vector width / 32 (512-bit with AVX-512F, else 256; 256 on AMD family 25, Zen 4, whose
+AVX-512 runs on 256-bit units); bf16 doubles it (VDPBF16PS: two
 bf16 products per fp32 lane); clock = /proc/cpuinfo "cpu MHz" unless --ghz; --fma-units 2 (two
 512-bit FMA pipes: Zen 5, Ice Lake-SP and later Xeons). AMX is not modelled. Run it alone on an
 idle machine.
@@ -73,18 +74,20 @@ def count_macs(module, img_size: int) -> int:
 
 
 def arithmetic(mode: str) -> str:
-    """The precision a teacher mode computes in ("fp32-ort": fp32 by ONNX Runtime; "+compile": compiled)."""
-    from edgedistill.methods.components import ORT_MODE
+    """The precision a teacher mode computes in ("fp32-ort": fp32 by ONNX Runtime, "bf16-openvino": bf16
+    by OpenVINO; "+compile": compiled)."""
+    from edgedistill.methods.components import EXPORTED_MODES
 
     precision = mode.partition("+")[0]
-    return "fp32" if precision == ORT_MODE else precision
+    return precision.partition("-")[0] if precision in EXPORTED_MODES else precision
 
 
 def cpu_peak(fma_units: int, ghz: float | None) -> dict:
     """Peak MACs/s of one core per precision, with the assumption spelled out."""
     from edgedistill.envinfo import cpu_info
 
-    isa = cpu_info()["isa"]
+    cpu = cpu_info()
+    isa = cpu["isa"]
     if ghz is None:
         try:
             mhz = [float(line.split(":")[1]) for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -92,12 +95,15 @@ def cpu_peak(fma_units: int, ghz: float | None) -> dict:
             ghz = round(max(mhz) / 1000, 3) if mhz else None
         except OSError:
             ghz = None
-    width = 512 if isa.get("avx512f") else 256
+    # AMD family 25 (Zen 4) runs AVX-512 on 256-bit units, one 512-bit instruction in two halves.
+    split = cpu.get("vendor") == "AuthenticAMD" and cpu.get("family") == 25 and isa.get("avx512f")
+    width = 512 if isa.get("avx512f") and not split else 256
     lanes = width // 32
     fp32 = fma_units * lanes * ghz if ghz else None
     bf16 = 2 * fp32 if fp32 and (isa.get("avx512_bf16") or isa.get("amx_bf16")) else None
     return {"gmac_per_s": {"fp32": fp32 and round(fp32, 1), "bf16": bf16 and round(bf16, 1)},
-            "assumption": f"{fma_units} FMA units x {lanes} fp32 lanes ({width}-bit) x {ghz} GHz; bf16 = 2x fp32 "
+            "assumption": f"{fma_units} FMA units x {lanes} fp32 lanes ({width}-bit"
+                          f"{', AVX-512 on 256-bit units (AMD family 25)' if split else ''}) x {ghz} GHz; bf16 = 2x fp32 "
                           "(VDPBF16PS, two products per lane); AMX not modelled",
             "isa": isa}
 
@@ -106,7 +112,7 @@ def _cosine(stepper, model: dict, modes: list[str], seed: int, run_dir: Path) ->
     """Per fast mode: the target's cosine to fp32 (see the module doc for which images)."""
     import torch
 
-    from edgedistill.methods.components import cosine_summary
+    from edgedistill.methods.components import EXPORTED_MODES, cosine_summary
 
     teacher = stepper.method.teacher
     data = model["data"]
@@ -140,13 +146,14 @@ def bench_model(model: dict, rounds: int, steps: int, seed: int, peak: dict, com
 
     from edgedistill.bench.train_speed import _random_teacher_checkpoint, _Stepper, _synthetic_batch, default_teacher_modes
     from edgedistill.kit import load_kit_module
-    from edgedistill.methods.components import cosine_summary
+    from edgedistill.methods.components import EXPORTED_MODES, cosine_summary
     from edgedistill.recipe import load_config
 
     kit = load_kit_module("edgekit")
     device = torch.device("cpu")
     base_modes = default_teacher_modes(device)
-    modes = base_modes + ([f"{m}+compile" for m in base_modes if m != "fp32"] if compile_ else [])
+    compiled = [m for m in base_modes if m != "fp32" and m not in EXPORTED_MODES]  # torch.compile: torch's modes only
+    modes = base_modes + ([f"{m}+compile" for m in compiled] if compile_ else [])
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = model["checkpoint"]
         random_weights = checkpoint is None or not Path(checkpoint).is_file()

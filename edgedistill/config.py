@@ -41,10 +41,11 @@ class ModelConfig:
 
 # The frozen teacher's arithmetic (DisCo, SEED; see methods/components.FrozenTeacher): fp32 is the
 # teacher as loaded, untouched; bf16/fp16 run it under autocast with BatchNorm folded into the
-# convolutions and channels_last; fp32-ort runs it in fp32 with ONNX Runtime's CPU kernels; auto
+# convolutions and channels_last; fp32-ort runs it in fp32 with ONNX Runtime's CPU kernels;
+# bf16-openvino in bf16 with OpenVINO's (CPUs with AVX512_BF16 or AMX, `openvino` installed); auto
 # measures those this device runs and takes the fastest that is faster than fp32 and whose fidelity
 # passes (mean cosine to fp32 >= 0.999 on augmented training views), else fp32.
-TeacherPrecision = Literal["auto", "fp32", "bf16", "fp16", "fp32-ort"]
+TeacherPrecision = Literal["auto", "fp32", "bf16", "fp16", "fp32-ort", "bf16-openvino"]
 # Asked for but not offered, with the measurement that decided it (docs/results.md, "The frozen teacher's precision").
 TEACHER_PRECISION_NOT_OFFERED = {
     "int8": "teacher.precision: int8 is not offered: ONNX Runtime INT8 (static QDQ, calibrated on 512 augmented "
@@ -57,7 +58,7 @@ TEACHER_PRECISION_NOT_OFFERED = {
 class TeacherConfig(ModelConfig):
     """The teacher (DisCo, SEED): a backbone from a local checkpoint, plus the arithmetic it runs in."""
 
-    # auto | fp32 | bf16 | fp16 | fp32-ort: see TeacherPrecision above. The student's arithmetic is train.precision.
+    # auto | fp32 | bf16 | fp16 | fp32-ort | bf16-openvino: see TeacherPrecision above. The student's arithmetic is train.precision.
     precision: TeacherPrecision = "auto"
     # torch.compile the bf16/fp16 teacher (its folded copy; fp32 stays as loaded). Compiles once at
     # the start (about a minute on one CPU thread, needs a C++ compiler on the CPU), for one batch shape.

@@ -100,23 +100,30 @@ class KitError(Exception):
 # ----------------------------------------------------------------------------- environment
 
 
-def _read_cpuinfo() -> tuple[str | None, set[str]]:
-    model, flags = None, set()
+def _read_cpuinfo() -> tuple[str | None, set[str], dict]:
+    """(model name, ISA flags, x86 identity: vendor, family, model number) of the first CPU listed.
+    The identity tells apart parts a virtual machine names alike ("AMD EPYC": family 25 is Zen 3/4,
+    whose AVX-512 runs on 256-bit units, family 26 Zen 5)."""
+    model, flags, ident = None, set(), {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                key = line.split(":", 1)[0].strip()
+                key, _, value = (part.strip() for part in line.partition(":"))
                 if key in ("model name", "Model", "Hardware") and model is None:
-                    model = line.split(":", 1)[1].strip()
+                    model = value
                 elif key in ("flags", "Features") and not flags:
-                    flags = set(line.split(":", 1)[1].split())
+                    flags = set(value.split())
+                elif key == "vendor_id" and "vendor" not in ident:
+                    ident["vendor"] = value
+                elif key in ("cpu family", "model") and value.isdigit() and key not in ident:
+                    ident[key] = int(value)
     except OSError:
         pass
-    return model, flags
+    return model, flags, {"vendor": ident.get("vendor"), "family": ident.get("cpu family"), "model_number": ident.get("model")}
 
 
 def cpu_stamp() -> dict:
-    model, flags = _read_cpuinfo()
+    model, flags, ident = _read_cpuinfo()
     arch = platform.machine()
     if model is None and sys.platform == "darwin":
         try:
@@ -140,6 +147,7 @@ def cpu_stamp() -> dict:
     isa["int8_dot"] = bool(isa["avx512_vnni"] or isa["avx_vnni"] or isa["amx_int8"] or isa["arm_dotprod"])
     return {
         "model": model or platform.processor() or arch,
+        **ident,
         "arch": arch,
         "logical_cores": os.cpu_count(),
         "affinity_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),

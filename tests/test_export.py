@@ -177,27 +177,52 @@ def test_calibration_cache_key_and_invalidation(export_dir, evaluated_run, tmp_p
     assert (tmp_path / "a.onnx").stat().st_size > 0
 
 
-def test_fallback_search_keeps_fewest_sensitive_layers():
+def test_fallback_search_judges_on_held_out_images_and_confirms_on_validation():
+    """The walk is judged on the held-out calibration images; the validation images, whose drop the
+    manifest reports, only confirm the first trial that fits there (and a failed confirmation goes on)."""
     from edgedistill.deploy.quantize import fallback
 
     ranked = [f"n{i}" for i in range(20)]
-    # Drop falls as more of the ranked layers stay in float: 10 - k/2 points.
-    calls = []
+    judged, confirmed = [], []
 
-    def evaluate(excluded):
-        calls.append(len(excluded))
-        d = max(0.0, 10 - len(excluded) / 2)
+    def judge(excluded):  # held-out drop falls as more of the ranked layers stay in float: 10 - k/2
+        judged.append(len(excluded))
+        return max(0.0, 10 - len(excluded) / 2)
+
+    def confirm(excluded, offset=0.0):
+        confirmed.append(len(excluded))
+        d = max(0.0, 10 - len(excluded) / 2) + offset
         return {"top1": 90 - d}, d
 
-    excluded, _, drop, trials, reached = fallback(ranked, evaluate, max_drop=3.0, max_layers=20)
-    assert reached and len(excluded) == 14 and drop <= 3.0 and excluded == [f"n{i}" for i in range(14)]
-    assert calls == list(range(1, 15))  # greedy: stops at the first k that fits
-    # Not reachable within the cap: the best trial within it, reported as not reached.
-    calls.clear()
-    excluded, _, drop, _trials, reached = fallback(ranked, evaluate, max_drop=3.0, max_layers=4)
-    assert not reached and excluded == ranked[:4] and drop == 8.0 and calls == [1, 2, 3, 4]
-    excluded, _, drop, _, reached = fallback(ranked, lambda ex: ({"top1": 0}, 50.0), max_drop=1.0, max_layers=20)
+    excluded, _, drop, trials, reached = fallback(ranked, judge, confirm, max_drop=3.0, max_layers=20)
+    assert reached and excluded == [f"n{i}" for i in range(14)] and drop <= 3.0
+    assert judged == list(range(1, 15)) and confirmed == [14]  # greedy; validation seen once, for the choice
+    assert [t["kept_in_float"] for t in trials] == judged and [t for t in trials if "drop" in t] == [trials[-1]]
+    # The validation images disagree with the held-out ones (0.6 points worse): the walk goes on past
+    # the first held-out fit until the validation drop fits too, confirming each step.
+    judged.clear(), confirmed.clear()
+    excluded, _, drop, trials, reached = fallback(ranked, judge, lambda ex: confirm(ex, 0.6), 3.0, 20)
+    assert reached and len(excluded) == 16 and confirmed == [14, 15, 16] and drop == 2.6
+    # Not reachable within the cap: the trial judged best, confirmed, reported as not reached.
+    judged.clear(), confirmed.clear()
+    excluded, _, drop, _trials, reached = fallback(ranked, judge, confirm, max_drop=3.0, max_layers=4)
+    assert not reached and excluded == ranked[:4] and drop == 8.0 and judged == [1, 2, 3, 4] and confirmed == [4]
+    excluded, _, drop, _, reached = fallback(ranked, lambda ex: 50.0, lambda ex: ({"top1": 0}, 50.0), 1.0, 20)
     assert not reached and len(excluded) == 1
+
+
+def test_expected_drop_is_fp32s_own_probability_lost():
+    """The label-free drop: nothing when the decisions agree; a flip between near-tied classes costs
+    little, a flip of a confident decision almost a whole image."""
+    import numpy as np
+
+    from edgedistill.deploy.quantize import expected_drop
+
+    ref = np.array([[5.0, 0.0, 0.0], [0.01, 0.0, -3.0]])
+    assert expected_drop(ref, ref) == 0.0
+    tie_flip = expected_drop(ref, np.array([[5.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+    confident_flip = expected_drop(ref, np.array([[0.0, 1.0, 0.0], [0.01, 0.0, -3.0]]))
+    assert 0 < tie_flip < 1.0 and 45 < confident_flip < 50  # of 2 images: half of ~0.99 probability lost
 
 
 def test_parity_failure_exits_1(evaluated_run, tmp_path):

@@ -226,7 +226,30 @@ def test_fallback_meets_the_budget_with_few_layers_in_float(evaluated_run, tmp_p
         kept = len(fb["kept_in_float"])
         assert 0 < kept <= m["int8"]["int8_layers"]["weighted_layers"]
         assert [t["kept_in_float"] for t in fb["trials"]] == list(range(1, kept + 1))  # greedy, stops at the first fit
-        assert all(t["drop"] > budget for t in fb["trials"] if t["kept_in_float"] < kept)
+        # 8 held-out calibration images are too few to judge on: the validation images judge (and confirm).
+        assert "the validation images" in fb["judged_on"] and fb["validation_looks"] == kept
+        assert all(t["judged_drop"] > budget for t in fb["trials"][:-1])
+
+
+def test_fallback_judges_on_the_held_out_calibration_images(evaluated_run, tmp_path, monkeypatch):
+    """With enough held-out calibration images the walk is judged on them (label-free expected drop),
+    and the validation images, whose drop the manifest reports, see only the trials that fit there."""
+    from edgedistill.deploy import export_run
+    from edgedistill.deploy.exporter import ExportCheckFailed
+    from edgedistill.deploy import quantize as q
+
+    monkeypatch.setattr(q, "FALLBACK_MIN_HELD_OUT", 8)
+    out = tmp_path / "fb"
+    try:
+        export_run(evaluated_run, int8=True, int8_format="qdq-u8s8", calibrator="minmax", placement="tuned",
+                   int8_classifier=True, int8_stem=True, cache_dir=tmp_path / "c", val_count=96, calib_count=32,
+                   max_drop=0.0, max_float_share=0.1, qad_steps=0, out=out)
+    except ExportCheckFailed:  # a zero budget may be out of reach for the tiny model: the record is what counts
+        pass
+    fb = json.loads((out / "manifest.json").read_text())["int8"]["max_drop"]
+    assert fb["judged_on"] == "8 held-out calibration images (expected drop, no labels)"
+    assert fb["trials"] and fb["validation_looks"] == sum("drop" in t for t in fb["trials"])
+    assert all(("drop" in t) == (t["judged_drop"] <= 0.0) for t in fb["trials"][:-1])
 
 
 def test_lbfgs_probe_reaches_the_optimum_sgd_stops_short_of():

@@ -186,3 +186,25 @@ def test_small_map_grad_under_cpu_autocast_runs_in_its_dtype():
         grads.append(conv.weight.grad)
     assert grads[1].dtype == torch.float32
     torch.testing.assert_close(grads[1], grads[0], rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(not (__import__("shutil").which("g++") or __import__("shutil").which("c++")),
+                    reason="torch.compile on a CPU needs a C++ compiler")
+def test_small_map_grad_under_torch_compile():
+    """`train.compile` compiles the student with its small-map layers: the compiled model's weight
+    gradients are PyTorch's eager ones (dense and depthwise layers on a 2x2 map)."""
+    from edgedistill.models.small_map_conv import SmallMapConv2d, use_small_map_grad
+
+    def make():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(),
+                                   torch.nn.Conv2d(8, 8, 5, padding=2, groups=8), torch.nn.Flatten(), torch.nn.Linear(32, 3))
+
+    x = torch.randn(4, 8, 2, 2)
+    eager, model = make(), make()
+    eager(x).sum().backward()
+    use_small_map_grad(model)
+    assert isinstance(model[0], SmallMapConv2d) and isinstance(model[2], SmallMapConv2d)
+    torch.compile(model)(x).sum().backward()
+    for ours, reference in zip(model.parameters(), eager.parameters()):
+        torch.testing.assert_close(ours.grad, reference.grad, rtol=1e-5, atol=1e-6)

@@ -155,6 +155,33 @@ def test_fp32_on_onnxruntime_is_fp32_and_auto_takes_it_only_when_faster(teacher_
     assert again.teacher.mode == record["chosen"] and "reused" in caplog.text
 
 
+def test_bf16_on_openvino_runs_the_exported_teacher_and_is_offered_only_where_bf16_is_native(teacher_ckpt, tmp_path,
+                                                                                             monkeypatch):
+    """bf16-openvino: the teacher's ONNX file compiled by OpenVINO with bf16 inference; the target stays
+    within the fidelity threshold of fp32's. (On a CPU without AVX512_BF16 OpenVINO computes it in fp32:
+    the plumbing is what this checks there.) auto offers it only with native bf16 and the package."""
+    pytest.importorskip("openvino")
+    from edgedistill.methods.components import OV_MODE, ExportedTeacher
+
+    teacher = FrozenTeacher(cfg_for(teacher_ckpt).teacher)
+    teacher.set_mode(OV_MODE)
+    assert isinstance(teacher._runner, ExportedTeacher) and teacher._runner.runtime == "openvino" and teacher.fast is None
+    x = torch.randn(48, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    cos = F.cosine_similarity(teacher._target(x, OV_MODE), teacher._target(x, "fp32"), dim=1)
+    assert float(cos.mean()) >= components.FIDELITY_MIN_COSINE
+    assert list(teacher._runner.runners) == [32]  # one compiled model per input size
+    monkeypatch.setattr(components, "cpu_has_bf16", lambda: True)
+    assert components.fast_teacher_modes(CPU) == ["bf16", "fp32-ort", OV_MODE]
+    monkeypatch.setattr(components, "openvino_installed", lambda: False)
+    assert components.fast_teacher_modes(CPU) == ["bf16", "fp32-ort"]
+    with pytest.raises(UserError, match="bf16-openvino runs the teacher in bf16 with OpenVINO.*pip install openvino"):
+        components.check_teacher_precision(OV_MODE, CPU)
+    monkeypatch.setattr(components, "cpu_has_bf16", lambda: False)
+    assert components.fast_teacher_modes(CPU) == ["fp32-ort"]
+    with pytest.raises(UserError, match="neither AVX512_BF16 nor AMX.*use teacher.precision=auto or fp32"):
+        prepared(cfg_for(teacher_ckpt, OV_MODE), tmp_path)
+
+
 def test_auto_times_fp32_in_the_memory_format_of_the_step(teacher_ckpt, tmp_path, monkeypatch):
     """The trainer runs the teacher in channels_last on the CPU (train.channels_last auto), where
     fp32 can be twice as fast as in NCHW: auto's timing of fp32 must see the step's layout, or it
@@ -198,7 +225,7 @@ def test_train_mode_bn_is_left_unfolded(teacher_ckpt, bf16_cpu):
 def test_precision_errors_name_the_key_and_the_fix(teacher_ckpt, tmp_path, monkeypatch):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"method: disco\nteacher:\n  arch: resnet20_cifar\n  checkpoint: {teacher_ckpt}\n  precision: fp8\n")
-    with pytest.raises(UserError, match=r"r\.yaml: teacher\.precision: 'fp8' is not one of auto, fp32, bf16, fp16, fp32-ort"):
+    with pytest.raises(UserError, match=r"r\.yaml: teacher\.precision: 'fp8' is not one of auto, fp32, bf16, fp16, fp32-ort, bf16-openvino"):
         load_config(recipe)
     with pytest.raises(UserError, match="int8 is not offered: .*0.993.*use auto, bf16 or fp32"):
         cfg_for(teacher_ckpt, "int8")

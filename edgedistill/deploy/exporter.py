@@ -750,6 +750,7 @@ class _Delivery:
         self.ctx, self.setup, self.work, self.dst = ctx, setup, work, dst
         self.source = setup.pre
         self.learnt: dict[str, dict] = {}
+        self.built: tuple | None = None  # (source, excluded) of what `dst` holds (the learnt scales go with the source)
         self.metrics, self.drop = self.evaluate([])
         self.made = {"ptq": {"accuracy": self.metrics, "drop": self.drop, "bytes": dst.stat().st_size},
                      "delivered_by": "ptq", "qad": None, "excluded": [], "fallback": None, "sensitivity": None}
@@ -760,14 +761,35 @@ class _Delivery:
         setup = self.setup
         return q.quantize(self.source, path, setup.fmt, setup.calib, setup.plan, excluded, self.learnt)
 
+    def write(self, excluded: list[str]) -> None:
+        """`dst` with `excluded` in float (written unless it already holds exactly that)."""
+        made_of = (self.source, tuple(excluded))
+        if self.built != made_of:
+            self.build(excluded, self.dst)
+            self.built = made_of
+
     def evaluate(self, excluded: list[str]) -> tuple[dict, float]:
         """Write `dst` with `excluded` in float and score it on the validation images."""
         from edgedistill.deploy import runtime
 
-        self.build(excluded, self.dst)
+        self.write(excluded)
         session = runtime.session(self.dst, exact=self.setup.arithmetic["exact"])
         metrics = runtime.compare(self.ctx.ref, runtime.run(session, self.ctx.images), self.ctx.labels, self.ctx.kind)
         return metrics, _drop(self.ctx.torch_metrics, metrics, self.ctx.kind)
+
+    def held_out(self):
+        """The scorer the fallback judges on (`quantize.FALLBACK_MIN_HELD_OUT`), None: the validation images."""
+        from edgedistill.deploy import quantize as q
+
+        scorer = self.setup.scorer
+        return scorer if scorer is not None and len(scorer.images) >= q.FALLBACK_MIN_HELD_OUT else None
+
+    def judge(self, excluded: list[str]) -> float:
+        """Write `dst` with `excluded` in float; the drop it is expected to cost on the held-out
+        calibration images (label-free, `Scorer.drop`), or its validation drop (`held_out`)."""
+        self.write(excluded)
+        scorer = self.held_out()
+        return scorer.drop(self.dst) if scorer is not None else self.evaluate(excluded)[1]
 
     def misses(self) -> bool:
         max_drop = self.ctx.opts.max_drop
@@ -837,13 +859,17 @@ class _Delivery:
             return True
         ranked = [r["node"] for r in (self.made["sensitivity"] or {}).get("layers", [])]
         cap = max(1, math.floor(opts.max_float_share * len(ranked)))
-        excluded, _, drop, trials, reached = q.fallback(ranked, self.evaluate, opts.max_drop, cap)
+        excluded, _, drop, trials, reached = q.fallback(ranked, self.judge, self.evaluate, opts.max_drop, cap)
         if not reached and drop >= record["initial_drop"]:  # nothing beat the all-INT8 model: keep it
             excluded = []
-        # The last trial written may not be the one kept: write the kept one again.
-        self.metrics, self.drop = self.evaluate(excluded)
+        self.metrics, self.drop = self.evaluate(excluded)  # the kept trial is not always the last one written
+        scorer = self.held_out()
         record.update({"reached": reached, "kept_in_float": excluded, "trials": trials, "final_drop": self.drop,
-                       "max_float_layers": cap})
+                       "max_float_layers": cap,
+                       "validation_looks": sum("drop" in t for t in trials) if scorer is not None else len(trials),
+                       "judged_on": (f"{len(scorer.images)} held-out calibration images (expected drop, no labels)"
+                                     if scorer is not None else f"the validation images (fewer than "
+                                     f"{q.FALLBACK_MIN_HELD_OUT} held-out calibration images)")})
         if reached:
             log.info("--max-drop %.2f: kept %d weighted layer(s) in float (%s%s): drop %.2f points", opts.max_drop,
                      len(excluded), ", ".join(excluded[:3]), ", ..." if len(excluded) > 3 else "", self.drop)
@@ -946,6 +972,7 @@ def _latency_fallback(delivery: _Delivery) -> dict:
         record["reason"] = (f"not kept: the blocks faster in float together give {again['hybrid']:.3f} ms against "
                             f"{again['int8']:.3f} and a drop of {drop:.2f} (budget {budget:.2f})")
         shutil.copyfile(all_int8, dst)
+        delivery.built = None
     log.info("--latency-fallback: %s", record["reason"])
     return record
 
