@@ -120,6 +120,8 @@ def int8_summary(export_dir: Path) -> dict:
 def print_summary(summary: dict) -> None:
     from rich.table import Table
 
+    from edgedistill.deploy.manifest import recommendation_text
+
     table = Table(title=f"edgedistill demo: digits 32x32, {summary['steps']} steps per student")
     for col in ("model", "arch", "params (M)", "kNN top-1", "linear top-1"):
         table.add_column(col, justify="left" if col in ("model", "arch") else "right")
@@ -133,9 +135,7 @@ def print_summary(summary: dict) -> None:
                   f"{q['delivered_by']}" + ("" if q["delivered_by"] == "ptq" else f"; PTQ alone: drop {q['ptq_drop']:.2f}")
                   + ")")
     if q.get("recommendation"):
-        rec = q["recommendation"]
-        on = f" on {rec['runtime']}" if rec.get("runtime") else ""
-        console.print(f"recommended for {rec['device']}: {rec['artifact']}{on} ({rec['reason']})")
+        console.print(recommendation_text(q["recommendation"]), highlight=False)
     console.print(f"report: {summary['report_md']}  (JSON: {summary['report']})")
     for plot in summary["plots"]:
         console.print(f"plot:   {plot}")

@@ -94,7 +94,7 @@ def print_export(folder: Path) -> None:
 
     from edgedistill.ui import console
 
-    from edgedistill.deploy.manifest import MANIFEST_FILE, read_manifest
+    from edgedistill.deploy.manifest import MANIFEST_FILE, read_manifest, recommendation_text
 
     manifest = read_manifest(Path(folder), f"re-run `edgedistill export` into {folder}")
     table = Table(title=f"{folder}  ({manifest['arch']}, {manifest['kind']}, {manifest['validation']['images']} val images)")
@@ -125,8 +125,7 @@ def print_export(folder: Path) -> None:
         console.print(f"INT8 placement: {int8['placement_choice']['reason']}", highlight=False)
     rec = manifest.get("recommendation")
     if rec:
-        on = f" on {rec['runtime']}" if rec.get("runtime") else ""
-        console.print(f"[bold]recommended for {rec['device']}:[/] {rec['artifact']}{on} ({rec['reason']})", highlight=False)
+        console.print(recommendation_text(rec), highlight=False)
     if (int8.get("classifier_check") or {}).get("fragile"):
         console.print(f"[yellow]warning:[/] {int8['classifier_check']['advice']}", highlight=False)
     trt = manifest.get("tensorrt") or {}

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from edgedistill.runfolder import CLASSIFIER_FILE, STUDENT_FILE
-from edgedistill.deploy.manifest import MANIFEST_FILE, TORCH_ARTIFACT
+from edgedistill.deploy.manifest import MANIFEST_FILE, TORCH_ARTIFACT, recommendation_text
 from edgedistill.deploy.quantize import DEFAULT_OPSET
 from edgedistill.errors import UserError
 from edgedistill.ui import progress_bar
@@ -709,9 +709,10 @@ def _recommend(ctx: _Export, setup: _Int8Setup, int8_path: Path, drop: float, si
                                   q.cpu_runtimes(), ctx.opts.timing_budget_s) if timed else None)
     device = f"{setup.plan.cpu_class} ({ctx.opts.target})"
     pick, runtime, why = recommend_artifact(f"onnx-int8-{q.short_name(setup.fmt)}", latency, drop, budget, size_ratio)
-    log.info("recommended for %s: %s%s (%s)", device, pick, f" on {runtime}" if runtime else "", why)
-    return {"artifact": pick, "runtime": runtime, "device": device, "reason": why, "latency_ms_batch1": latency,
-            "max_drop": budget, "int8_drop": drop, "int8_size_ratio": size_ratio}
+    rec = {"artifact": pick, "runtime": runtime, "device": device, "reason": why, "latency_ms_batch1": latency,
+           "max_drop": budget, "int8_drop": drop, "int8_size_ratio": size_ratio}
+    log.info("%s", recommendation_text(rec))
+    return rec
 
 
 def recommend_artifact(int8_name: str, latency: dict[str, dict[str, float]] | None, drop: float, budget: float,

@@ -84,6 +84,12 @@ def write_samples(out: Path, images, labels, reference) -> dict:
             "count": int(len(images))}
 
 
+def recommendation_text(rec: dict) -> str:
+    """The manifest's `recommendation` as one line, as `export` and the demo print it."""
+    on = f" on {rec['runtime']}" if rec.get("runtime") else ""
+    return f"recommended for {rec['device']}: {rec['artifact']}{on} ({rec['reason']})"
+
+
 def read_manifest(export_dir: Path, fix: str) -> dict:
     """The export's manifest.json (UserError with `fix` when missing, damaged or of another schema)."""
     path = Path(export_dir) / MANIFEST_FILE
