@@ -190,3 +190,28 @@ def test_paired_difference_of_two_runs(evaluated_run):
     assert row["difference"] == 10.0 and (row["only_first_right"], row["only_second_right"]) == (10, 0)
     assert row["paired_se"] == pytest.approx(100 * np.std(a - b, ddof=1) / 10, abs=1e-3)
     assert row["paired_se"] < row["unpaired_se"]
+
+
+def test_seed_spread_of_compare_results(tmp_path):
+    """bench/seed_spread.py: per method, the spread over seeds of compare results; a difference's
+    standard error from that spread (a one-seed method borrows the other's); mixed budgets refused."""
+    from conftest import bench_script
+
+    script = bench_script("seed_spread")
+
+    def result(seed: int, rows: dict, steps: int = 6000) -> Path:
+        shared = {"seed": seed, "train.max_steps": steps, "train.batch_size": 128, "student.arch": "s", "data.train": "d"}
+        path = tmp_path / f"s{seed}_{steps}.json"
+        path.write_text(json.dumps({"shared": shared, "rows": [{"method": m, "knn_top1": v, "linear_top1": v + 1}
+                                                               for m, v in rows.items()]}))
+        return path
+
+    files = [result(0, {"simclr": 30.0, "dogo": 33.0, "untrained": 10.0}), result(1, {"simclr": 32.0}),
+             result(2, {"simclr": 34.0})]
+    methods = {name: script.summary(rows) for name, rows in script.collect(files).items()}
+    assert set(methods) == {"simclr", "dogo"} and methods["simclr"]["seeds"] == [0, 1, 2]
+    assert methods["simclr"]["knn_top1"] == {"mean": 32.0, "sd": 2.0} and methods["dogo"]["knn_top1"]["sd"] is None
+    diff = script.difference(methods["dogo"], methods["simclr"])["linear_top1"]
+    assert diff["difference"] == 1.0 and diff["se"] == pytest.approx((4 / 1 + 4 / 3) ** 0.5, abs=1e-3)
+    with pytest.raises(SystemExit, match="differ in budget"):
+        script.collect([files[0], result(3, {"simclr": 30.0}, steps=4000)])

@@ -278,11 +278,11 @@ def test_max_drop_not_reachable_exits_1(evaluated_run, tmp_path, monkeypatch, be
     monkeypatch.setattr(q, "layer_sensitivity", lambda *a, **k: {"layers": [{"node": "n0", "gain": 1.0}]})
     monkeypatch.setattr(exporter, "DEFAULT_QAD_STEPS", 2)
 
-    def never(ranked, evaluate, max_drop, max_layers):
-        m, d = evaluate([])
+    def never(ranked, judge, confirm, max_drop, max_layers):
+        m, d = confirm([])
         assert d > max_drop
         best = d / 2 if better else d + 1.0
-        return ["n0"], m, best, [{"kept_in_float": 1, "drop": best}], False
+        return ["n0"], m, best, [{"kept_in_float": 1, "judged_drop": best, "drop": best}], False
 
     monkeypatch.setattr(q, "fallback", never)
     result = CliRunner().invoke(app, ["export", str(evaluated_run), "--int8", "--int8-format", "qdq-u8s8", "--max-drop", "0",

@@ -133,9 +133,8 @@ class ExportedTeacher:
     OpenVINO with bf16 inference (bf16-openvino; the device kit's one Core per process). One
     compiled model per (square) input size, with torch's intra-op thread count."""
 
-    def __init__(self, encoder: nn.Module, runtime: str):
-        self.encoder, self.runtime = encoder, runtime
-        self.mode = next(mode for mode, rt in EXPORTED_MODES.items() if rt == runtime)
+    def __init__(self, encoder: nn.Module, mode: str):
+        self.encoder, self.mode, self.runtime = encoder, mode, EXPORTED_MODES[mode]
         self.runners: dict[int, object] = {}
 
     def _compile(self, path) -> object:
@@ -263,7 +262,7 @@ class FrozenTeacher(nn.Module):
         if (fast, runner) == (None, None) or (fast is not None and next(fast.parameters()).device != param.device):
             fast, runner = None, None
             if mode in EXPORTED_MODES:
-                runner = ExportedTeacher(self.encoder, EXPORTED_MODES[mode])
+                runner = ExportedTeacher(self.encoder, mode)
             elif mode != "fp32" and self.bn_mode == "eval":
                 fast = fold_batchnorm(self.encoder).to(param.device).to(memory_format=torch.channels_last)
                 fast.requires_grad_(False)
