@@ -26,7 +26,11 @@ METRICS = ("knn_top1", "linear_top1")
 
 
 def collect(files: list[Path]) -> dict[str, dict[int, dict]]:
-    """{method: {seed: row}} over the compare results; refuses results of different budgets."""
+    """{method: {seed: row}} over the compare results (not their floor and ceiling rows); refuses
+    results of different budgets."""
+    sys.path.insert(0, str(ROOT))
+    from edgedistill.compare import TEACHER, UNTRAINED
+
     by_method: dict[str, dict[int, dict]] = {}
     budgets = set()
     for path in files:
@@ -34,7 +38,7 @@ def collect(files: list[Path]) -> dict[str, dict[int, dict]]:
         shared = result["shared"]
         budgets.add((shared["train.max_steps"], shared["train.batch_size"], shared["student.arch"], shared["data.train"]))
         for row in result["rows"]:
-            if row["method"] in ("untrained", "teacher"):
+            if row["method"] in (UNTRAINED, TEACHER):
                 continue
             by_method.setdefault(row["method"], {})[int(shared["seed"])] = {
                 "source": str(path), **{m: row[m] for m in METRICS}}

@@ -562,15 +562,16 @@ class OpenVinoRunner(Runner):
     file's QuantizeLinear/DequantizeLinear pairs into FakeQuantize and runs its own INT8 kernels.
     One synchronous infer request, latency hint (one stream). Float layers run in fp32
     (`INFERENCE_PRECISION_HINT`): OpenVINO would otherwise run them in bf16 on CPUs with
-    AVX512-BF16 or AMX, which is another model's accuracy."""
+    AVX512-BF16 or AMX, which is another model's accuracy; `inference_precision` "bf16" asks for
+    exactly that where it is wanted, as the frozen teacher's `bf16-openvino` mode does."""
 
     runtime = "openvino-cpu"
 
-    def __init__(self, path, threads: int | None = None):
+    def __init__(self, path, threads: int | None = None, inference_precision: str = "f32"):
         import openvino as ov
 
         core = openvino_core()
-        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": inference_precision}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         self.ov = ov

@@ -751,7 +751,6 @@ class _Delivery:
         self.ctx, self.setup, self.work, self.dst = ctx, setup, work, dst
         self.source = setup.pre
         self.learnt: dict[str, dict] = {}
-        self.built: tuple | None = None  # (source, excluded) of what `dst` holds (the learnt scales go with the source)
         self.metrics, self.drop = self.evaluate([])
         self.made = {"ptq": {"accuracy": self.metrics, "drop": self.drop, "bytes": dst.stat().st_size},
                      "delivered_by": "ptq", "qad": None, "excluded": [], "fallback": None, "sensitivity": None}
@@ -762,18 +761,11 @@ class _Delivery:
         setup = self.setup
         return q.quantize(self.source, path, setup.fmt, setup.calib, setup.plan, excluded, self.learnt)
 
-    def write(self, excluded: list[str]) -> None:
-        """`dst` with `excluded` in float (written unless it already holds exactly that)."""
-        made_of = (self.source, tuple(excluded))
-        if self.built != made_of:
-            self.build(excluded, self.dst)
-            self.built = made_of
-
     def evaluate(self, excluded: list[str]) -> tuple[dict, float]:
         """Write `dst` with `excluded` in float and score it on the validation images."""
         from edgedistill.deploy import runtime
 
-        self.write(excluded)
+        self.build(excluded, self.dst)
         session = runtime.session(self.dst, exact=self.setup.arithmetic["exact"])
         metrics = runtime.compare(self.ctx.ref, runtime.run(session, self.ctx.images), self.ctx.labels, self.ctx.kind)
         return metrics, _drop(self.ctx.torch_metrics, metrics, self.ctx.kind)
@@ -788,9 +780,11 @@ class _Delivery:
     def judge(self, excluded: list[str]) -> float:
         """Write `dst` with `excluded` in float; the drop it is expected to cost on the held-out
         calibration images (label-free, `Scorer.drop`), or its validation drop (`held_out`)."""
-        self.write(excluded)
         scorer = self.held_out()
-        return scorer.drop(self.dst) if scorer is not None else self.evaluate(excluded)[1]
+        if scorer is None:
+            return self.evaluate(excluded)[1]
+        self.build(excluded, self.dst)
+        return scorer.drop(self.dst)
 
     def misses(self) -> bool:
         max_drop = self.ctx.opts.max_drop
@@ -863,7 +857,8 @@ class _Delivery:
         excluded, _, drop, trials, reached = q.fallback(ranked, self.judge, self.evaluate, opts.max_drop, cap)
         if not reached and drop >= record["initial_drop"]:  # nothing beat the all-INT8 model: keep it
             excluded = []
-        self.metrics, self.drop = self.evaluate(excluded)  # the kept trial is not always the last one written
+        # The last trial written may not be the one kept: write the kept one again.
+        self.metrics, self.drop = self.evaluate(excluded)
         scorer = self.held_out()
         record.update({"reached": reached, "kept_in_float": excluded, "trials": trials, "final_drop": self.drop,
                        "max_float_layers": cap,
@@ -973,7 +968,6 @@ def _latency_fallback(delivery: _Delivery) -> dict:
         record["reason"] = (f"not kept: the blocks faster in float together give {again['hybrid']:.3f} ms against "
                             f"{again['int8']:.3f} and a drop of {drop:.2f} (budget {budget:.2f})")
         shutil.copyfile(all_int8, dst)
-        delivery.built = None
     log.info("--latency-fallback: %s", record["reason"])
     return record
 

@@ -148,11 +148,7 @@ class ExportedTeacher:
             return lambda batch: sess.run(None, {name: batch})[0]
         from edgedistill.kit import load_kit_module
 
-        core = load_kit_module("edgekit").openvino_core()
-        compiled = core.compile_model(core.read_model(str(path)), "CPU", {
-            "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "bf16", "INFERENCE_NUM_THREADS": threads})
-        request = compiled.create_infer_request()
-        return lambda batch: request.infer({0: batch})[compiled.output(0)].copy()
+        return load_kit_module("edgekit").OpenVinoRunner(path, threads, inference_precision="bf16").predict
 
     def _runner(self, height: int, width: int):
         import tempfile
