@@ -5,7 +5,7 @@ interleaved rounds, for the CIFAR ResNet-56 at 32 px and a ResNet-50 at 224 px:
     OMP_NUM_THREADS=1 python bench/teacher_speed.py --quick --out /tmp/t.json   # seconds: a smoke run
 
 For each teacher and each precision this CPU runs (fp32, and bf16 where it has AVX512_BF16/AMX;
-`methods.components.fast_teacher_modes`): the teacher's ms per image (its forward over DisCo's two
+`methods.components.fast_teacher_modes`, with the modes offered on request: int8-openvino): the teacher's ms per image (its forward over DisCo's two
 views of a batch), its MAC rate against this CPU's peak for that precision, the cosine of its target
 to fp32's (mean, 0.1% quantile), the DisCo step (ms, images/s) and MoCo v2's images/s on the same
 student, batch and memory format (channels_last), and DisCo / MoCo v2. The step is the trainer's own
@@ -75,7 +75,7 @@ def count_macs(module, img_size: int) -> int:
 
 def arithmetic(mode: str) -> str:
     """The precision a teacher mode computes in ("fp32-ort": fp32 by ONNX Runtime, "bf16-openvino": bf16
-    by OpenVINO; "+compile": compiled)."""
+    and "int8-openvino": int8 by OpenVINO; "+compile": compiled)."""
     from edgedistill.methods.components import EXPORTED_MODES
 
     precision = mode.partition("+")[0]
@@ -101,10 +101,11 @@ def cpu_peak(fma_units: int, ghz: float | None) -> dict:
     lanes = width // 32
     fp32 = fma_units * lanes * ghz if ghz else None
     bf16 = 2 * fp32 if fp32 and (isa.get("avx512_bf16") or isa.get("amx_bf16")) else None
-    return {"gmac_per_s": {"fp32": fp32 and round(fp32, 1), "bf16": bf16 and round(bf16, 1)},
+    int8 = 4 * fp32 if fp32 and isa.get("int8_dot") else None
+    return {"gmac_per_s": {"fp32": fp32 and round(fp32, 1), "bf16": bf16 and round(bf16, 1), "int8": int8 and round(int8, 1)},
             "assumption": f"{fma_units} FMA units x {lanes} fp32 lanes ({width}-bit"
                           f"{', AVX-512 on 256-bit units (AMD family 25)' if split else ''}) x {ghz} GHz; bf16 = 2x fp32 "
-                          "(VDPBF16PS, two products per lane); AMX not modelled",
+                          "(VDPBF16PS, two products per lane); int8 = 4x fp32 (VNNI's VPDPBUSD, four per lane); AMX not modelled",
             "isa": isa}
 
 
@@ -121,8 +122,8 @@ def _cosine(stepper, model: dict, modes: list[str], seed: int, run_dir: Path) ->
 
         cfg = stepper.cfg
         folder = train_folder(cfg.data, cfg.seed)
-        teacher.prepare(run_dir, folder, cfg.data, cfg.seed, stepper.device,  # precision auto: every fast mode
-                        channels_last=True)
+        teacher.candidates = [m for m in modes if m != "fp32"]  # auto's measurement, of every mode timed here
+        teacher.prepare(run_dir, folder, cfg.data, cfg.seed, stepper.device, channels_last=True)
         fidelity = teacher.fidelity
         out = {m: {k: fidelity["modes"][m][k] for k in ("mean_cosine", "q001_cosine", "knn_top1")}
                for m in modes if m in fidelity["modes"]}

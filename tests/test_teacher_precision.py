@@ -43,7 +43,7 @@ def bf16_cpu(monkeypatch):
     take it whatever its speed (bf16 is emulated, slower than fp32, on a CPU without AVX512_BF16), so
     these tests of the fidelity rule do not depend on the ISA; a smaller fidelity sample keeps them fast."""
     monkeypatch.setattr(components, "cpu_has_bf16", lambda: True)
-    monkeypatch.setattr(components, "fast_teacher_modes", lambda device: ["bf16"])
+    monkeypatch.setattr(components, "fast_teacher_modes", lambda device, on_request=False: ["bf16"])
     monkeypatch.setattr(components, "AUTO_MIN_SPEEDUP", 0.0)
     monkeypatch.setattr(components, "FIDELITY_IMAGES", 128)
 
@@ -113,7 +113,7 @@ def test_auto_refuses_a_mode_below_the_threshold(teacher_ckpt, tmp_path, bf16_cp
 
 
 def test_auto_without_a_fast_mode_is_fp32(teacher_ckpt, tmp_path, monkeypatch):
-    monkeypatch.setattr(components, "fast_teacher_modes", lambda device: [])
+    monkeypatch.setattr(components, "fast_teacher_modes", lambda device, on_request=False: [])
     m = prepared(cfg_for(teacher_ckpt), tmp_path)
     assert m.teacher.mode == "fp32"
     assert "no fast teacher mode" in json.loads((tmp_path / TEACHER_FIDELITY_FILE).read_text())["note"]
@@ -182,6 +182,54 @@ def test_bf16_on_openvino_runs_the_exported_teacher_and_is_offered_only_where_bf
         prepared(cfg_for(teacher_ckpt, OV_MODE), tmp_path)
 
 
+def test_int8_on_openvino_quantizes_every_conv_but_the_stem_on_its_own_calibration_views(teacher_ckpt, tmp_path):
+    """int8-openvino, asked for: the teacher's ONNX file quantized by the export's path (QDQ, every
+    convolution INT8 but the stem), calibrated on augmented training views that are not the
+    fidelity check's, run by OpenVINO; its fidelity is measured and recorded like any mode's; auto
+    never takes it; a resumed run rebuilds the same quantized teacher."""
+    pytest.importorskip("openvino")
+    import json
+
+    from edgedistill.methods.components import INT8_OV_MODE, ExportedTeacher
+
+    assert INT8_OV_MODE not in components.fast_teacher_modes(CPU)
+    calls = []
+    data = FrozenTeacher._calibration_data
+
+    def spy(self, *args):
+        views = data(self, *args)
+        calls.append(views)
+        return views
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(FrozenTeacher, "_calibration_data", spy)
+        mp.setattr(components, "FIDELITY_IMAGES", 64)
+        mp.setattr(components, "INT8_CALIBRATION_IMAGES", 64)
+        m = prepared(cfg_for(teacher_ckpt, INT8_OV_MODE), tmp_path)
+        teacher = m.teacher
+        assert teacher.mode == INT8_OV_MODE and isinstance(teacher._runner, ExportedTeacher)
+        record = json.loads((tmp_path / "teacher_fidelity.json").read_text())
+        int8 = record["modes"][INT8_OV_MODE]["int8"]
+        # resnet20_cifar: 19 convolutions, 1x1 shortcuts none (option A) -> every one but the stem
+        assert int8["int8"] == int8["weighted_layers"] - 1 and int8["calibration_views"] == 128
+        assert record["chosen"] == INT8_OV_MODE and record["modes"][INT8_OV_MODE]["mean_cosine"] > 0.98
+        assert len(calls) == 1 and calls[0].shape == (128, 3, 32, 32)
+        # the calibration images are the end of the fidelity check's order, the check's the front
+        order = FrozenTeacher._subset_order(train_folder_of(m), m.cfg.seed)
+        assert not set(order[:64]) & set(order[-64:])
+        x = torch.randn(16, 3, 32, 32)
+        first = teacher(x)
+        again = prepared(cfg_for(teacher_ckpt, INT8_OV_MODE), tmp_path)  # resumed: the record reused
+        assert again.teacher.mode == INT8_OV_MODE and len(calls) == 1  # calibrated only when first run
+        assert torch.equal(again.teacher(x), first) and len(calls) == 2
+
+
+def train_folder_of(method):
+    from edgedistill.data import train_folder
+
+    return train_folder(method.cfg.data, method.cfg.seed)
+
+
 def test_auto_times_fp32_in_the_memory_format_of_the_step(teacher_ckpt, tmp_path, monkeypatch):
     """The trainer runs the teacher in channels_last on the CPU (train.channels_last auto), where
     fp32 can be twice as fast as in NCHW: auto's timing of fp32 must see the step's layout, or it
@@ -227,8 +275,11 @@ def test_precision_errors_name_the_key_and_the_fix(teacher_ckpt, tmp_path, monke
     recipe.write_text(f"method: disco\nteacher:\n  arch: resnet20_cifar\n  checkpoint: {teacher_ckpt}\n  precision: fp8\n")
     with pytest.raises(UserError, match=r"r\.yaml: teacher\.precision: 'fp8' is not one of auto, fp32, bf16, fp16, fp32-ort, bf16-openvino"):
         load_config(recipe)
-    with pytest.raises(UserError, match="int8 is not offered: .*0.993.*use auto, bf16 or fp32"):
+    with pytest.raises(UserError, match="int8 is spelt int8-openvino .*auto does not take it"):
         cfg_for(teacher_ckpt, "int8")
+    with pytest.raises(UserError, match="int8-openvino runs the teacher's convolutions in INT8 with OpenVINO on the CPU "
+                                        r"\(this run is on cuda\)"):
+        components.check_teacher_precision("int8-openvino", torch.device("cuda"))
     with pytest.raises(UserError, match="unknown key 'student.precision'"):
         load_config(None, ["student.precision=bf16"])
     with pytest.raises(UserError, match="fp16 needs a CUDA device.*teacher.precision=auto"):

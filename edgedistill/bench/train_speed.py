@@ -213,10 +213,10 @@ def teacher_mode_table(disco: _Stepper, mocov2: _Stepper, views, labels, batch_s
 
 
 def default_teacher_modes(device) -> list[str]:
-    """fp32 and every fast teacher precision `device` runs natively."""
+    """fp32 and every fast teacher precision `device` runs natively, those offered on request too."""
     from edgedistill.methods.components import fast_teacher_modes
 
-    return ["fp32", *fast_teacher_modes(device)]
+    return ["fp32", *fast_teacher_modes(device, on_request=True)]
 
 
 def run_bench(teacher_arch: str, student_arch: str, teacher_checkpoint: str | None, img_size: int, batch_size: int,
