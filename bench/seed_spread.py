@@ -8,8 +8,10 @@ Inputs are `edgedistill compare` results (compare.json) of the same recipes and 
 different seeds. For each method: its kNN and linear top-1 per seed, their mean and standard
 deviation over seeds. For `--diff A B`: mean(A) - mean(B) with the standard error of that
 difference from the seed spread (each method's own s.d. where it has two seeds or more, else the
-other's: one seed of a method says nothing about its spread). The test-set standard error of one
-run (about 0.5 points on 10,000 images) is part of the seed spread, not added to it.
+other's: one seed of a method says nothing about its spread) and, where the two share two seeds or
+more, the paired difference: per shared seed A - B (the same seed gives both runs the same data
+order and augmentation draws), its mean and the standard error of that mean. The test-set standard
+error of one run (about 0.5 points on 10,000 images) is part of the seed spread, not added to it.
 """
 
 from __future__ import annotations
@@ -68,6 +70,12 @@ def difference(a: dict, b: dict) -> dict:
         se = math.sqrt(sd_a**2 / len(a["seeds"]) + sd_b**2 / len(b["seeds"]))
         diff = a[metric]["mean"] - b[metric]["mean"]
         out[metric] = {"difference": round(diff, 3), "se": round(se, 3), "in_se": round(diff / se, 2) if se else None}
+        shared = sorted(set(a["seeds"]) & set(b["seeds"]))
+        if len(shared) > 1:
+            per_seed = [a["rows"][str(s)][metric] - b["rows"][str(s)][metric] for s in shared]
+            mean, se = statistics.fmean(per_seed), statistics.stdev(per_seed) / math.sqrt(len(per_seed))
+            out[metric]["paired"] = {"seeds": shared, "differences": [round(d, 3) for d in per_seed],
+                                     "mean": round(mean, 3), "se": round(se, 3), "in_se": round(mean / se, 2) if se else None}
     return out
 
 
@@ -89,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             for metric in METRICS))
     for name, d in diffs.items():
         print(f"{name}: " + ", ".join(f"{metric} {v['difference']:+.2f} ± {v['se'] if v['se'] is not None else '-'}"
-                                      for metric, v in d.items()))
+                                      + (f" (paired over seeds {v['paired']['seeds']}: {v['paired']['mean']:+.2f} ± "
+                                         f"{v['paired']['se']})" if "paired" in v else "") for metric, v in d.items()))
     if args.out:
         write_json(args.out, {"schema": "edgedistill.seed_spread/1", "command": " ".join(["python", *sys.argv]),
                               "inputs": [str(p) for p in args.results], "methods": methods, "differences": diffs,

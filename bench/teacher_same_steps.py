@@ -8,6 +8,10 @@ same steps and seeds, and the mean paired difference with its standard error.
     edgedistill eval RUN --set eval.linear_solver=sgd      # runs/issue20: the probe these runs were first scored with
     edgedistill eval COPY                                    # runs/issue20_lbfgs: copies of the runs, the default probe
     python bench/teacher_same_steps.py      # -> bench/results/teacher_same_steps.json
+
+The OpenVINO modes (seed 0, L-BFGS probe; `runs/issue20/disco_{fp32,bf16-openvino,int8-openvino}_1200`,
+each `edgedistill train ... --set teacher.precision=MODE` then `edgedistill eval RUN`) are the
+`openvino_modes` entry. A pair whose runs are not in this checkout keeps the entry already in the JSON.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PROBES = {"sgd": ROOT / "runs" / "issue20", "lbfgs": ROOT / "runs" / "issue20_lbfgs"}
 RESULT = ROOT / "bench" / "results" / "teacher_same_steps.json"
 PAIRS = {0: ("disco_fp32_1200", "disco_auto_1200"), 1: ("disco_fp32_1200_s1", "disco_auto_1200_s1")}
+OPENVINO_RUNS = ROOT / "runs" / "issue20"
+OPENVINO_MODES = ("fp32", "bf16-openvino", "int8-openvino")
 
 
 def row(run: Path) -> dict:
@@ -47,13 +53,21 @@ def paired(rows: dict[int, list[dict]]) -> dict:
 def main() -> None:
     from edgedistill.fileio import write_json
 
-    doc = {"schema": "edgedistill.teacher_same_steps/2", "commands": __doc__.strip().splitlines()[3:10], "probes": {}}
+    doc = json.loads(RESULT.read_text()) if RESULT.is_file() else {}
+    doc.update({"schema": "edgedistill.teacher_same_steps/3", "commands": __doc__.strip().splitlines()[3:10]})
+    doc.setdefault("probes", {})
     for probe, folder in PROBES.items():
-        if not folder.is_dir():
+        if not all((folder / name / "eval.json").is_file() for names in PAIRS.values() for name in names):
             continue
         rows = {seed: [row(folder / name) for name in names] for seed, names in PAIRS.items()}
         doc["probes"][probe] = {"rows": {str(k): v for k, v in rows.items()}, "paired": paired(rows)}
         print(probe, json.dumps(doc["probes"][probe]["paired"]))
+    runs = [OPENVINO_RUNS / f"disco_{mode}_1200" for mode in OPENVINO_MODES]
+    if all((run / "eval.json").is_file() for run in runs):
+        rows = [row(run) for run in runs]
+        doc["openvino_modes"] = {"seed": 0, "rows": rows, "minus_fp32": {
+            r["teacher"]: {m: round(r[m] - rows[0][m], 2) for m in ("knn_top1", "linear_top1")} for r in rows[1:]}}
+        print("openvino_modes", json.dumps(doc["openvino_modes"]["minus_fp32"]))
     write_json(RESULT, doc)
 
 

@@ -213,5 +213,11 @@ def test_seed_spread_of_compare_results(tmp_path):
     assert methods["simclr"]["knn_top1"] == {"mean": 32.0, "sd": 2.0} and methods["dogo"]["knn_top1"]["sd"] is None
     diff = script.difference(methods["dogo"], methods["simclr"])["linear_top1"]
     assert diff["difference"] == 1.0 and diff["se"] == pytest.approx((4 / 1 + 4 / 3) ** 0.5, abs=1e-3)
+    assert "paired" not in diff  # one shared seed: no paired spread
+    files[1] = result(1, {"simclr": 32.0, "dogo": 33.0})  # dogo - simclr per seed: +3, +1
+    methods = {name: script.summary(rows) for name, rows in script.collect(files).items()}
+    paired = script.difference(methods["dogo"], methods["simclr"])["knn_top1"]["paired"]
+    assert paired["seeds"] == [0, 1] and paired["differences"] == [3.0, 1.0]
+    assert paired["mean"] == 2.0 and paired["se"] == pytest.approx(1.0)
     with pytest.raises(SystemExit, match="differ in budget"):
         script.collect([files[0], result(3, {"simclr": 30.0}, steps=4000)])

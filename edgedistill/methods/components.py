@@ -48,9 +48,9 @@ OV_MODE = "bf16-openvino"
 # (`deploy.quantize`: QDQ in this CPU class's format, per-channel weights, Percentile 99.999
 # activation ranges calibrated on augmented training views), every convolution but the stem in
 # INT8, the stem and everything else in bf16 where the CPU has it (fp32 otherwise). Only on request:
-# on the CIFAR ResNet-56 with its centred target it ran 1.44x bf16-openvino's speed at mean cosine
-# 0.998 to fp32 (below FIDELITY_MIN_COSINE, docs/results.md), so `auto` does not spend the
-# calibration on it.
+# on one core of an AMD EPYC Zen 4 the CIFAR ResNet-56 ran 0.87 ms an image against 1.33 for
+# bf16-openvino (DisCo 2.11x fp32's images/s), but its centred target's mean cosine to fp32's was
+# 0.9987, below FIDELITY_MIN_COSINE (docs/results.md), so `auto` does not spend the calibration on it.
 INT8_OV_MODE = "int8-openvino"
 INT8_CALIBRATOR = {"calibrator": "percentile", "percentile": 99.999}
 # Training images (a seeded subset, apart from the fidelity images) whose two views calibrate it.
