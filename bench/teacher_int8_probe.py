@@ -29,7 +29,6 @@ VARIANTS = {
     "conv, minmax": (("Conv",), "none", "minmax", None),
     "conv+add, minmax, first stage only": (("Conv", "Add"), "stages 2-3", "minmax", None),
     "conv, stem float, minmax": (("Conv",), "stem", "minmax", None),
-    "conv, stem float, entropy": (("Conv",), "stem", "entropy", None),
     "conv, stem float, percentile 99.99": (("Conv",), "stem", "percentile", 99.99),
     "conv, stem float, percentile 99.9999": (("Conv",), "stem", "percentile", 99.9999),
     "conv, stem float, percentile 99.999 (int8-openvino)": (("Conv",), "stem", "percentile", 99.999),
@@ -97,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             quantize_static(str(pre), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             op_types_to_quantize=list(op_types), nodes_to_exclude=exclude,
-                            calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                            calibrate_method={"minmax": CalibrationMethod.MinMax,
                                               "percentile": CalibrationMethod.Percentile}[calibrator],
                             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
                                            **({"CalibPercentile": percentile} if percentile else {})})

@@ -95,8 +95,9 @@ def cpu_peak(fma_units: int, ghz: float | None) -> dict:
             ghz = round(max(mhz) / 1000, 3) if mhz else None
         except OSError:
             ghz = None
-    # AMD family 25 (Zen 4) runs AVX-512 on 256-bit units, one 512-bit instruction in two halves.
-    split = cpu.get("vendor") == "AuthenticAMD" and cpu.get("family") == 25 and isa.get("avx512f")
+    from edgedistill.envinfo import avx512_on_256bit_units
+
+    split = avx512_on_256bit_units(cpu)  # Zen 4: one 512-bit instruction in two 256-bit halves
     width = 512 if isa.get("avx512f") and not split else 256
     lanes = width // 32
     fp32 = fma_units * lanes * ghz if ghz else None

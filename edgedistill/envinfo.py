@@ -26,6 +26,13 @@ def cpu_info() -> dict:
     return load_kit_module("edgekit").cpu_stamp()
 
 
+def avx512_on_256bit_units(cpu: dict) -> bool:
+    """Whether the CPU an environment stamp's `cpu` entry describes runs AVX-512 in two 256-bit
+    halves: AMD family 25 with AVX-512 (Zen 4; Zen 3, the same family, has none). Its vector peak
+    is half an AVX-512 core's, and its INT8 and float kernels time differently from Zen 5's."""
+    return cpu.get("vendor") == "AuthenticAMD" and cpu.get("family") == 25 and bool((cpu.get("isa") or {}).get("avx512f"))
+
+
 def torch_stamp() -> dict:
     """What torch sees: version, intra-op threads, CUDA / cuDNN versions and the CUDA devices."""
     devices = []

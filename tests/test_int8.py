@@ -117,12 +117,18 @@ def test_scoring_arithmetic_follows_the_declared_class(monkeypatch):
     ("x86_64", {"avx2": True}, "x86-avx2", "x86-avx2"),
     ("x86_64", {"avx2": True, "avx512_vnni": True}, "x86-vnni", "x86-vnni"),
     ("x86_64", {"avx2": True, "avx512_vnni": True, "amx_int8": True}, "x86-vnni", "x86-vnni+amx"),
+    ("x86_64", {"avx2": True, "avx512f": True, "avx512_vnni": True, "amd_family": 25}, "x86-vnni", "x86-vnni+zen4"),
+    ("x86_64", {"avx2": True, "avx512f": True, "avx512_vnni": True, "amd_family": 26}, "x86-vnni", "x86-vnni"),
+    ("x86_64", {"avx2": True, "amd_family": 25}, "x86-avx2", "x86-avx2"),  # Zen 3: same family, no AVX-512
     ("aarch64", {"neon": True, "arm_dotprod": True}, "arm64", "arm64")])
 def test_cpu_class_from_an_environment_stamp(monkeypatch, arch, flags, cpu_class, timed_on):
     """An AMX CPU computes INT8 as a VNNI one does (same class, same file), but its timings are kept
-    apart (`+amx`), so a latency table measured there does not replace a VNNI-only CPU's rows."""
+    apart (`+amx`), so a latency table measured there does not replace a VNNI-only CPU's rows; so are
+    a Zen 4's (AVX-512 on 256-bit units) from a Zen 5's."""
     monkeypatch.delenv(q.CPU_CLASS_ENV, raising=False)
-    stamp = {"arch": arch, "isa": flags}
+    flags = dict(flags)
+    family = flags.pop("amd_family", None)
+    stamp = {"arch": arch, "isa": flags, **({"vendor": "AuthenticAMD", "family": family} if family else {})}
     assert q._class_of(stamp) == cpu_class and q.timing_class(stamp) == timed_on
 
 

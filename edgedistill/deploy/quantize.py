@@ -212,16 +212,22 @@ def this_cpu_class() -> str:
 def timing_class(cpu: dict | None = None) -> str:
     """What INT8 *speed* is keyed by: the CPU class, with `+amx` where the CPU also has AMX INT8
     tiles (ONNX Runtime's and OpenVINO's INT8 GEMMs use them, so the same file times differently
-    from a VNNI-only CPU of the same arithmetic). `cpu`: an environment stamp's `cpu` entry (default:
-    this machine, in the class `this_cpu_class` gives). Accuracy is keyed by the class alone: AMX,
-    like VNNI, accumulates u8 x s8 products exactly in int32."""
-    from edgedistill.envinfo import cpu_info
+    from a VNNI-only CPU of the same arithmetic), and `+zen4` on an AMD Zen 4, whose AVX-512 runs on
+    256-bit units (`envinfo.avx512_on_256bit_units`: 1.3-1.5x slower per core than the Zen 5 the
+    plain `x86-vnni` rows were measured on). `cpu`: an environment stamp's `cpu` entry (default: this
+    machine, in the class `this_cpu_class` gives). Accuracy is keyed by the class alone: AMX, like
+    VNNI, accumulates u8 x s8 products exactly in int32."""
+    from edgedistill.envinfo import avx512_on_256bit_units, cpu_info
 
     if cpu is None:
         cpu_class, cpu = this_cpu_class(), cpu_info()
     else:
         cpu_class = _class_of(cpu)
-    return f"{cpu_class}+amx" if cpu_class == "x86-vnni" and (cpu.get("isa") or {}).get("amx_int8") else cpu_class
+    if cpu_class != "x86-vnni":
+        return cpu_class
+    if (cpu.get("isa") or {}).get("amx_int8"):
+        return f"{cpu_class}+amx"
+    return f"{cpu_class}+zen4" if avx512_on_256bit_units(cpu) else cpu_class
 
 
 def resolve_cpu_class(declared: str) -> str:
