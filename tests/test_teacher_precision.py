@@ -210,7 +210,7 @@ def test_int8_on_openvino_quantizes_every_conv_but_the_stem_on_its_own_calibrati
         assert teacher.mode == INT8_OV_MODE and isinstance(teacher._runner, ExportedTeacher)
         record = json.loads((tmp_path / "teacher_fidelity.json").read_text())
         int8 = record["modes"][INT8_OV_MODE]["int8"]
-        # resnet20_cifar: 19 convolutions, 1x1 shortcuts none (option A) -> every one but the stem
+        # every convolution but the stem
         assert int8["int8"] == int8["weighted_layers"] - 1 and int8["calibration_views"] == 128
         assert record["chosen"] == INT8_OV_MODE and record["modes"][INT8_OV_MODE]["mean_cosine"] > 0.98
         assert len(calls) == 1 and calls[0].shape == (128, 3, 32, 32)
