@@ -213,7 +213,7 @@ def paper_linear_probe(backbone: nn.Module, train: ImageFolder, val_f: torch.Ten
     `val_f`. Returns (top-1 percent, settings)."""
     import torchvision.transforms.v2 as T
 
-    from edgedistill.data.torch_loader import EvalDataset
+    from edgedistill.data.torch_loader import EvalDataset, ForkSafeDataLoader
 
     ev = cfg.eval
     data = cfg.data
@@ -221,8 +221,8 @@ def paper_linear_probe(backbone: nn.Module, train: ImageFolder, val_f: torch.Ten
                            T.RandomHorizontalFlip(), T.ToDtype(torch.float32, scale=True),
                            T.Normalize(data.mean, data.std)])
     gen = torch.Generator().manual_seed(cfg.seed)
-    loader = torch.utils.data.DataLoader(EvalDataset(train, transform), batch_size=ev.batch_size, shuffle=True,
-                                         drop_last=False, num_workers=data.workers, generator=gen)
+    loader = ForkSafeDataLoader(EvalDataset(train, transform), batch_size=ev.batch_size, shuffle=True,
+                                drop_last=False, num_workers=data.workers, generator=gen)
     backbone = backbone.to(device).eval()
     fc = nn.Linear(val_f.shape[1], len(train.classes)).to(device)
     with torch.no_grad():

@@ -222,3 +222,35 @@ def test_auto_falls_back_when_a_dali_pipeline_cannot_be_built(monkeypatch, caplo
     for name in ("dali-gpu", "dali-cpu"):
         with pytest.raises(UserError):
             build_train_loader(_cfg("embedded:digits", 32, name), folder, 2, 16, 0, CPU)
+
+
+def test_workers_fork_safely_after_an_onnxruntime_session_became_garbage(tmp_path):
+    """An ONNX Runtime session with a thread pool, run, then left in cyclic garbage (as a run's
+    fp32-ort teacher is after training): a forked worker that collects it would wait forever on
+    its thread pool's locks (a plain DataLoader times out here). ForkSafeDataLoader collects it in
+    this process before forking, so its workers load."""
+    import gc
+    import time
+
+    from edgedistill.data.torch_loader import ForkSafeDataLoader
+    from edgedistill.deploy.onnx_module import export_module
+    from edgedistill.deploy.runtime import session
+
+    export_module(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU()), tmp_path / "m.onnx", 16, "embedding")
+    sess = session(tmp_path / "m.onnx", threads=2)
+    sess.run(None, {sess.get_inputs()[0].name: np.zeros((1, 3, 16, 16), np.float32)})
+
+    class Holder:
+        pass
+
+    gc.disable()  # only the collections below: none of this process's own may free the session first
+    try:
+        holder = Holder()
+        holder.session, holder.itself = sess, holder
+        del holder, sess
+        time.sleep(1)  # the pool's thread now sleeps on its condition variable
+        loader = ForkSafeDataLoader(torch.utils.data.TensorDataset(torch.zeros(8, 3)), batch_size=4, num_workers=1,
+                                    timeout=60, worker_init_fn=lambda _: gc.collect())
+        assert sum(len(batch) for batch, in loader) == 8
+    finally:
+        gc.enable()

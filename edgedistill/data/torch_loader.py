@@ -6,6 +6,7 @@ whatever the worker count, and `--resume` can skip already-seen batches without 
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -18,6 +19,20 @@ from torch.utils.data import DataLoader, Dataset
 
 from edgedistill.config import DataConfig
 from edgedistill.data.folder import ImageFolder
+
+
+class ForkSafeDataLoader(DataLoader):
+    """A DataLoader that collects this process's cyclic garbage before it forks its workers. An ONNX
+    Runtime session left in such garbage (a run's fp32-ort teacher after training, say) would
+    otherwise be destroyed by a forked worker's garbage collector, where its thread pool's condition
+    variables still count the parent's threads as waiters: the worker never returns, and neither
+    does the loader (`edgedistill demo` hung so in evaluation, on an AVX2 CPU where `auto` ran the
+    teacher on ONNX Runtime). Every loader with worker processes here is one of these."""
+
+    def __iter__(self):
+        if self.num_workers > 0:
+            gc.collect()
+        return super().__iter__()
 
 
 def blur_kernel_size(img_size: int) -> int:
@@ -157,7 +172,7 @@ class TorchvisionTrainLoader:
         order = epoch_order(len(self.folder), self.batch_size, self.seed, epoch, self.rank, self.world)
         order = order[skip * self.batch_size :]
         dataset = ViewsDataset(self.folder, self.transform, self.num_views, self.seed, epoch)
-        loader = DataLoader(
+        loader = ForkSafeDataLoader(
             dataset,
             batch_size=self.batch_size,
             sampler=order.tolist(),
@@ -175,4 +190,4 @@ def eval_loader(folder: ImageFolder, cfg: DataConfig, batch_size: int, indices=N
     dataset = EvalDataset(folder, eval_transform(cfg))
     if indices is not None:
         dataset = torch.utils.data.Subset(dataset, list(indices))
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=cfg.workers)
+    return ForkSafeDataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=cfg.workers)

@@ -492,15 +492,13 @@ class FrozenTeacher(nn.Module):
         """Augmented views of a seeded subset of the training images (the training recipe's
         augmentation, two views each), and a kNN bank / query split of centre crops with labels,
         the images in `layout` (the training step's memory format)."""
-        from torch.utils.data import DataLoader
-
-        from edgedistill.data.torch_loader import ViewsDataset, eval_loader, view_transform
+        from edgedistill.data.torch_loader import ForkSafeDataLoader, ViewsDataset, eval_loader, view_transform
 
         order = self._subset_order(folder, seed)
         count = min(len(folder), FIDELITY_IMAGES)
         dataset = ViewsDataset(folder, view_transform(data_cfg, augmentation), 2, seed, 0xF1)
-        views = torch.cat([v.flatten(0, 1) for v, _ in DataLoader(dataset, batch_size=128, sampler=order[:count],
-                                                                   num_workers=data_cfg.workers)])
+        views = torch.cat([v.flatten(0, 1) for v, _ in ForkSafeDataLoader(dataset, batch_size=128, sampler=order[:count],
+                                                                           num_workers=data_cfg.workers)])
         n_bank = min(FIDELITY_KNN_BANK, len(folder) * 2 // 3)
         n_query = min(FIDELITY_KNN_QUERIES, len(folder) - n_bank)
 
@@ -520,14 +518,12 @@ class FrozenTeacher(nn.Module):
     def _calibration_data(self, folder, data_cfg, seed: int, augmentation: str) -> torch.Tensor:
         """int8-openvino's calibration: two augmented views each of the last INT8_CALIBRATION_IMAGES
         images of `_subset_order` (apart from the fidelity check's images where the set is large enough)."""
-        from torch.utils.data import DataLoader
-
-        from edgedistill.data.torch_loader import ViewsDataset, view_transform
+        from edgedistill.data.torch_loader import ForkSafeDataLoader, ViewsDataset, view_transform
 
         indices = self._subset_order(folder, seed)[-INT8_CALIBRATION_IMAGES:]
         dataset = ViewsDataset(folder, view_transform(data_cfg, augmentation), 2, seed, 0xCA)
-        return torch.cat([v.flatten(0, 1) for v, _ in DataLoader(dataset, batch_size=128, sampler=indices,
-                                                                 num_workers=data_cfg.workers)])
+        return torch.cat([v.flatten(0, 1) for v, _ in ForkSafeDataLoader(dataset, batch_size=128, sampler=indices,
+                                                                         num_workers=data_cfg.workers)])
 
     def _fidelity(self, views, bank, queries, mode: str, reference: dict | None = None) -> dict:
         from edgedistill.knn import knn_top1
