@@ -11,8 +11,9 @@ Accuracy: every row is the real `edgedistill export --int8 --qad-steps 0` (post-
 quantization alone) of a trained CIFAR-10-JPEG student, scored on the full test set the way the
 declared device computes the file (`int8.scored_with` in the manifest): `--cpu x86-vnni` and
 `--cpu x86-avx2` (7-bit weights; on a machine of the other class, the exact QDQ reference), the
-TensorRT format (always the exact reference), and `--int8-classifier --int8-stem` (every weighted layer in
-INT8, the classifier and the stem too).
+TensorRT format (always the exact reference), and for each x86 class `--int8-classifier --int8-stem`
+(every weighted layer in INT8, the classifier and the stem too). The rows are kept by the CPU class
+of the machine that scored them, so the same row name measured on another class sits beside them.
 
 Latency: the same weights exported at 224 px, fp32 and the INT8 placements `export` chooses
 between (tuned; split-hardswish where the model has HardSwish), for this machine's class, at batch
@@ -44,22 +45,30 @@ ROWS = {
     "x86-avx2": {"cpu": "x86-avx2"},
     "tensorrt": {"target": "tensorrt"},
     "x86-vnni-int8-classifier": {"cpu": "x86-vnni", "int8_classifier": True, "int8_stem": True},
+    "x86-avx2-int8-classifier": {"cpu": "x86-avx2", "int8_classifier": True, "int8_stem": True},
 }
 RUNTIMES = ("ort-cpu", "openvino-cpu")
 THREADS = (1, 2)
 SPREAD_LIMIT = 1.5
-# Timed on this machine: one entry per timing class (the CPU class, `+amx` on an AMX CPU:
+# Measured on this machine: one entry per class of the machine (accuracy: its CPU class, whose INT8
+# arithmetic scored the rows; timings: its timing class, the CPU class with `+amx` / `+zen4`:
 # runs/int8/devices/NAME.PART.CLASS.json), so a run on another class adds its rows beside the committed ones.
-PER_CLASS = ("latency", "blocks", "ops")
+PER_CLASS = ("accuracy", "latency", "blocks", "ops")
+# Schema 2 held one accuracy entry, measured on an AMD EPYC with AVX-512 VNNI.
+SCHEMA2_ACCURACY_CLASS = "x86-vnni"
 
 
 def accuracy(runs: list[Path], rows: list[str]) -> None:
     from edgedistill.deploy import export_run
+    from edgedistill.deploy.quantize import this_cpu_class
+    from edgedistill.envinfo import environment
 
     WORK.mkdir(parents=True, exist_ok=True)
+    cpu_class = this_cpu_class()
     for run in runs:
-        done = WORK / f"{run.name}.accuracy.json"
-        result = json.loads(done.read_text()) if done.is_file() else {"run": str(run), "rows": {}}
+        done = WORK / f"{run.name}.accuracy.{cpu_class}.json"
+        result = json.loads(done.read_text()) if done.is_file() else {"run": str(run), "cpu_class": cpu_class, "rows": {}}
+        result["environment"] = environment()
         for name in rows:
             with tempfile.TemporaryDirectory() as tmp:
                 out = export_run(run, int8=True, qad_steps=0, val_count=None, out=Path(tmp) / "ex", **ROWS[name])
@@ -321,44 +330,45 @@ def ops(runs: list[Path], iterations: int = 200) -> None:
 
 
 def table() -> None:
-    """Merge runs/int8/devices/*.json into the committed file: accuracy rows by name, latency,
-    blocks and ops by timing class; what is not measured here is kept."""
+    """Merge runs/int8/devices/*.json into the committed file: accuracy by the scoring machine's CPU
+    class, latency, blocks and ops by timing class; what is not measured here is kept."""
     from edgedistill.envinfo import environment
 
     committed = json.loads(RESULT.read_text()) if RESULT.is_file() else {}
     students: dict[str, dict] = {}
     for name, entry in committed.get("students", {}).items():
-        for part, value in entry.items():  # schema 1 held one latency / blocks entry, of its cpu_class
+        for part, value in entry.items():  # schemas 1-2 held one entry of a part, not one per class
+            if part == "accuracy" and "rows" in value:
+                value = {**value, "cpu_class": SCHEMA2_ACCURACY_CLASS}
             students.setdefault(name, {})[part] = {value["cpu_class"]: value} if part in PER_CLASS and "cpu_class" in value else value
     for path in sorted(WORK.glob("*.json")):
         name, part = path.name.split(".")[:2]
         data = json.loads(path.read_text())
         entry = students.setdefault(name, {})
-        if part in PER_CLASS:
-            entry.setdefault(part, {})[data.get("timed_on", data["cpu_class"])] = data
-        else:
-            entry.setdefault(part, {"run": data["run"], "rows": {}})["rows"].update(data["rows"])
-    doc = {"schema": "edgedistill.int8_devices/2", "what": __doc__.split("\n\n")[0],
+        entry.setdefault(part, {})[data.get("timed_on", data["cpu_class"])] = data
+    doc = {"schema": "edgedistill.int8_devices/3", "what": __doc__.split("\n\n")[0],
            "commands": ["python bench/int8_devices.py accuracy runs/int8/NAME ...",
                         "python bench/int8_devices.py latency runs/int8/NAME ...  (alone, idle machine)",
                         "python bench/int8_devices.py blocks runs/int8/NAME ...  (alone, idle machine)",
                         "python bench/int8_devices.py ops runs/int8/NAME ...  (alone, idle machine)",
                         "python bench/int8_devices.py table"],
-           "layout": "students.NAME: accuracy.rows by device row; latency, blocks and ops by the timing class they "
-                     "were measured on (the CPU class, +amx on an AMX CPU; each with its own environment)",
+           "layout": "students.NAME.PART.CLASS: accuracy (rows by device row) by the CPU class of the machine that "
+                     "scored it; latency, blocks and ops by the timing class they were measured on (the CPU class, "
+                     "+amx on an AMX CPU, +zen4 on AMD Zen 4); each with its own environment",
            "students": dict(sorted(students.items())), "environment": environment()}
     _write(RESULT, doc)
     print(markdown(doc))
 
 
 def markdown(doc: dict) -> str:
-    lines = ["| student | device (scored with) | placement | drop ± se | agreement | INT8 layers | ratio |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| student | measured on | device (scored with) | placement | fp32 top-1 | drop ± se | agreement | "
+             "INT8 layers | ratio |", "|---|---|---|---|---|---|---|---|---|"]
     for s, entry in doc["students"].items():
-        for name, r in (entry.get("accuracy") or {}).get("rows", {}).items():
-            lines.append(f"| {s} | {name} ({r['scored_with']}) | {r['placement']} | {r['drop']:.2f} ± {r['drop_se']:.2f} | "
-                         f"{r['agreement']:.2f} | {r['int8_layers']['int8']}/{r['int8_layers']['weighted_layers']} | "
-                         f"{r['size_ratio']:.2f}x |")
+        for measured_on, accuracy_entry in (entry.get("accuracy") or {}).items():
+            for name, r in accuracy_entry["rows"].items():
+                lines.append(f"| {s} | {measured_on} | {name} ({r['scored_with']}) | {r['placement']} | {r['fp32_top1']:.2f} | "
+                             f"{r['drop']:.2f} ± {r['drop_se']:.2f} | {r['agreement']:.2f} | "
+                             f"{r['int8_layers']['int8']}/{r['int8_layers']['weighted_layers']} | {r['size_ratio']:.2f}x |")
     lines += ["", "| student | CPU class | threads | file | ORT ms (x) | OpenVINO ms (x) |", "|---|---|---|---|---|---|"]
 
     def fmt(r):

@@ -117,8 +117,8 @@ def test_bench_missing_export(tmp_path):
 
 def test_result_tables_merge_by_cpu_class(tmp_path, monkeypatch):
     """bench/int8_devices.py and bench/demo_spread.py `table`: what this machine measured replaces
-    only its own timing class's rows (the CPU class, `+amx` on AMX); the committed rows of another
-    class (and schema-1 latency entries, which held one class) are kept."""
+    only its own class's rows (accuracy: the CPU class; timings: the timing class, `+amx` on AMX); the
+    committed rows of another class (and schema-1/2 entries, which held one class) are kept."""
     from conftest import bench_script
 
     devices = bench_script("int8_devices")
@@ -134,12 +134,16 @@ def test_result_tables_merge_by_cpu_class(tmp_path, monkeypatch):
                                   "students": {"s": {"latency": vnni, "accuracy": accuracy}}}))
     (work / "s.latency.x86-avx2.json").write_text(json.dumps({**vnni, "cpu_class": "x86-avx2"}))
     (work / "s.latency.x86-vnni+amx.json").write_text(json.dumps({**vnni, "timed_on": "x86-vnni+amx"}))
-    (work / "s.accuracy.json").write_text(json.dumps({"run": "runs/int8/s", "rows": {"x86-avx2": {"drop": 0.4}}}))
+    avx2_accuracy = {"run": "runs/int8/s", "cpu_class": "x86-avx2", "rows": {"x86-avx2": {"drop": 0.4}}}
+    (work / "s.accuracy.x86-avx2.json").write_text(json.dumps(avx2_accuracy))
     monkeypatch.setattr(devices, "markdown", lambda doc: "")
     devices.table()
     entry = json.loads(result.read_text())["students"]["s"]
     assert set(entry["latency"]) == {"x86-vnni", "x86-avx2", "x86-vnni+amx"} and entry["latency"]["x86-vnni"] == vnni
-    assert entry["accuracy"]["rows"] == {"x86-vnni": {"drop": 0.1}, "x86-avx2": {"drop": 0.4}}
+    # accuracy by the class of the machine that scored it: the committed (schema-1/2, VNNI) rows kept beside
+    assert entry["accuracy"] == {"x86-vnni": {**accuracy, "cpu_class": "x86-vnni"}, "x86-avx2": avx2_accuracy}
+    devices.table()  # merging again changes nothing
+    assert json.loads(result.read_text())["students"]["s"] == entry
 
     spread = bench_script("demo_spread")
     work, result = tmp_path / "spread", tmp_path / "demo_spread.json"
