@@ -267,8 +267,9 @@ def main(argv: list[str] | None = None) -> int:
             for m in chosen]
     for row in rows:
         for mode, r in row["modes"].items():
+            share = "no peak modelled" if r["fraction_of_peak"] is None else f"{r['fraction_of_peak']:.0%} of peak"
             print(f"{row['teacher']:18s} {mode:8s} teacher {r['teacher_ms_per_image']:.3f} ms/img "
-                  f"{r['teacher_gmac_per_s']:6.1f} GMAC/s ({r['fraction_of_peak'] or 0:.0%} of peak)  cos "
+                  f"{r['teacher_gmac_per_s']:6.1f} GMAC/s ({share})  cos "
                   f"{r.get('mean_cosine', r.get('cosine_to_uncompiled_mean', float('nan'))):.6f}/"
                   f"{r.get('q001_cosine', r.get('cosine_to_uncompiled_q001', float('nan'))):.6f}"
                   f"{' (to uncompiled)' if 'mean_cosine' not in r else ''}  DisCo "

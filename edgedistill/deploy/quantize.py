@@ -523,6 +523,23 @@ def stem_nodes(model_path: Path) -> list[str]:
     return [n.name for n in graph.node if n.op_type in WEIGHTED_OPS and n.input and n.input[0] in inputs]
 
 
+def first_stage_nodes(model_path: Path) -> list[str]:
+    """The stem and the first stage's convolutions: every Conv in graph order from the input up to
+    the first strided one after the stem (a ResNet's first downsampling)."""
+    import onnx
+
+    stem = set(stem_nodes(model_path))
+    names = []
+    for node in onnx.load(str(model_path)).graph.node:
+        if node.op_type != "Conv":
+            continue
+        strides = next((list(a.ints) for a in node.attribute if a.name == "strides"), [1])
+        if node.name not in stem and max(strides) > 1:
+            break
+        names.append(node.name)
+    return names
+
+
 def make_plan(target: str, prepared: Path, placement: str = "tuned", cpu_class: str = "auto",
               float_classifier: bool = False, float_stem: bool = False) -> QuantPlan:
     """() as op types = every op type ONNX Runtime can quantize. `float_classifier`: the final

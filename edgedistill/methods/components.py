@@ -46,11 +46,13 @@ ORT_MODE = "fp32-ort"
 OV_MODE = "bf16-openvino"
 # INT8 convolutions run by OpenVINO: the teacher's ONNX file quantized by the export's own path
 # (`deploy.quantize`: QDQ in this CPU class's format, per-channel weights, Percentile 99.999
-# activation ranges calibrated on augmented training views), every convolution but the stem in
-# INT8, the stem and everything else in bf16 where the CPU has it (fp32 otherwise). Only on request:
-# on one core of an AMD EPYC Zen 4 the CIFAR ResNet-56 ran 0.87 ms an image against 1.33 for
-# bf16-openvino (DisCo 2.11x fp32's images/s), but its centred target's mean cosine to fp32's was
-# 0.9987, below FIDELITY_MIN_COSINE (docs/results.md), so `auto` does not spend the calibration on it.
+# activation ranges calibrated on augmented training views), every convolution after the first
+# stage in INT8; the stem, the first stage (`quantize.first_stage_nodes`) and everything else in
+# bf16 where the CPU has it (fp32 otherwise). The first stage is where INT8 costs the target most:
+# with only the stem float the CIFAR ResNet-56's centred target had a mean cosine to fp32's of
+# 0.9987 on an AMD EPYC Zen 4 (8-bit weights) and 0.9985 on an AVX2 one (7-bit), below
+# FIDELITY_MIN_COSINE; with the first stage float too, 0.9993 on the AVX2 one (docs/results.md).
+# Only on request: calibrating costs every run's start, so `auto` does not try it.
 INT8_OV_MODE = "int8-openvino"
 INT8_CALIBRATOR = {"calibrator": "percentile", "percentile": 99.999}
 # Training images (a seeded subset, apart from the fidelity images) whose two views calibrate it.
@@ -175,7 +177,7 @@ class ExportedTeacher:
 
     def _quantized(self, path, views: torch.Tensor):
         """`path` quantized to INT8 by the export's quantization path (its calibration and QDQ
-        format for this CPU class): every convolution but the stem."""
+        format for this CPU class): every convolution after the first stage."""
         import hashlib
 
         from edgedistill.deploy import quantize as q
@@ -204,10 +206,10 @@ class ExportedTeacher:
         calib = q.Calibration(pre, [], [hashlib.sha256(array.tobytes()).hexdigest()], settings,
                               {"teacher_views": len(array)}, path.parent, reader)
         cpu_class = q.resolve_cpu_class("auto")
-        plan = q.QuantPlan("ort-cpu", cpu_class, op_types=("Conv",), float_nodes=tuple(q.stem_nodes(pre)))
+        plan = q.QuantPlan("ort-cpu", cpu_class, op_types=("Conv",), float_nodes=tuple(q.first_stage_nodes(pre)))
         q.quantize(pre, out, q.CLASS_FORMAT[cpu_class], calib, plan)
         self.int8 = {**q.int8_share(pre, out), "format": q.CLASS_FORMAT[cpu_class], "cpu_class": cpu_class,
-                     "calibrator": settings.label, "calibration_views": len(array), "float": "the stem"}
+                     "calibrator": settings.label, "calibration_views": len(array), "float": "the stem and the first stage"}
         logging.getLogger(__name__).info("teacher %s: %d of %d convolutions in INT8 (%s, %s ranges of %d views)",
                                          self.mode, self.int8["int8"], self.int8["weighted_layers"],
                                          self.int8["format"], settings.label, len(array))
