@@ -95,9 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         weights = q.format_options("qdq-u8s8", q.resolve_cpu_class("auto"))  # 7-bit weights without VNNI
         for name in args.variant or VARIANTS:
             op_types, float_convs, calibrator, percentile = VARIANTS[name]
-            first_stage = 1 + (len(convs) - 1) // 3  # the stem and the first stage's convolutions
-            exclude = {"none": [], "stem": q.stem_nodes(pre), "stage 1": convs[:first_stage],
-                       "stages 2-3": convs[first_stage:] + adds[len(adds) // 3:]}[float_convs]
+            first_stage = q.first_stage_nodes(pre)  # the stem and the first stage's convolutions
+            exclude = {"none": [], "stem": q.stem_nodes(pre), "stage 1": first_stage,
+                       "stages 2-3": convs[len(first_stage):] + adds[len(adds) // 3:]}[float_convs]
             path = tmp / "int8.onnx"
             quantize_static(str(pre), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
