@@ -276,7 +276,7 @@ def test_precision_errors_name_the_key_and_the_fix(teacher_ckpt, tmp_path, monke
     recipe.write_text(f"method: disco\nteacher:\n  arch: resnet20_cifar\n  checkpoint: {teacher_ckpt}\n  precision: fp8\n")
     with pytest.raises(UserError, match=r"r\.yaml: teacher\.precision: 'fp8' is not one of auto, fp32, bf16, fp16, fp32-ort, bf16-openvino"):
         load_config(recipe)
-    with pytest.raises(UserError, match="int8 is spelt int8-openvino .*auto does not take it"):
+    with pytest.raises(UserError, match="int8 is spelt int8-openvino .*auto does not try it"):
         cfg_for(teacher_ckpt, "int8")
     with pytest.raises(UserError, match="int8-openvino runs the teacher's convolutions in INT8 with OpenVINO on the CPU "
                                         r"\(this run is on cuda\)"):
