@@ -518,7 +518,10 @@ def stem_nodes(model_path: Path) -> list[str]:
     """The weighted layers that read the graph's input (a network's stem convolution)."""
     import onnx
 
-    graph = onnx.load(str(model_path)).graph
+    return _stem_names(onnx.load(str(model_path)).graph)
+
+
+def _stem_names(graph) -> list[str]:
     inputs = {i.name for i in graph.input}
     return [n.name for n in graph.node if n.op_type in WEIGHTED_OPS and n.input and n.input[0] in inputs]
 
@@ -528,9 +531,10 @@ def first_stage_nodes(model_path: Path) -> list[str]:
     the first strided one after the stem (a ResNet's first downsampling)."""
     import onnx
 
-    stem = set(stem_nodes(model_path))
+    graph = onnx.load(str(model_path)).graph
+    stem = set(_stem_names(graph))
     names = []
-    for node in onnx.load(str(model_path)).graph.node:
+    for node in graph.node:
         if node.op_type != "Conv":
             continue
         strides = next((list(a.ints) for a in node.attribute if a.name == "strides"), [1])
