@@ -18,8 +18,9 @@ Formats:
 - `qdq-s8s8-sym`: signed int8 activations and weights, symmetric (zero point 0): what TensorRT's
   explicit quantization wants; the only format for `--target tensorrt`.
 - `qdq-u8s8`: unsigned int8 activations (asymmetric), signed symmetric weights: what ONNX Runtime's
-  x86 kernels prefer. On x86 without VNNI the weights use 7 bits (`reduce_range`) because the
-  AVX2 u8*s8 dot product saturates 16-bit sums (ONNX Runtime's own guidance).
+  x86 kernels prefer. On x86 without VNNI the weights use 7 bits (`reduce_range`) in both
+  formats because the AVX2 u8*s8 dot product saturates 16-bit sums (ONNX Runtime's own guidance),
+  and ONNX Runtime computes s8s8 there with the same instruction.
 For `--target ort-cpu` with `--int8-format auto` both are built and timed on this CPU at export
 time and the faster one is kept; the numbers and the reason go into the manifest.
 
@@ -241,16 +242,21 @@ def resolve_cpu_class(declared: str) -> str:
 
 def format_options(fmt: str, cpu_class: str, target: str = "ort-cpu") -> dict:
     """quantize_static arguments of a format for a CPU class (activation/weight types, symmetry,
-    7-bit weights on x86 without VNNI) and a target (TensorRT keeps float biases)."""
+    7-bit weights on x86 without VNNI) and a target (TensorRT keeps float biases).
+
+    7-bit weights on x86-avx2 in *both* formats: without VNNI ONNX Runtime computes int8 x int8
+    through the same u8 x s8 pair instruction (VPMADDUBSW, signed activations shifted to unsigned),
+    whose int16 pair sums saturate with 8-bit weights (255 x 127 x 2 > 32767; 255 x 64 x 2 is not).
+    TensorRT computes 8-bit weights exactly, on any host."""
     from onnxruntime.quantization import QuantType
 
     extra = {} if target != "tensorrt" else {"QuantizeBias": False}
+    reduce_range = cpu_class == "x86-avx2" and target != "tensorrt"
     if fmt == "qdq-s8s8-sym":
-        return {"activation_type": QuantType.QInt8, "weight_type": QuantType.QInt8, "reduce_range": False,
+        return {"activation_type": QuantType.QInt8, "weight_type": QuantType.QInt8, "reduce_range": reduce_range,
                 "extra_options": {"ActivationSymmetric": True, "WeightSymmetric": True, **extra}}
     if fmt == "qdq-u8s8":
-        return {"activation_type": QuantType.QUInt8, "weight_type": QuantType.QInt8,
-                "reduce_range": cpu_class == "x86-avx2",
+        return {"activation_type": QuantType.QUInt8, "weight_type": QuantType.QInt8, "reduce_range": reduce_range,
                 "extra_options": {"ActivationSymmetric": False, "WeightSymmetric": True, **extra}}
     raise UserError(f"unknown INT8 format {fmt!r}: use one of {', '.join(FORMATS)}")
 
