@@ -44,16 +44,19 @@ class ModelConfig:
 # convolutions and channels_last; fp32-ort runs it in fp32 with ONNX Runtime's CPU kernels;
 # bf16-openvino in bf16 with OpenVINO's (CPUs with AVX512_BF16 or AMX, `openvino` installed);
 # int8-openvino its convolutions in INT8 with OpenVINO, calibrated on augmented training views
-# (only when asked for: see methods/components.INT8_OV_MODE); auto measures the others this device
-# runs and takes the fastest that is faster than fp32 and whose fidelity passes (mean cosine to fp32
-# >= 0.999 on augmented training views), else fp32.
+# (auto measures it only on runs of at least 100,000 training images, which repay its calibration:
+# methods/components.INT8_OV_MODE); auto measures the modes this device runs and takes the fastest
+# that is faster than fp32 and whose fidelity passes (mean cosine to fp32 >= 0.999 on augmented
+# training views), else fp32.
 TeacherPrecision = Literal["auto", "fp32", "bf16", "fp16", "fp32-ort", "bf16-openvino", "int8-openvino"]
+# The shortest run (training images through the teacher) on which auto measures int8-openvino.
+INT8_AUTO_MIN_TRAIN_IMAGES = 100_000
 # Asked for but not offered, with the measurement that decided it (docs/results.md, "The frozen teacher's precision").
 TEACHER_PRECISION_NOT_OFFERED = {
     "int8": "teacher.precision: int8 is spelt int8-openvino (INT8 convolutions after the first stage, run by "
             "OpenVINO, calibrated on augmented training views; its target's fidelity is measured and logged, and auto "
-            "does not try it: on an AVX2 CPU it made DisCo 1.75x faster than the fp32 teacher at mean cosine 0.99934 "
-            "to fp32 on the CIFAR ResNet-56)",
+            f"tries it on runs of at least {INT8_AUTO_MIN_TRAIN_IMAGES:,} training images: on an AVX2 CPU it made "
+            "DisCo 1.75x faster than the fp32 teacher at mean cosine 0.99934 to fp32 on the CIFAR ResNet-56)",
 }
 
 

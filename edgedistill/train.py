@@ -449,11 +449,11 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: bool = False) -
     folder, loader = _training_data(cfg, device, rank, world)
     torch.manual_seed(cfg.seed)
     method = create_method(cfg, num_classes=len(folder.classes)).to(device)
-    with dist_utils.main_process_first():  # rank 0 computes data-dependent state (teacher centre), the rest reuse it
-        method.prepare(run_dir, folder, device, channels_last=use_channels_last(cfg, device))
     # max_steps 0 saves the initialised student untrained (the "untrained" baseline row of `compare`).
     total = cfg.train.max_steps if cfg.train.max_steps is not None else cfg.train.epochs * loader.steps_per_epoch
     total = min(total, cfg.train.epochs * loader.steps_per_epoch)
+    with dist_utils.main_process_first():  # rank 0 computes data-dependent state (teacher centre), the rest reuse it
+        method.prepare(run_dir, folder, device, channels_last=use_channels_last(cfg, device), steps=total)
     state = setup_training(cfg, method, device, world, total)
 
     step, start_epoch, skip = 0, 0, 0

@@ -56,12 +56,12 @@ def cfg_for(ckpt, precision: str | None = None, **extra):
     return load_config(None, tiny_overrides(**items))
 
 
-def prepared(cfg, run_dir, channels_last: bool = False):
+def prepared(cfg, run_dir, channels_last: bool = False, steps: int | None = None):
     from edgedistill.data import train_folder
     from edgedistill.methods import create_method
 
     method = create_method(cfg, num_classes=10)
-    method.prepare(run_dir, train_folder(cfg.data, cfg.seed), CPU, channels_last=channels_last)
+    method.prepare(run_dir, train_folder(cfg.data, cfg.seed), CPU, channels_last=channels_last, steps=steps)
     method.train()
     return method
 
@@ -186,14 +186,13 @@ def test_int8_on_openvino_quantizes_every_conv_after_the_first_stage_on_its_own_
                                                                                                   tmp_path):
     """int8-openvino, asked for: the teacher's ONNX file quantized by the export's path (QDQ, every
     convolution INT8 after the first stage), calibrated on augmented training views that are not the
-    fidelity check's, run by OpenVINO; its fidelity is measured and recorded like any mode's; auto
-    never takes it; a resumed run rebuilds the same quantized teacher."""
+    fidelity check's, run by OpenVINO; its fidelity is measured and recorded like any mode's; a
+    resumed run rebuilds the same quantized teacher."""
     pytest.importorskip("openvino")
     import json
 
     from edgedistill.methods.components import INT8_OV_MODE, ExportedTeacher
 
-    assert INT8_OV_MODE not in components.fast_teacher_modes(CPU)
     calls = []
     data = FrozenTeacher._calibration_data
 
@@ -223,6 +222,38 @@ def test_int8_on_openvino_quantizes_every_conv_after_the_first_stage_on_its_own_
         again = prepared(cfg_for(teacher_ckpt, INT8_OV_MODE), tmp_path)  # resumed: the record reused
         assert again.teacher.mode == INT8_OV_MODE and len(calls) == 1  # calibrated only when first run
         assert torch.equal(again.teacher(x), first) and len(calls) == 2
+
+
+def test_auto_tries_int8_only_on_a_run_that_repays_its_calibration(teacher_ckpt, tmp_path, monkeypatch):
+    """int8-openvino calibrates at the start of the run: auto measures it for a run of at least
+    INT8_AUTO_MIN_TRAIN_IMAGES training images (the trainer's planned steps x the batch), never for
+    a short one (the demo's) or an unknown one, and says why in the record."""
+    from edgedistill.config import INT8_AUTO_MIN_TRAIN_IMAGES
+    from edgedistill.methods.components import INT8_OV_MODE
+
+    monkeypatch.setattr(components, "openvino_installed", lambda: True)
+    assert INT8_OV_MODE not in components.auto_teacher_modes(CPU, None)
+    assert INT8_OV_MODE not in components.auto_teacher_modes(CPU, 200 * 64)  # the demo's DisCo run
+    assert INT8_OV_MODE in components.auto_teacher_modes(CPU, INT8_AUTO_MIN_TRAIN_IMAGES)
+    asked = []
+
+    def no_fast_mode(device, train_images):  # what the trainer's plan reaches auto with; nothing measured
+        asked.append(train_images)
+        return []
+
+    monkeypatch.setattr(components, "auto_teacher_modes", no_fast_mode)
+    prepared(cfg_for(teacher_ckpt, "auto"), tmp_path / "long", steps=2000)
+    prepared(cfg_for(teacher_ckpt, "auto"), tmp_path / "short", steps=20)
+    assert asked == [2000 * 64, 20 * 64]
+    monkeypatch.undo()
+    monkeypatch.setattr(components, "openvino_installed", lambda: True)
+    monkeypatch.setattr(components, "fast_teacher_modes",
+                        lambda device, on_request=False: ["fp32-ort"] + ([INT8_OV_MODE] if on_request else []))
+    monkeypatch.setattr(components, "FIDELITY_IMAGES", 64)
+    prepared(cfg_for(teacher_ckpt, "auto"), tmp_path / "short2", steps=20)
+    record = json.loads((tmp_path / "short2" / TEACHER_FIDELITY_FILE).read_text())
+    assert record["candidates"] == ["fp32-ort"] and record["train_images"] == 20 * 64
+    assert "int8-openvino not tried: the run's 1280 training images are fewer than the 100,000" in record["note"]
 
 
 def train_folder_of(method):
@@ -276,7 +307,7 @@ def test_precision_errors_name_the_key_and_the_fix(teacher_ckpt, tmp_path, monke
     recipe.write_text(f"method: disco\nteacher:\n  arch: resnet20_cifar\n  checkpoint: {teacher_ckpt}\n  precision: fp8\n")
     with pytest.raises(UserError, match=r"r\.yaml: teacher\.precision: 'fp8' is not one of auto, fp32, bf16, fp16, fp32-ort, bf16-openvino"):
         load_config(recipe)
-    with pytest.raises(UserError, match="int8 is spelt int8-openvino .*auto does not try it"):
+    with pytest.raises(UserError, match="int8 is spelt int8-openvino .*auto tries it on runs of at least 100,000"):
         cfg_for(teacher_ckpt, "int8")
     with pytest.raises(UserError, match="int8-openvino runs the teacher's convolutions in INT8 with OpenVINO on the CPU "
                                         r"\(this run is on cuda\)"):

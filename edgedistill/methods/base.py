@@ -67,11 +67,12 @@ class Method(nn.Module):
         (e.g. DoGo's second peer) -> R.safetensors."""
         raise NotImplementedError
 
-    def prepare(self, run_dir, folder, device: torch.device, channels_last: bool = False) -> None:
+    def prepare(self, run_dir, folder, device: torch.device, channels_last: bool = False, steps: int | None = None) -> None:
         """Called once by the trainer before training (and again on resume) with the run folder and
         the training images: where a method computes or reloads data-dependent state that is not
         learnt (e.g. the teacher centre). `channels_last`: the memory format the training step will
-        run in (what a measurement of its speed must use). Default: nothing."""
+        run in (what a measurement of its speed must use); `steps`: the run's planned optimizer
+        steps (None: unknown). Default: nothing."""
 
     def frozen_prefixes(self) -> tuple[str, ...]:
         """State-dict prefixes not saved in training checkpoints (rebuilt from their source)."""

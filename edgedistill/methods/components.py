@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from edgedistill.runfolder import TEACHER_CENTER_FILE, TEACHER_FIDELITY_FILE
-from edgedistill.config import ModelConfig
+from edgedistill.config import INT8_AUTO_MIN_TRAIN_IMAGES, ModelConfig
 from edgedistill.distributed import all_gather_cat
 from edgedistill.errors import UserError
 from edgedistill.models import load_encoder
@@ -52,7 +52,11 @@ OV_MODE = "bf16-openvino"
 # with only the stem float the CIFAR ResNet-56's centred target had a mean cosine to fp32's of
 # 0.9987 on an AMD EPYC Zen 4 (8-bit weights) and 0.9985 on an AVX2 one (7-bit), below
 # FIDELITY_MIN_COSINE; with the first stage float too, 0.9993 on the AVX2 one (docs/results.md).
-# Only on request: calibrating costs every run's start, so `auto` does not try it.
+# Calibrating costs the run's start (30 s of one AVX2 thread for the CIFAR ResNet-56, beside other
+# jobs), so `auto` tries it only on a run long enough to repay that many times over: at least
+# INT8_AUTO_MIN_TRAIN_IMAGES training images (DisCo's step there went from 1.47 s to 1.10 s a
+# batch of 128 against fp32-ort, 2.9 ms an image: 30 s back after ~10,000 images). Shorter runs
+# (the demo's 12,800, the tests') keep the modes that cost no calibration.
 INT8_OV_MODE = "int8-openvino"
 INT8_CALIBRATOR = {"calibrator": "percentile", "percentile": 99.999}
 # Training images (a seeded subset, apart from the fidelity images) whose two views calibrate it.
@@ -76,8 +80,8 @@ def cpu_has_bf16() -> bool:
 
 def fast_teacher_modes(device: torch.device, on_request: bool = False) -> list[str]:
     """The fast teacher modes `device` runs natively ([] = fp32 only): `auto` measures each against
-    fp32 and takes the fastest whose fidelity passes. `on_request`: also those offered only when a
-    recipe (or a benchmark) asks for them (int8-openvino)."""
+    fp32 and takes the fastest whose fidelity passes. `on_request`: also int8-openvino, which `auto`
+    offers only to long runs (`auto_teacher_modes`)."""
     if device.type == "cuda":
         return ["bf16", "fp16"] if torch.cuda.is_bf16_supported() else ["fp16"]
     if device.type != "cpu":
@@ -85,6 +89,12 @@ def fast_teacher_modes(device: torch.device, on_request: bool = False) -> list[s
     bf16, openvino = cpu_has_bf16(), openvino_installed()
     return (["bf16"] if bf16 else []) + [ORT_MODE] + ([OV_MODE] if bf16 and openvino else []) + (
         [INT8_OV_MODE] if on_request and openvino else [])
+
+
+def auto_teacher_modes(device: torch.device, train_images: int | None) -> list[str]:
+    """What `auto` measures for a run that will put `train_images` images through the teacher
+    (None: not known, a bare prepare): int8-openvino too when the run repays its calibration."""
+    return fast_teacher_modes(device, on_request=(train_images or 0) >= INT8_AUTO_MIN_TRAIN_IMAGES)
 
 
 def openvino_installed() -> bool:
@@ -368,15 +378,18 @@ class FrozenTeacher(nn.Module):
 
     @torch.no_grad()
     def prepare(self, run_dir, folder, data_cfg, seed: int, device: torch.device,
-                augmentation: str = "mocov2", batch_size: int | None = None, channels_last: bool = False) -> dict | None:
+                augmentation: str = "mocov2", batch_size: int | None = None, channels_last: bool = False,
+                train_images: int | None = None) -> dict | None:
         """Load or compute the centre, then settle the precision (see the class doc); returns the
         centre's statistics, or None when centring is off. `batch_size`: the training step's
         per-process batch (the teacher's forward batch); `channels_last`: the step's memory format,
-        in which the modes are timed (fp32 in NCHW is up to 2x slower on a CPU than in the step)."""
+        in which the modes are timed (fp32 in NCHW is up to 2x slower on a CPU than in the step);
+        `train_images`: how many images the run will put through the teacher (what `auto` measures
+        depends on it: `auto_teacher_modes`)."""
         if batch_size:
             self.batch_size = batch_size
         stats = self._prepare_center(run_dir, folder, data_cfg, seed, device)
-        self._prepare_precision(run_dir, folder, data_cfg, seed, device, augmentation, channels_last)
+        self._prepare_precision(run_dir, folder, data_cfg, seed, device, augmentation, channels_last, train_images)
         return stats
 
     def _prepare_center(self, run_dir, folder, data_cfg, seed: int, device: torch.device) -> dict | None:
@@ -419,7 +432,7 @@ class FrozenTeacher(nn.Module):
         return stats
 
     def _prepare_precision(self, run_dir, folder, data_cfg, seed: int, device: torch.device, augmentation: str,
-                           channels_last: bool) -> None:
+                           channels_last: bool, train_images: int | None = None) -> None:
         import json
         from pathlib import Path
 
@@ -439,11 +452,15 @@ class FrozenTeacher(nn.Module):
                 self.set_mode(saved["chosen"])
                 log.info("teacher precision %s -> %s, reused from %s", self.precision, self.mode, path)
                 return
-        candidates = (self.candidates or fast_teacher_modes(device)) if self.precision == "auto" else (
+        candidates = (self.candidates or auto_teacher_modes(device, train_images)) if self.precision == "auto" else (
             [] if self.precision == "fp32" else [self.precision])
         record = {"requested": self.precision, "compile": self.compile, "device_type": device.type, "device": str(device),
                   "memory_format": memory_format, "threshold_mean_cosine": FIDELITY_MIN_COSINE,
-                  "candidates": candidates, "modes": {}}
+                  "candidates": candidates, "train_images": train_images, "modes": {}}
+        if self.precision == "auto" and self.candidates is None and INT8_OV_MODE not in candidates \
+                and INT8_OV_MODE in fast_teacher_modes(device, on_request=True):
+            record["note"] = (f"{INT8_OV_MODE} not tried: the run's {train_images or 'unknown number of'} training images "
+                              f"are fewer than the {INT8_AUTO_MIN_TRAIN_IMAGES:,} that repay its calibration")
         if candidates and folder is None:
             # Nothing to measure on: auto stays exact; an explicit mode is taken unmeasured.
             chosen = "fp32" if self.precision == "auto" else self.precision

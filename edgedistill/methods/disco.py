@@ -67,9 +67,10 @@ class DisCo(MoCoV2):
         loss = contrastive + self.hp.distill_weight * distill
         return {"loss": loss, "info_nce": contrastive.detach(), "distill": distill.detach()}
 
-    def prepare(self, run_dir, folder, device, channels_last: bool = False):
-        self.teacher.prepare(run_dir, folder, self.cfg.data, self.cfg.seed, device,
-                             batch_size=self.cfg.train.batch_size, channels_last=channels_last)
+    def prepare(self, run_dir, folder, device, channels_last: bool = False, steps: int | None = None):
+        batch = self.cfg.train.batch_size
+        self.teacher.prepare(run_dir, folder, self.cfg.data, self.cfg.seed, device, batch_size=batch,
+                             channels_last=channels_last, train_images=steps and steps * batch)
 
     def frozen_prefixes(self):
         return ("teacher.",)

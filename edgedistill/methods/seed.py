@@ -75,9 +75,10 @@ class SEED(Method):
     def deployable(self) -> dict[str, nn.Module]:
         return {"student": self.student.backbone, "head": self.student.head}
 
-    def prepare(self, run_dir, folder, device, channels_last: bool = False):
-        self.teacher.prepare(run_dir, folder, self.cfg.data, self.cfg.seed, device,
-                             batch_size=self.cfg.train.batch_size, channels_last=channels_last)
+    def prepare(self, run_dir, folder, device, channels_last: bool = False, steps: int | None = None):
+        batch = self.cfg.train.batch_size
+        self.teacher.prepare(run_dir, folder, self.cfg.data, self.cfg.seed, device, batch_size=batch,
+                             channels_last=channels_last, train_images=steps and steps * batch)
 
     def frozen_prefixes(self):
         return ("teacher.",)
