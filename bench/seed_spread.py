@@ -5,7 +5,9 @@ between two methods (issue 20: is DoGo ahead of SimCLR, or within noise?).
         runs/seeds6k/s2/compare.json --diff dogo simclr --out bench/results/fidelity_seeds_6000.json
 
 Inputs are `edgedistill compare` results (compare.json) of the same recipes and budget with
-different seeds. For each method: its kNN and linear top-1 per seed, their mean and standard
+different seeds, or an earlier output of this script (its rows are taken as it collected them,
+so seeds run in different sessions, whose run folders are gone, still combine; the first input
+that has a method's seed wins). For each method: its kNN and linear top-1 per seed, their mean and standard
 deviation over seeds. For `--diff A B`: mean(A) - mean(B) with the standard error of that
 difference from the seed spread (each method's own s.d. where it has two seeds or more, else the
 other's: one seed of a method says nothing about its spread) and, where the two share two seeds or
@@ -25,25 +27,32 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("knn_top1", "linear_top1")
+SCHEMA = "edgedistill.seed_spread/1"
 
 
-def collect(files: list[Path]) -> dict[str, dict[int, dict]]:
-    """{method: {seed: row}} over the compare results (not their floor and ceiling rows); refuses
-    results of different budgets."""
+def collect(files: list[Path], budgets: set | None = None) -> dict[str, dict[int, dict]]:
+    """{method: {seed: row}} over the compare results (not their floor and ceiling rows) and earlier
+    spreads; refuses results of different budgets (`budgets`, when given, receives them)."""
     sys.path.insert(0, str(ROOT))
     from edgedistill.compare import TEACHER, UNTRAINED
 
     by_method: dict[str, dict[int, dict]] = {}
-    budgets = set()
+    budgets = set() if budgets is None else budgets
     for path in files:
         result = json.loads(path.read_text())
+        if result.get("schema") == SCHEMA:  # an earlier spread (older ones did not record their budget)
+            budgets.update(tuple(b) for b in result.get("budgets", []))
+            for method, m in result["methods"].items():
+                for seed, row in m["rows"].items():
+                    by_method.setdefault(method, {}).setdefault(int(seed), row)
+            continue
         shared = result["shared"]
         budgets.add((shared["train.max_steps"], shared["train.batch_size"], shared["student.arch"], shared["data.train"]))
         for row in result["rows"]:
             if row["method"] in (UNTRAINED, TEACHER):
                 continue
-            by_method.setdefault(row["method"], {})[int(shared["seed"])] = {
-                "source": str(path), **{m: row[m] for m in METRICS}}
+            by_method.setdefault(row["method"], {}).setdefault(int(shared["seed"]), {
+                "source": str(path), **{m: row[m] for m in METRICS}})
     if len(budgets) > 1:
         raise SystemExit(f"the results differ in budget, batch, student or data: {sorted(budgets)}")
     return by_method
@@ -89,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     from edgedistill.envinfo import environment
     from edgedistill.fileio import write_json
 
-    methods = {name: summary(rows) for name, rows in collect(args.results).items()}
+    budgets: set = set()
+    methods = {name: summary(rows) for name, rows in collect(args.results, budgets).items()}
     diffs = {f"{a} - {b}": difference(methods[a], methods[b]) for a, b in args.diff}
     for name, m in methods.items():
         print(f"{name:12s} seeds {m['seeds']}: " + ", ".join(
@@ -100,9 +110,9 @@ def main(argv: list[str] | None = None) -> int:
                                       + (f" (paired over seeds {v['paired']['seeds']}: {v['paired']['mean']:+.2f} ± "
                                          f"{v['paired']['se']})" if "paired" in v else "") for metric, v in d.items()))
     if args.out:
-        write_json(args.out, {"schema": "edgedistill.seed_spread/1", "command": " ".join(["python", *sys.argv]),
-                              "inputs": [str(p) for p in args.results], "methods": methods, "differences": diffs,
-                              "environment": environment()})
+        write_json(args.out, {"schema": SCHEMA, "command": " ".join(["python", *sys.argv]),
+                              "inputs": [str(p) for p in args.results], "budgets": sorted(budgets),
+                              "methods": methods, "differences": diffs, "environment": environment()})
     return 0
 
 

@@ -9,9 +9,12 @@ same steps and seeds, and the mean paired difference with its standard error.
     edgedistill eval COPY                                    # runs/issue20_lbfgs: copies of the runs, the default probe
     python bench/teacher_same_steps.py      # -> bench/results/teacher_same_steps.json
 
-The OpenVINO modes (seed 0, L-BFGS probe; `runs/issue20/disco_{fp32,bf16-openvino,int8-openvino}_1200`,
-each `edgedistill train ... --set teacher.precision=MODE` then `edgedistill eval RUN`) are the
-`openvino_modes` entry. A pair whose runs are not in this checkout keeps the entry already in the JSON.
+Seed-0 sets, each run `edgedistill train ... --set teacher.precision=MODE` then `edgedistill eval
+RUN` (L-BFGS probe), the first of a set the fp32 teacher: `openvino_modes`, the OpenVINO modes on an
+AMD EPYC Zen 4 (`runs/issue20/disco_{fp32,bf16-openvino,int8-openvino}_1200`), and `x86_avx2_auto`,
+`auto` on an AVX2-only CPU, where a 1,200-step run (153,600 images) has it measure and take
+int8-openvino (`runs/issue20/disco_{fp32,auto}_1200_avx2`). A pair or set whose runs are not in this
+checkout keeps the entry already in the JSON.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PROBES = {"sgd": ROOT / "runs" / "issue20", "lbfgs": ROOT / "runs" / "issue20_lbfgs"}
 RESULT = ROOT / "bench" / "results" / "teacher_same_steps.json"
 PAIRS = {0: ("disco_fp32_1200", "disco_auto_1200"), 1: ("disco_fp32_1200_s1", "disco_auto_1200_s1")}
-OPENVINO_RUNS = ROOT / "runs" / "issue20"
-OPENVINO_MODES = ("fp32", "bf16-openvino", "int8-openvino")
+SEED0_RUNS = ROOT / "runs" / "issue20"
+SEED0_SETS = {"openvino_modes": ("disco_fp32_1200", "disco_bf16-openvino_1200", "disco_int8-openvino_1200"),
+              "x86_avx2_auto": ("disco_fp32_1200_avx2", "disco_auto_1200_avx2")}
 
 
 def row(run: Path) -> dict:
@@ -62,12 +66,13 @@ def main() -> None:
         rows = {seed: [row(folder / name) for name in names] for seed, names in PAIRS.items()}
         doc["probes"][probe] = {"rows": {str(k): v for k, v in rows.items()}, "paired": paired(rows)}
         print(probe, json.dumps(doc["probes"][probe]["paired"]))
-    runs = [OPENVINO_RUNS / f"disco_{mode}_1200" for mode in OPENVINO_MODES]
-    if all((run / "eval.json").is_file() for run in runs):
-        rows = [row(run) for run in runs]
-        doc["openvino_modes"] = {"seed": 0, "rows": rows, "minus_fp32": {
-            r["teacher"]: {m: round(r[m] - rows[0][m], 2) for m in ("knn_top1", "linear_top1")} for r in rows[1:]}}
-        print("openvino_modes", json.dumps(doc["openvino_modes"]["minus_fp32"]))
+    for entry, names in SEED0_SETS.items():
+        runs = [SEED0_RUNS / name for name in names]
+        if all((run / "eval.json").is_file() for run in runs):
+            rows = [row(run) for run in runs]
+            doc[entry] = {"seed": 0, "rows": rows, "minus_fp32": {
+                r["teacher"]: {m: round(r[m] - rows[0][m], 2) for m in ("knn_top1", "linear_top1")} for r in rows[1:]}}
+            print(entry, json.dumps(doc[entry]["minus_fp32"]))
     write_json(RESULT, doc)
 
 

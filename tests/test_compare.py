@@ -221,3 +221,11 @@ def test_seed_spread_of_compare_results(tmp_path):
     assert paired["mean"] == 2.0 and paired["se"] == pytest.approx(1.0)
     with pytest.raises(SystemExit, match="differ in budget"):
         script.collect([files[0], result(3, {"simclr": 30.0}, steps=4000)])
+    # an earlier spread is an input: its seeds combine with a later session's (seed 0 from the first input)
+    spread = tmp_path / "spread.json"
+    assert script.main([*map(str, files), "--diff", "dogo", "simclr", "--out", str(spread)]) == 0
+    assert json.loads(spread.read_text())["budgets"] == [[6000, 128, "s", "d"]]
+    later = script.collect([spread, result(2, {"simclr": 99.0, "dogo": 31.0})])
+    assert sorted(later["dogo"]) == [0, 1, 2] and later["simclr"][2]["knn_top1"] == 34.0
+    with pytest.raises(SystemExit, match="differ in budget"):
+        script.collect([spread, result(5, {"dogo": 30.0}, steps=4000)])
