@@ -206,3 +206,20 @@ def test_ops_profile_names_each_layer_kind():
     assert category("DequantizeLinear", "w_pw_DequantizeLinear") == "weight DequantizeLinear (runs every call)"
     assert category("DequantizeLinear", "pw_DequantizeLinear") == "activation Q/DQ"
     assert category("HardSigmoid", "HardSigmoid_431") == "float element-wise and pooling"
+
+
+def test_qdq_parity_script(evaluated_run, export_dir, capsys):
+    """bench/qdq_parity.py: the torch fake-quant graph computes the exported INT8 file as the exact
+    QDQ reference does, and so does the file QAD's write-back makes from perturbed scales and
+    weights (every learnt scale reaches it unchanged)."""
+    import re
+
+    from conftest import bench_script
+
+    script = bench_script("qdq_parity")
+    for extra in ([], ["--perturb"]):
+        assert script.main([str(evaluated_run), str(export_dir), "--placement", "tuned", "--images", "64", *extra]) == 0
+        out = capsys.readouterr().out
+        agreement = float(re.search(r"torch fake-quant graph vs the exact reference: agreement ([\d.]+)%", out).group(1))
+        assert agreement >= 95.0, out
+    assert "0 not as learnt" in out
